@@ -1,0 +1,93 @@
+"""Input checks shared by every public function.
+
+Each check raises ``ValueError`` naming the offending argument, so that bad
+input fails loudly at the call site instead of surfacing later as a NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def as_float(name: str, value: torch.Tensor) -> torch.Tensor:
+    """Return ``value`` as a float32/float64 tensor (half precision is lifted to float32)."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.dtype in _LOW_PRECISION:
+        value = value.float()
+    return value
+
+
+def flat_values(name: str, value: torch.Tensor, *, allow_empty: bool = False) -> torch.Tensor:
+    """A finite, one-dimensional float tensor."""
+    value = as_float(name, value)
+    if value.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (flat token layout), got shape {tuple(value.shape)}")
+    if value.numel() == 0 and not allow_empty:
+        raise ValueError(f"{name} is empty: at least one token is needed")
+    if not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).nonzero()[0, 0])
+        raise ValueError(f"{name} has a non-finite value at index {bad}: {value[bad].item()}")
+    return value
+
+
+def positive_values(name: str, value: torch.Tensor) -> torch.Tensor:
+    """Flat finite ratios that are strictly positive."""
+    value = flat_values(name, value)
+    if not bool((value > 0).all()):
+        bad = int((value <= 0).nonzero()[0, 0])
+        raise ValueError(f"{name} must be strictly positive (a probability ratio); index {bad} is {value[bad].item()}")
+    return value
+
+
+def ids(name: str, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Integer segment ids, same length and device as ``like``, non-negative."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of integer ids, got {type(value).__name__}")
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise ValueError(f"{name} must have an integer dtype, got {value.dtype}")
+    if value.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(value.shape)}")
+    if value.shape != like.shape:
+        raise ValueError(f"{name} has length {value.numel()} but the log-ratios have length {like.numel()}")
+    if value.device != like.device:
+        raise ValueError(f"{name} is on {value.device} but the log-ratios are on {like.device}")
+    if value.numel() and bool((value < 0).any()):
+        raise ValueError(f"{name} must be non-negative, found {int(value.min())}")
+    return value.long()
+
+
+def same_shape(name: str, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A finite float tensor with the same shape and device as ``like``."""
+    value = as_float(name, value)
+    if value.shape != like.shape:
+        raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(like.shape)}")
+    if value.device != like.device:
+        raise ValueError(f"{name} is on {value.device}, expected {like.device}")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} has non-finite values")
+    return value
+
+
+def positive(name: str, value: float | Sequence[float]) -> float:
+    """A strictly positive finite hyper-parameter."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return number
+
+
+def positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)

@@ -1,0 +1,54 @@
+"""The ``fiberpo-theory`` command line.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)``
+and ``run(args) -> int``; this file only wires them together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "verify": ("fiberpo_theory.verify", "run every claim check and print the verdict table"),
+    "derive": ("fiberpo_theory.derive", "write the SymPy derivations as LaTeX"),
+    "audit": ("fiberpo_theory.audit", "check a third-party gating map MODULE:FUNCTION"),
+    "figures": ("fiberpo_theory.figures", "render the paper's figures with matplotlib"),
+    "bench": ("fiberpo_theory.bench", "time and measure memory of every objective"),
+}
+
+
+def _load(module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            return None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fiberpo-theory", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        command = sub.add_parser(name, help=help_text)
+        module = _load(module_name)
+        if module is not None:
+            module.add_arguments(command)
+        else:
+            command.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = _load(SUBCOMMANDS[args.command][0])
+    if module is None:
+        print(f"fiberpo-theory {args.command}: not built yet", file=sys.stderr)
+        return 2
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Atomic gates used by the objectives (paper Sec. 5.1, 5.2, App. C.1, E.5.4).
+
+Every gate here is a pure elementwise torch function, differentiable almost
+everywhere, and exists once: the objectives, the FGH operator, the symbolic
+cross-checks and the figures all call these.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Regime codes of g_agg (Eq. 10) and of the APC-Obj clip (Eq. 61-63).
+PASS, ROLLBACK, ZEROED = 0, 1, 2
+REGIME_NAMES = ("P", "R", "Z")
+
+
+def sign_channel(x: torch.Tensor) -> torch.Tensor:
+    """Sign label l_i of Eq. 13 with the convention l = +1 at x = 0.
+
+    ``torch.sign`` returns 0 at 0, which would drop an exactly on-policy token
+    from both channels and break the identity Jacobian at r = 1 (SPEC §1).
+    """
+    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+
+def symmetric_clip(x: torch.Tensor, bound) -> torch.Tensor:
+    """clip(x, ±b) for a float or tensor bound b >= 0, differentiable in both."""
+    if isinstance(bound, torch.Tensor):
+        return torch.minimum(torch.maximum(x, -bound), bound)
+    return torch.clamp(x, -bound, bound)
+
+
+def budget_clip(a: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """clip(a, B) := clip(a, -B⁺, B⁺) with B⁺ = max(B, 0) (Eq. 3 / Eq. 59)."""
+    return symmetric_clip(a, torch.clamp(bound, min=0))
+
+
+def logclip(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """logclip(x, ε) = exp(clip(log x, ±ε)) for x > 0 (Eq. 12)."""
+    return torch.exp(torch.clamp(torch.log(x), -eps, eps))
+
+
+def g_agg(x: torch.Tensor, c, k) -> torch.Tensor:
+    """Aggregate gate g_agg(x, C, k) of Eq. 10 / Eq. 78.
+
+    Identity for |x| <= C, rollback ``sign(x)(k+1)C - kx`` for
+    C < |x| < (1 + 1/k)C, zero beyond.  ``c`` and ``k`` may be floats or
+    tensors broadcastable against ``x``; ``k`` is the trajectory length in
+    FiberPO but is kept separate (the paper's Fig. 4 uses k != T).
+    """
+    ax = x.abs()
+    rollback = torch.sign(x) * (k + 1) * c - k * x
+    inner = torch.where(ax < (1 + 1 / k) * c, rollback, torch.zeros_like(x))
+    return torch.where(ax <= c, x, inner)
+
+
+def g_agg_regime(x: torch.Tensor, c, k) -> torch.Tensor:
+    """Regime of g_agg at x: PASS (0), ROLLBACK (1) or ZEROED (2), as int64."""
+    ax = x.abs()
+    rollback = torch.full_like(x, ROLLBACK, dtype=torch.long)
+    code = torch.where(ax < (1 + 1 / k) * c, rollback, torch.full_like(rollback, ZEROED))
+    return torch.where(ax <= c, torch.full_like(rollback, PASS), code)
+
+
+def g_agg_slope(x: torch.Tensor, c, k) -> torch.Tensor:
+    """Derivative γ = g_agg'(x) used in Eq. 20: 1, -k or 0 by regime."""
+    regime = g_agg_regime(x, c, k)
+    k = torch.as_tensor(k, dtype=x.dtype, device=x.device).expand_as(x)
+    slope = torch.where(regime == ROLLBACK, -k, torch.zeros_like(x))
+    return torch.where(regime == PASS, torch.ones_like(x), slope)

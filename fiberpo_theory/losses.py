@@ -1,0 +1,166 @@
+"""A registry of policy losses with verl's uniform signature.
+
+Every loss is called as::
+
+    loss, metrics = fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, **hyper, **ids)
+
+with ``(B, L)`` padded tensors (rows are trajectories) and returns the scalar
+loss ``-J`` (Eq. 2, to be minimised) and a dict of float metrics.  Extra ids
+(``group_ids``/``domain_ids`` per row, ``state_ids`` per token) are keyword
+arguments.  ``loss_agg_mode=None`` uses the method's own μ from the paper.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import _validate, diagnostics, objectives
+from .layout import FlatBatch, flatten_mask, to_flat
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+POLICY_LOSSES: dict[str, Callable] = {}
+
+
+def register_policy_loss(name: str):
+    """Add a loss to :data:`POLICY_LOSSES` under ``name``."""
+
+    def register(fn):
+        POLICY_LOSSES[name] = fn
+        return fn
+
+    return register
+
+
+def get_policy_loss_fn(name: str) -> Callable:
+    if name not in POLICY_LOSSES:
+        raise ValueError(f"unknown policy loss {name!r}; registered: {sorted(POLICY_LOSSES)}")
+    return POLICY_LOSSES[name]
+
+
+def _weights(mode: str | None, method: str, batch: FlatBatch, like: torch.Tensor) -> torch.Tensor:
+    mode = mode or {"token": "token-mean", "trajectory": "seq-mean-token-mean"}[objectives.METHOD_WEIGHTS[method]]
+    if mode == "token-mean":
+        return objectives.aggregation_weights("token", like)
+    if mode == "seq-mean-token-mean":
+        return objectives.aggregation_weights("trajectory", like, batch.traj_id)
+    if mode == "seq-mean-token-sum":
+        return torch.full_like(like, 1.0 / batch.shape[0])
+    raise ValueError(f"loss_agg_mode must be one of {AGG_MODES} or None, got {mode!r}")
+
+
+def _flat_inputs(old_log_prob, log_prob, advantages, response_mask):
+    log_prob = _validate.as_float("log_prob", log_prob)
+    if log_prob.dim() != 2:
+        raise ValueError(f"log_prob must be (B, L), got shape {tuple(log_prob.shape)}")
+    old = _validate.same_shape("old_log_prob", old_log_prob, log_prob)
+    adv = _validate.same_shape("advantages", advantages, log_prob)
+    batch = flatten_mask(response_mask)
+    if batch.shape != log_prob.shape:
+        raise ValueError(f"response_mask has shape {tuple(batch.shape)}, expected {tuple(log_prob.shape)}")
+    log_ratio = (log_prob - old.detach())[batch.mask]
+    return batch, log_ratio, adv[batch.mask]
+
+
+def _row_ids(name: str, ids, batch: FlatBatch) -> torch.Tensor:
+    if ids is None:
+        raise ValueError(f"{name} is required for this loss")
+    return to_flat(_validate_row_ids(name, ids), batch, name)
+
+
+def _validate_row_ids(name, ids):
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer torch.Tensor")
+    return ids
+
+
+def _finish(method, gated, log_ratio, adv, batch, mode, metrics):
+    weights = _weights(mode, method, batch, gated)
+    objective = objectives.rgf_objective(gated, adv, weights)
+    metrics = {**metrics, "ratio/mean": float(torch.exp(log_ratio.detach()).mean())}
+    return -objective, metrics
+
+
+@register_policy_loss("ppo")
+def ppo_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode=None, *, eps=0.2):
+    """PPO: min form of clip(r, 1±ε) (App. C.4), token-mean by default."""
+    batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)
+    ratio = torch.exp(x)
+    gated = objectives.ppo_gated_ratio(ratio, eps=eps, advantages=adv)
+    metrics = {"clipfrac": diagnostics.clip_fraction(ratio.detach(), gated.detach())}
+    return _finish("ppo", gated, x, adv, batch, loss_agg_mode, metrics)
+
+
+@register_policy_loss("grpo")
+def grpo_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode=None, *, eps=0.2):
+    """GRPO: PPO's gate with trajectory-normalised μ = 1/(|Tj| T_τ) (App. C.4)."""
+    batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)
+    ratio = torch.exp(x)
+    gated = objectives.grpo_gated_ratio(ratio, eps=eps, advantages=adv)
+    metrics = {"clipfrac": diagnostics.clip_fraction(ratio.detach(), gated.detach())}
+    return _finish("grpo", gated, x, adv, batch, loss_agg_mode, metrics)
+
+
+@register_policy_loss("gspo")
+def gspo_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode=None, *, eps=4e-4):
+    """GSPO: min form of clip(s_τ, 1±ε), s_τ the geometric-mean ratio (App. C.4)."""
+    batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)
+    gated = objectives.gspo_gated_ratio(x, batch.traj_id, eps=eps, advantages=adv)
+    # an unbounded ε gives the unclipped aggregate s_τ from the same formula
+    unclipped = objectives.gspo_gated_ratio(x.detach(), batch.traj_id, eps=1e30)
+    metrics = {"clipfrac": diagnostics.clip_fraction(unclipped, gated.detach())}
+    return _finish("gspo", gated, x, adv, batch, loss_agg_mode, metrics)
+
+
+@register_policy_loss("apc_obj")
+def apc_obj_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode=None, *, delta=None, state_ids=None):
+    """APC-Obj (Eq. 3/59) with a relaxed δ; ``state_ids`` is ``(B, L)`` per token."""
+    if delta is None:
+        raise ValueError("delta is required for apc_obj (a positive TV budget)")
+    batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)
+    if state_ids is None:
+        raise ValueError("state_ids is required for apc_obj")
+    states = to_flat(_validate_row_ids("state_ids", state_ids), batch, "state_ids")
+    ratio = torch.exp(x)
+    gated = objectives.apc_obj_gated_ratio(ratio, states, delta=delta)
+    metrics = {"clipfrac": diagnostics.clip_fraction(ratio.detach(), gated.detach())}
+    return _finish("apc_obj", gated, x, adv, batch, loss_agg_mode, metrics)
+
+
+@register_policy_loss("fiberpo")
+def fiberpo_loss(
+    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode=None, *, eps=0.04, c_pos=0.12, c_neg=0.05, k=None
+):
+    """FiberPO (Eq. 6-16); defaults are the illustrative values of the paper's Fig. 4."""
+    batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)
+    parts = objectives.fiberpo_parts(x, batch.traj_id, eps=eps, c_pos=c_pos, c_neg=c_neg, k=k)
+    metrics = diagnostics.fiberpo_metrics(_detached(parts), eps=eps, c_pos=c_pos, c_neg=c_neg, k=k)
+    return _finish("fiberpo", parts.gated_ratio, x, adv, batch, loss_agg_mode, metrics)
+
+
+@register_policy_loss("fiberpo_domain")
+def fiberpo_domain_loss(
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode=None,
+    *,
+    eps=0.04,
+    c_pos=0.12,
+    c_neg=0.05,
+    group_ids=None,
+    domain_ids=None,
+):
+    """FiberPO-Domain (Eq. 30-33); ``group_ids`` and ``domain_ids`` are ``(B,)`` per row."""
+    batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)
+    groups = _row_ids("group_ids", group_ids, batch)
+    domains = _row_ids("domain_ids", domain_ids, batch)
+    parts = objectives.fiberpo_domain_parts(x, batch.traj_id, groups, domains, eps=eps, c_pos=c_pos, c_neg=c_neg)
+    metrics = diagnostics.fiberpo_metrics(_detached(parts), eps=eps, c_pos=c_pos, c_neg=c_neg)
+    return _finish("fiberpo_domain", parts.gated_ratio, x, adv, batch, loss_agg_mode, metrics)
+
+
+def _detached(parts):
+    return parts._replace(**{name: getattr(parts, name).detach() for name in parts._fields if name != "traj"})

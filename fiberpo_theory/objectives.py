@@ -1,0 +1,348 @@
+"""Ratio Gating Formalism objectives (paper Eq. 2) in the flat token layout.
+
+Every method is a gating map ``G`` from the ratio tuple to gated ratios plus
+aggregation weights ``μ``; the objective is ``J = Σ_i μ_i G(r)_i Â_i``.
+Inputs are 1-D tensors of length N with integer segment ids (trajectory,
+prompt group, domain, state).  Everything is vectorised with segment
+reductions, runs on any device, and is differentiable by autograd.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import _validate
+from .gates import budget_clip, g_agg, sign_channel, symmetric_clip
+from .segments import Segments, parent_of, segments_for
+
+__all__ = [
+    "FiberPOParts",
+    "fiberpo_parts",
+    "fiberpo_gated_ratio",
+    "fiberpo_domain_parts",
+    "fiberpo_domain_gated_ratio",
+    "fiberpo_gated_residual_eq11",
+    "fiberpo_jacobian",
+    "apc_obj_gated_ratio",
+    "gspo_gated_ratio",
+    "ppo_gated_ratio",
+    "grpo_gated_ratio",
+    "aggregation_weights",
+    "rgf_objective",
+    "METHOD_WEIGHTS",
+]
+
+
+# ---------------------------------------------------------------------------
+# FiberPO (Eq. 6-16) and FiberPO-Domain (Eq. 30-33)
+# ---------------------------------------------------------------------------
+
+
+class FiberPOParts(NamedTuple):
+    """Every intermediate quantity of the FiberPO gating map, per token unless noted.
+
+    ``log_s_pos``/``log_s_neg``/``length`` are per trajectory (dense index
+    ``traj.index``); the rest are per token.  ``gated_ratio`` is Eq. 7.
+    """
+
+    traj: Segments
+    sign: torch.Tensor  # l_i, Eq. 13 (+1 at x = 0)
+    log_s_pos: torch.Tensor  # log s⁺_τ, Eq. 9 (per trajectory)
+    log_s_neg: torch.Tensor  # log s⁻_τ, Eq. 9 (per trajectory)
+    length: torch.Tensor  # T_τ (per trajectory, float)
+    u: torch.Tensor  # fiber residual, Eq. 14
+    v: torch.Tensor  # opposite-sign aggregate, Eq. 15
+    log_base_weight: torch.Tensor  # log w, Eq. 8 (Eq. 31 for FiberPO-Domain)
+    log_gated_residual: torch.Tensor  # log r̃^fiber, Eq. 16
+    gated_ratio: torch.Tensor  # G(r)_i, Eq. 7
+
+
+def _check_budgets(eps, c_pos, c_neg) -> tuple[float, float, float]:
+    return (
+        _validate.positive("eps", eps),
+        _validate.positive("c_pos", c_pos),
+        _validate.positive("c_neg", c_neg),
+    )
+
+
+def _trajectory_channels(x: torch.Tensor, traj: Segments):
+    """Sign labels and the signed trajectory means log s^± of Eq. 9.
+
+    The channel split follows the sign label (``where``), not ``relu``, so a
+    token at exactly x = 0 feeds the positive channel's gradient, consistent
+    with l = +1 there.
+    """
+    sign = sign_channel(x)
+    positive = sign > 0
+    zero = torch.zeros_like(x)
+    log_s_pos = traj.mean(torch.where(positive, x, zero))
+    log_s_neg = traj.mean(torch.where(positive, zero, -x))
+    return sign, log_s_pos, log_s_neg
+
+
+def _fiber_gate(x, sign, log_s_pos_tok, log_s_neg_tok, eps):
+    """u_i, v_i (Eq. 14, 15) and log r̃^fiber = clip(l u, ε) - clip(l v, ε) (Eq. 16)."""
+    positive = sign > 0
+    same = torch.where(positive, log_s_pos_tok, log_s_neg_tok)
+    opposite = torch.where(positive, log_s_neg_tok, log_s_pos_tok)
+    u = sign * x - same
+    v = -opposite
+    log_residual = symmetric_clip(sign * u, eps) - symmetric_clip(sign * v, eps)
+    return u, v, log_residual
+
+
+def fiberpo_parts(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None) -> FiberPOParts:
+    """FiberPO gating map with all its intermediate quantities (Eq. 7-16).
+
+    Base weight (Eq. 8): ``log w_τ = g_agg(log s⁺_τ, C⁺, k) - g_agg(log s⁻_τ, C⁻, k)``
+    with ``k = T_τ`` unless given.  Gated residual: Eq. 16.
+    """
+    x = _validate.flat_values("log_ratio", log_ratio)
+    eps, c_pos, c_neg = _check_budgets(eps, c_pos, c_neg)
+    traj = segments_for("traj_id", traj_id, x)
+    length = traj.count.to(x.dtype)
+    k_traj = length if k is None else _validate.positive("k", k)
+    sign, log_s_pos, log_s_neg = _trajectory_channels(x, traj)
+    log_base = g_agg(log_s_pos, c_pos, k_traj) - g_agg(log_s_neg, c_neg, k_traj)
+    u, v, log_residual = _fiber_gate(x, sign, traj.gather(log_s_pos), traj.gather(log_s_neg), eps)
+    log_base_tok = traj.gather(log_base)
+    gated = torch.exp(log_base_tok + log_residual)
+    return FiberPOParts(traj, sign, log_s_pos, log_s_neg, length, u, v, log_base_tok, log_residual, gated)
+
+
+def fiberpo_gated_ratio(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None) -> torch.Tensor:
+    """FiberPO gated ratio G(r)_i = w_τ^base · r̃_i^fiber (Eq. 7, objective Eq. 6 / 80).
+
+    Args:
+        log_ratio: ``(N,)`` x_i = log π_θ(a_i|s_i) - log π_old(a_i|s_i).
+        traj_id: ``(N,)`` integer trajectory id of each token.
+        eps: fiber clip ε > 0 (Eq. 12).
+        c_pos, c_neg: per-channel budgets C⁺, C⁻ > 0 (Eq. 8, 10).
+        k: rollback slope of g_agg; ``None`` means the trajectory length T_τ.
+    """
+    return fiberpo_parts(log_ratio, traj_id, eps=eps, c_pos=c_pos, c_neg=c_neg, k=k).gated_ratio
+
+
+def fiberpo_gated_residual_eq11(log_ratio, traj_id, *, eps) -> torch.Tensor:
+    """The gated residual in its ratio-space form, Eq. 11.
+
+    ``logclip((s^(l))^(-l) r, ε) / logclip((s^(-l))^(-l), ε)``.  Kept only so
+    that the claim ``eq-16`` can compare it with the log-space form used by
+    :func:`fiberpo_parts`.
+    """
+    x = _validate.flat_values("log_ratio", log_ratio)
+    eps = _validate.positive("eps", eps)
+    traj = segments_for("traj_id", traj_id, x)
+    sign, log_s_pos, log_s_neg = _trajectory_channels(x, traj)
+    s_pos, s_neg = traj.gather(torch.exp(log_s_pos)), traj.gather(torch.exp(log_s_neg))
+    positive = sign > 0
+    same = torch.where(positive, s_pos, s_neg)
+    opposite = torch.where(positive, s_neg, s_pos)
+    ratio = torch.exp(x)
+    from .gates import logclip
+
+    return logclip(same.pow(-sign) * ratio, eps) / logclip(opposite.pow(-sign), eps)
+
+
+class _Levels(NamedTuple):
+    traj: Segments
+    traj_group: torch.Tensor  # (M_traj,) dense group index
+    group_count: torch.Tensor  # (M_group,) trajectories per group
+    group_tokens: torch.Tensor  # (M_group,) T_g
+    group_domain: torch.Tensor  # (M_group,) dense domain index
+    domain_count: torch.Tensor  # (M_domain,) trajectories per domain
+    domain_tokens: torch.Tensor  # (M_domain,) T_D
+
+
+def _domain_levels(x, traj_id, group_id, domain_id) -> _Levels:
+    traj = segments_for("traj_id", traj_id, x)
+    group = segments_for("group_id", group_id, x)
+    domain = segments_for("domain_id", domain_id, x)
+    traj_group = parent_of(traj, group.index, child_name="trajectory", parent_name="prompt group")
+    group_domain = parent_of(group, domain.index, child_name="prompt group", parent_name="domain")
+    ones = torch.ones(traj.size, dtype=torch.long, device=x.device)
+    group_count = torch.zeros(group.size, dtype=torch.long, device=x.device).index_add(0, traj_group, ones)
+    domain_count = torch.zeros(domain.size, dtype=torch.long, device=x.device).index_add(0, group_domain, group_count)
+    return _Levels(traj, traj_group, group_count, group.count, group_domain, domain_count, domain.count)
+
+
+def fiberpo_domain_parts(log_ratio, traj_id, group_id, domain_id, *, eps, c_pos, c_neg) -> FiberPOParts:
+    """FiberPO-Domain gating map with its intermediate quantities (Eq. 30-33).
+
+    Group and domain aggregates are trajectory-count weighted means of
+    log s_τ^(l) (Eq. 33); each level's g_agg uses that element's token count
+    (T_D, T_g, T_τ) as k and gates the deviation from the level above (Eq. 31).
+    The gated residual is FiberPO's (Eq. 32).
+    """
+    x = _validate.flat_values("log_ratio", log_ratio)
+    eps, c_pos, c_neg = _check_budgets(eps, c_pos, c_neg)
+    lv = _domain_levels(x, traj_id, group_id, domain_id)
+    traj = lv.traj
+    sign, log_s_pos, log_s_neg = _trajectory_channels(x, traj)
+    channels = torch.stack([log_s_pos, log_s_neg], dim=1)  # (M_traj, 2)
+    group_sum = channels.new_zeros((lv.group_count.numel(), 2)).index_add(0, lv.traj_group, channels)
+    domain_sum = channels.new_zeros((lv.domain_count.numel(), 2)).index_add(0, lv.group_domain, group_sum)
+    log_s_group = group_sum / lv.group_count.to(x.dtype).unsqueeze(1)
+    log_s_domain = domain_sum / lv.domain_count.to(x.dtype).unsqueeze(1)
+    budget = torch.tensor([c_pos, c_neg], dtype=x.dtype, device=x.device)
+    sign_of_channel = torch.tensor([1.0, -1.0], dtype=x.dtype, device=x.device)
+
+    domain_of_traj = lv.group_domain[lv.traj_group]
+    t_domain = lv.domain_tokens.to(x.dtype)[domain_of_traj].unsqueeze(1)
+    t_group = lv.group_tokens.to(x.dtype)[lv.traj_group].unsqueeze(1)
+    t_traj = traj.count.to(x.dtype).unsqueeze(1)
+    d_agg = log_s_domain[domain_of_traj]
+    g_agg_ = log_s_group[lv.traj_group]
+    gated = (
+        g_agg(d_agg, budget, t_domain)
+        + g_agg(g_agg_ - d_agg, budget, t_group)
+        + g_agg(channels - g_agg_, budget, t_traj)
+    )
+    log_base = (gated * sign_of_channel).sum(dim=1)
+    u, v, log_residual = _fiber_gate(x, sign, traj.gather(log_s_pos), traj.gather(log_s_neg), eps)
+    log_base_tok = traj.gather(log_base)
+    gated_ratio = torch.exp(log_base_tok + log_residual)
+    length = traj.count.to(x.dtype)
+    return FiberPOParts(traj, sign, log_s_pos, log_s_neg, length, u, v, log_base_tok, log_residual, gated_ratio)
+
+
+def fiberpo_domain_gated_ratio(log_ratio, traj_id, group_id, domain_id, *, eps, c_pos, c_neg) -> torch.Tensor:
+    """FiberPO-Domain gated ratio G(r)_i = w_i^Base · r̃_i^Fiber (Eq. 30-33).
+
+    Trajectories must nest in prompt groups and groups in domains; ids that
+    do not nest raise ``ValueError``.
+    """
+    return fiberpo_domain_parts(
+        log_ratio, traj_id, group_id, domain_id, eps=eps, c_pos=c_pos, c_neg=c_neg
+    ).gated_ratio
+
+
+def fiberpo_jacobian(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None) -> torch.Tensor:
+    """The analytic Ratio Gating Jacobian J_ij = ∂G_i/∂r_j of Proposition 5.2 (Eq. 20).
+
+    Returns a dense ``(N, N)`` tensor, meant for checks on small inputs:
+
+        J_ij = G_i / r_j · 1[τ_i = τ_j] · ( 1[|u_i| <= ε] 1[i = j]
+               + (γ^(l_j) - 1[|u_i| <= ε] 1[l_i = l_j] - 1[|v_i| <= ε] 1[l_i != l_j]) / T_τ )
+
+    with γ^(l) = g_agg'(log s^(l)_τ, C^(l), k).
+    """
+    from .gates import g_agg_slope
+
+    with torch.no_grad():
+        parts = fiberpo_parts(log_ratio, traj_id, eps=eps, c_pos=c_pos, c_neg=c_neg, k=k)
+        x = _validate.as_float("log_ratio", log_ratio)
+        traj = parts.traj
+        k_traj = parts.length if k is None else float(k)
+        gamma_pos = traj.gather(g_agg_slope(parts.log_s_pos, c_pos, k_traj))
+        gamma_neg = traj.gather(g_agg_slope(parts.log_s_neg, c_neg, k_traj))
+        gamma_j = torch.where(parts.sign > 0, gamma_pos, gamma_neg)  # γ^(l_j), indexed by column
+        same_traj = traj.index.unsqueeze(1) == traj.index.unsqueeze(0)
+        same_sign = parts.sign.unsqueeze(1) == parts.sign.unsqueeze(0)
+        u_in = (parts.u.abs() <= eps).to(x.dtype).unsqueeze(1)
+        v_in = (parts.v.abs() <= eps).to(x.dtype).unsqueeze(1)
+        eye = torch.eye(x.numel(), dtype=x.dtype, device=x.device)
+        length_i = traj.gather(parts.length).unsqueeze(1)
+        coupling = (gamma_j.unsqueeze(0) - u_in * same_sign - v_in * (~same_sign)) / length_i
+        dlog = same_traj.to(x.dtype) * (u_in * eye + coupling)
+        return parts.gated_ratio.unsqueeze(1) / torch.exp(x).unsqueeze(0) * dlog
+
+
+# ---------------------------------------------------------------------------
+# Baselines: APC-Obj (Eq. 59), PPO / GRPO (App. C.4), GSPO (App. C.4)
+# ---------------------------------------------------------------------------
+
+
+def apc_obj_gated_ratio(ratio, state_id, *, delta) -> torch.Tensor:
+    """APC-Obj gated ratio (Eq. 59): ``1 + clip(r_i - 1, B_i)``.
+
+    ``B_i = T_s δ - Σ_{j at s, j≠i} |r_j - 1|`` couples every token at the
+    same state s (T_s tokens); ``clip(a, B) = clip(a, -B⁺, B⁺)``.
+    """
+    r = _validate.positive_values("ratio", ratio)
+    delta = _validate.positive("delta", delta)
+    state = segments_for("state_id", state_id, r)
+    deviation = r - 1
+    consumed = state.gather(state.sum(deviation.abs()))
+    bound = state.gather(state.count.to(r.dtype)) * delta - (consumed - deviation.abs())
+    return 1 + budget_clip(deviation, bound)
+
+
+def _advantage_sign(advantages: torch.Tensor) -> torch.Tensor:
+    return sign_channel(advantages)
+
+
+def ppo_gated_ratio(ratio, *, eps, advantages=None) -> torch.Tensor:
+    """PPO/GRPO gated ratio (App. C.4, C.5.1): clip(r, 1±ε).
+
+    With ``advantages`` the "min" form ``sign(Â)·min(clip(r)·sign(Â), r·sign(Â))``
+    is returned (sign(0) taken as +1, which only matters where Â = 0).
+    """
+    r = _validate.positive_values("ratio", ratio)
+    eps = _validate.positive("eps", eps)
+    clipped = torch.clamp(r, 1 - eps, 1 + eps)
+    if advantages is None:
+        return clipped
+    s = _advantage_sign(_validate.same_shape("advantages", advantages, r))
+    return s * torch.minimum(clipped * s, r * s)
+
+
+grpo_gated_ratio = ppo_gated_ratio  # GRPO differs from PPO only in μ (App. C.4)
+
+
+def gspo_gated_ratio(log_ratio, traj_id, *, eps, advantages=None) -> torch.Tensor:
+    """GSPO gated ratio (App. C.4, C.5.3): clip(s_τ, 1±ε), s_τ = exp(mean_t x_t).
+
+    With ``advantages`` the "min" form with l_τ = sign(Σ_t Â_t) is returned.
+    """
+    x = _validate.flat_values("log_ratio", log_ratio)
+    eps = _validate.positive("eps", eps)
+    traj = segments_for("traj_id", traj_id, x)
+    s = traj.gather(torch.exp(traj.mean(x)))
+    clipped = torch.clamp(s, 1 - eps, 1 + eps)
+    if advantages is None:
+        return clipped
+    adv = _validate.same_shape("advantages", advantages, x)
+    l_tau = traj.gather(_advantage_sign(traj.sum(adv)))
+    return l_tau * torch.minimum(clipped * l_tau, s * l_tau)
+
+
+# ---------------------------------------------------------------------------
+# Aggregation weights μ and the RGF objective (Eq. 2)
+# ---------------------------------------------------------------------------
+
+METHOD_WEIGHTS = {
+    "ppo": "token",
+    "apc_obj": "token",
+    "grpo": "trajectory",
+    "gspo": "trajectory",
+    "fiberpo": "trajectory",
+    "fiberpo_domain": "trajectory",
+}
+
+
+def aggregation_weights(kind: str, like: torch.Tensor, traj_id=None) -> torch.Tensor:
+    """μ_i of Eq. 2: ``"token"`` gives 1/N, ``"trajectory"`` gives 1/(|Tj| T_τ).
+
+    ``kind`` may also be a method name from :data:`METHOD_WEIGHTS`.
+    """
+    kind = METHOD_WEIGHTS.get(kind, kind)
+    x = _validate.as_float("like", like)
+    if kind == "token":
+        return torch.full_like(x, 1.0 / x.numel())
+    if kind == "trajectory":
+        if traj_id is None:
+            raise ValueError("traj_id is required for trajectory-normalised weights")
+        traj = segments_for("traj_id", traj_id, x)
+        return 1.0 / (traj.size * traj.gather(traj.count.to(x.dtype)))
+    raise ValueError(f"kind must be 'token', 'trajectory' or a method name, got {kind!r}")
+
+
+def rgf_objective(gated_ratio, advantages, weights) -> torch.Tensor:
+    """J = Σ_i μ_i G(r)_i Â_i (Eq. 2)."""
+    g = _validate.as_float("gated_ratio", gated_ratio)
+    adv = _validate.same_shape("advantages", advantages, g)
+    mu = _validate.same_shape("weights", weights, g)
+    return (mu * g * adv).sum()

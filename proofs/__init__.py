@@ -1,0 +1,1 @@
+"""SymPy derivations of the paper's results, one module per result."""
