@@ -1,0 +1,253 @@
+"""``fiberpo-theory bench``: forward+backward time and memory of every objective.
+
+Each method is timed on the same ragged batch as the full RGF loss
+``-Σ μ_i G(r)_i Â_i`` (Eq. 2) from raw log-ratios and ids to gradients, so
+segment indexing (``torch.unique``) is inside every timing, GRPO's included.
+Results are ratios to GRPO measured in the same run; absolute numbers depend
+on the machine.  Memory is the bytes autograd saves for backward (any
+device) and, on CUDA, the peak allocated during the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from . import objectives as obj
+
+# Goals of issue 2 (ratio to GRPO, forward+backward) and issue 3 (operator vs closed form).
+GOALS = {"fiberpo": 3.0, "fiberpo_domain": 4.0, "apc_obj": 4.0}
+HIERARCHY_GOAL = 2.0
+
+
+@dataclass
+class Batch:
+    log_ratio: torch.Tensor
+    advantages: torch.Tensor
+    traj_id: torch.Tensor
+    group_id: torch.Tensor
+    domain_id: torch.Tensor
+    state_id: torch.Tensor
+
+
+def make_batch(n_tokens: int, n_traj: int, *, seed: int = 0, device="cpu", dtype=torch.float32) -> Batch:
+    """A ragged batch: lengths vary ×4, 8 trajectories per prompt group, 4 domains, ids shuffled."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.rand(n_traj, generator=gen) * 3 + 1
+    lengths = torch.clamp((weights / weights.sum() * n_tokens).round().long(), min=1)
+    lengths[-1] += n_tokens - int(lengths.sum())
+    traj_names = torch.randperm(n_traj * 10, generator=gen)[:n_traj]
+    traj = torch.repeat_interleave(traj_names, lengths)
+    group = torch.repeat_interleave(torch.arange(n_traj) // 8 * 3 + 5, lengths)
+    domain = torch.repeat_interleave(torch.arange(n_traj) // 8 % 4 + 100, lengths)
+    log_ratio = torch.randn(n_tokens, generator=gen) * 0.05
+    advantages = torch.repeat_interleave(torch.randn(n_traj, generator=gen), lengths)
+    state = torch.randint(0, max(n_tokens // 4, 1), (n_tokens,), generator=gen)
+    to = dict(device=device)
+    return Batch(
+        log_ratio.to(device=device, dtype=dtype),
+        advantages.to(device=device, dtype=dtype),
+        traj.to(**to),
+        group.to(**to),
+        domain.to(**to),
+        state.to(**to),
+    )
+
+
+def _hierarchy_gate():
+    try:
+        from .fgh import fiberpo_hierarchy_gated_ratio
+    except ImportError:
+        return None
+    return fiberpo_hierarchy_gated_ratio
+
+
+def method_losses(eps=0.2, c_pos=0.12, c_neg=0.05, delta=0.1) -> dict[str, Callable[[Batch, torch.Tensor], torch.Tensor]]:
+    """Loss builders: each maps (batch, log_ratio leaf) to the scalar RGF loss."""
+
+    def loss(method, gated, b):
+        weights = obj.aggregation_weights(method, gated, b.traj_id)
+        return -obj.rgf_objective(gated, b.advantages, weights)
+
+    losses = {
+        "grpo": lambda b, x: loss("grpo", obj.grpo_gated_ratio(torch.exp(x), eps=eps), b),
+        "ppo": lambda b, x: loss("ppo", obj.ppo_gated_ratio(torch.exp(x), eps=eps), b),
+        "gspo": lambda b, x: loss("gspo", obj.gspo_gated_ratio(x, b.traj_id, eps=eps), b),
+        "apc_obj": lambda b, x: loss("apc_obj", obj.apc_obj_gated_ratio(torch.exp(x), b.state_id, delta=delta), b),
+        "fiberpo": lambda b, x: loss(
+            "fiberpo", obj.fiberpo_gated_ratio(x, b.traj_id, eps=eps, c_pos=c_pos, c_neg=c_neg), b
+        ),
+        "fiberpo_domain": lambda b, x: loss(
+            "fiberpo_domain",
+            obj.fiberpo_domain_gated_ratio(x, b.traj_id, b.group_id, b.domain_id, eps=eps, c_pos=c_pos, c_neg=c_neg),
+            b,
+        ),
+    }
+    hierarchy = _hierarchy_gate()
+    if hierarchy is not None:
+        losses["fgh_4level"] = lambda b, x: loss(
+            "fiberpo_domain",
+            hierarchy(x, [b.domain_id, b.group_id, b.traj_id], eps=eps, c_pos=c_pos, c_neg=c_neg),
+            b,
+        )
+    return losses
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn, batch: Batch, repeats: int) -> tuple[float, int, int]:
+    """Median seconds of forward+backward, bytes saved for backward, peak CUDA bytes (0 on CPU)."""
+    device = batch.log_ratio.device
+    saved = 0
+
+    def pack(tensor):
+        nonlocal saved
+        saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    times = []
+    for attempt in range(repeats + 1):  # first run warms up allocators and kernels
+        x = batch.log_ratio.detach().requires_grad_(True)
+        saved = 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        _sync(device)
+        start = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = fn(batch, x)
+        loss.backward()
+        _sync(device)
+        if attempt:
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return statistics.median(times), saved, peak
+
+
+@dataclass
+class Row:
+    method: str
+    tokens: int
+    seconds: float
+    saved_bytes: int
+    peak_bytes: int
+    time_ratio: float = 0.0
+    memory_ratio: float = 0.0
+
+
+def run_table(batch: Batch, repeats: int, methods: list[str], progress=None) -> list[Row]:
+    losses = method_losses()
+    names = ["grpo"] + [m for m in methods if m in losses and m != "grpo"]
+    rows = []
+    task = progress.add_task("objectives", total=len(names)) if progress else None
+    for name in names:
+        seconds, saved, peak = measure(losses[name], batch, repeats)
+        rows.append(Row(name, batch.log_ratio.numel(), seconds, saved, peak))
+        if progress:
+            progress.advance(task)
+    base = rows[0]
+    for row in rows:
+        row.time_ratio = row.seconds / base.seconds
+        row.memory_ratio = row.saved_bytes / max(base.saved_bytes, 1)
+    return rows
+
+
+def run_scaling(sizes: list[int], repeats: int, device, dtype, progress=None) -> list[Row]:
+    losses = method_losses()
+    rows = []
+    task = progress.add_task("scaling", total=len(sizes)) if progress else None
+    for n in sizes:
+        batch = make_batch(n, max(n // 1024, 1), device=device, dtype=dtype)
+        for name in ("grpo", "fiberpo", "fiberpo_domain"):
+            seconds, saved, peak = measure(losses[name], batch, repeats)
+            rows.append(Row(name, n, seconds, saved, peak))
+        if progress:
+            progress.advance(task)
+    return rows
+
+
+def _ratio_table(rows: list[Row], device: str) -> Table:
+    table = Table(title=f"forward+backward at {rows[0].tokens:,} tokens on {device} (ratios to GRPO, same run)")
+    for col in ("method", "ms", "× GRPO time", "saved MB", "× GRPO saved", "goal"):
+        table.add_column(col, justify="right" if col != "method" else "left")
+    by_name = {row.method: row for row in rows}
+    for row in rows:
+        goal = ""
+        if row.method in GOALS:
+            ok = row.time_ratio <= GOALS[row.method]
+            goal = f"≤ {GOALS[row.method]:.0f}× {'met' if ok else 'MISSED'}"
+        if row.method == "fgh_4level" and "fiberpo_domain" in by_name:
+            ratio = row.seconds / by_name["fiberpo_domain"].seconds
+            goal = f"{ratio:.2f}× closed form (≤ {HIERARCHY_GOAL:.0f}× {'met' if ratio <= HIERARCHY_GOAL else 'MISSED'})"
+        table.add_row(
+            row.method,
+            f"{row.seconds * 1e3:.1f}",
+            f"{row.time_ratio:.2f}",
+            f"{row.saved_bytes / 2**20:.1f}",
+            f"{row.memory_ratio:.2f}",
+            goal,
+        )
+    return table
+
+
+def _scaling_table(rows: list[Row]) -> Table:
+    table = Table(title="scaling: ms per million tokens (constant ⇔ linear cost)")
+    for col in ("tokens", "grpo", "fiberpo", "fiberpo_domain", "fiberpo × grpo"):
+        table.add_column(col, justify="right")
+    sizes = sorted({row.tokens for row in rows})
+    for n in sizes:
+        at = {row.method: row for row in rows if row.tokens == n}
+        per_m = {m: at[m].seconds * 1e3 / (n / 1e6) for m in at}
+        table.add_row(
+            f"{n:,}", *(f"{per_m[m]:.1f}" for m in ("grpo", "fiberpo", "fiberpo_domain")),
+            f"{at['fiberpo'].seconds / at['grpo'].seconds:.2f}",
+        )
+    return table
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", type=int, default=1 << 20, help="tokens in the main table (default 1M)")
+    parser.add_argument("--trajectories", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument(
+        "--scaling", type=int, nargs="*", default=[1 << 16, 1 << 18, 1 << 20, 1 << 22],
+        help="token counts of the scaling table (none to skip)",
+    )
+    parser.add_argument("--methods", nargs="*", default=None, help="subset of methods (GRPO is always run)")
+    parser.add_argument("--json", type=str, default=None, help="write all rows as JSON")
+
+
+def run(args) -> int:
+    console = Console()
+    dtype = getattr(torch, args.dtype)
+    device = str(args.device)
+    if args.tokens < 1 or args.trajectories < 1 or args.trajectories > args.tokens:
+        raise SystemExit("bench: need 1 <= --trajectories <= --tokens")
+    torch.manual_seed(0)
+    batch = make_batch(args.tokens, args.trajectories, device=device, dtype=dtype)
+    methods = args.methods or list(method_losses())
+    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {args.dtype}")
+    with Progress(console=console, transient=True) as progress:
+        rows = run_table(batch, args.repeats, methods, progress)
+        scaling = run_scaling(args.scaling, max(args.repeats // 2, 1), device, dtype, progress) if args.scaling else []
+    console.print(_ratio_table(rows, device))
+    if scaling:
+        console.print(_scaling_table(scaling))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"device": device, "main": [asdict(r) for r in rows], "scaling": [asdict(r) for r in scaling]},
+                      handle, indent=1)
+    return 0

@@ -1,0 +1,169 @@
+"""Padded ⇄ flat layout, the verl-style loss registry, diagnostics, and the bench command."""
+
+import json
+
+import pytest
+import torch
+
+from fiberpo_theory import diagnostics, objectives as obj
+from fiberpo_theory.layout import flatten_mask, to_flat, to_padded
+from fiberpo_theory.losses import POLICY_LOSSES, get_policy_loss_fn
+
+B, L = 5, 7
+
+
+def padded_batch(seed=0, dtype=torch.float64, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    old = torch.randn(B, L, generator=gen, dtype=torch.float64)
+    new = old + 0.3 * torch.randn(B, L, generator=gen, dtype=torch.float64)
+    adv = torch.randn(B, L, generator=gen, dtype=torch.float64)
+    mask = torch.ones(B, L)
+    mask[0, 3:] = 0
+    mask[2, 1:] = 0  # a length-1 trajectory
+    mask[4, 5:] = 0
+    to = dict(dtype=dtype, device=device)
+    return old.to(**to), new.to(**to), adv.to(**to), mask.to(device)
+
+
+EXTRA = {
+    "apc_obj": lambda device: dict(delta=0.1, state_ids=torch.arange(B * L, device=device).view(B, L) % 6),
+    "fiberpo_domain": lambda device: dict(
+        group_ids=torch.tensor([4, 4, 9, 9, 9], device=device), domain_ids=torch.tensor([1, 1, 1, 1, 1], device=device)
+    ),
+}
+
+
+def flat_reference(name, old, new, adv, mask, extra):
+    """The same loss assembled by hand from the flat objectives (rows = trajectories)."""
+    batch = flatten_mask(mask)
+    x, a, traj = (new - old)[batch.mask], adv[batch.mask], batch.traj_id
+    gates = {
+        "ppo": lambda: obj.ppo_gated_ratio(torch.exp(x), eps=0.2, advantages=a),
+        "grpo": lambda: obj.grpo_gated_ratio(torch.exp(x), eps=0.2, advantages=a),
+        "gspo": lambda: obj.gspo_gated_ratio(x, traj, eps=4e-4, advantages=a),
+        "apc_obj": lambda: obj.apc_obj_gated_ratio(torch.exp(x), to_flat(extra["state_ids"], batch), delta=0.1),
+        "fiberpo": lambda: obj.fiberpo_gated_ratio(x, traj, eps=0.04, c_pos=0.12, c_neg=0.05),
+        "fiberpo_domain": lambda: obj.fiberpo_domain_gated_ratio(
+            x, traj, to_flat(extra["group_ids"], batch), to_flat(extra["domain_ids"], batch),
+            eps=0.04, c_pos=0.12, c_neg=0.05,
+        ),
+    }
+    gated = gates[name]()
+    return -obj.rgf_objective(gated, a, obj.aggregation_weights(name, x, traj))
+
+
+def test_registry_has_every_method():
+    assert set(POLICY_LOSSES) == {"ppo", "grpo", "gspo", "apc_obj", "fiberpo", "fiberpo_domain"}
+    with pytest.raises(ValueError, match="unknown policy loss"):
+        get_policy_loss_fn("trpo")
+
+
+@pytest.mark.parametrize("name", sorted(["ppo", "grpo", "gspo", "apc_obj", "fiberpo", "fiberpo_domain"]))
+def test_padded_loss_equals_flat_objective_and_backpropagates(name, device, dtype):
+    old, new, adv, mask = padded_batch(dtype=dtype, device=device)
+    extra = EXTRA.get(name, lambda d: {})(device)
+    new = new.clone().requires_grad_(True)
+    loss, metrics = POLICY_LOSSES[name](old, new, adv, mask, None, **extra)
+    want = flat_reference(name, old, new.detach(), adv, mask, extra)
+    assert torch.allclose(loss.detach(), want, rtol=1e-5)
+    (grad,) = torch.autograd.grad(loss, new)
+    assert torch.isfinite(grad).all()
+    assert torch.all(grad[mask == 0] == 0), "padding must receive no gradient"
+    assert all(isinstance(v, float) for v in metrics.values())
+
+
+def test_loss_agg_modes():
+    old, new, adv, mask = padded_batch()
+    fn = POLICY_LOSSES["grpo"]
+    token, _ = fn(old, new, adv, mask, "token-mean")
+    seq, _ = fn(old, new, adv, mask, "seq-mean-token-mean")
+    default, _ = fn(old, new, adv, mask, None)
+    summed, _ = fn(old, new, adv, mask, "seq-mean-token-sum")
+    assert torch.equal(seq, default) and not torch.allclose(token, seq)
+    batch = flatten_mask(mask)
+    gated = obj.grpo_gated_ratio(torch.exp((new - old)[batch.mask]), eps=0.2, advantages=adv[batch.mask])
+    assert torch.allclose(summed, -(gated * adv[batch.mask]).sum() / B)
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        fn(old, new, adv, mask, "token-sum-norm")
+
+
+def test_padded_flat_round_trip():
+    _, new, _, mask = padded_batch()
+    batch = flatten_mask(mask)
+    flat = to_flat(new, batch)
+    assert flat.numel() == int(mask.sum())
+    back = to_padded(flat, batch)
+    assert torch.equal(back[mask.bool()], new[mask.bool()]) and torch.all(back[~mask.bool()] == 0)
+    assert torch.equal(batch.traj_id, torch.tensor([0] * 3 + [1] * 7 + [2] + [3] * 7 + [4] * 5))
+
+
+@pytest.mark.parametrize(
+    "change,name",
+    [
+        (lambda m: m.__setitem__((1, slice(None)), 0), "empty trajectory"),
+        (lambda m: m.__setitem__((1, 1), 0.5), "only 0 and 1"),
+    ],
+)
+def test_bad_mask(change, name):
+    old, new, adv, mask = padded_batch()
+    change(mask)
+    with pytest.raises(ValueError, match=name):
+        POLICY_LOSSES["fiberpo"](old, new, adv, mask)
+
+
+def test_bad_loss_inputs_name_the_argument():
+    old, new, adv, mask = padded_batch()
+    with pytest.raises(ValueError, match="advantages"):
+        POLICY_LOSSES["ppo"](old, new, adv[:, :3], mask)
+    with pytest.raises(ValueError, match="group_ids"):
+        POLICY_LOSSES["fiberpo_domain"](old, new, adv, mask, group_ids=torch.zeros(B), domain_ids=torch.zeros(B, dtype=torch.long))
+    with pytest.raises(ValueError, match="delta"):
+        POLICY_LOSSES["apc_obj"](old, new, adv, mask, state_ids=torch.zeros(B, L, dtype=torch.long))
+
+
+# --- diagnostics ----------------------------------------------------------------------------
+
+
+def test_regime_labels_by_hand():
+    # trajectory 0: log s+ = 0.15 with C+ = 0.12, k = T = 2 → rollback; log s− = 0.05 ≤ 0.2 → pass (G-II,r)
+    # trajectory 1 (T = 1): x = 0.01 → both pass (G-I), |u| = 0 < ε → L-I
+    # trajectory 2 (T = 1): x = 0.5 → + channel zeroed (0.5 ≥ 2·0.12), − passes → G-II
+    x = torch.tensor([0.3, -0.1, 0.01, 0.5], dtype=torch.float64)
+    traj = torch.tensor([0, 0, 1, 2])
+    hyper = dict(eps=0.1, c_pos=0.12, c_neg=0.2)
+    parts = obj.fiberpo_parts(x, traj, **hyper)
+    pos, neg = diagnostics.channel_regimes(parts, c_pos=0.12, c_neg=0.2)
+    assert pos.tolist() == [1, 0, 2] and neg.tolist() == [0, 0, 0]
+    labels = diagnostics.global_regime(pos, neg)
+    assert [diagnostics.GLOBAL_REGIMES[i] for i in labels] == ["G-II,r", "G-I", "G-II"]
+    # trajectory 0: u = (0.15, −0.05) → one of two clipped: L-II
+    assert diagnostics.local_regime(parts, eps=0.1).tolist() == [1, 0, 0]
+    metrics = diagnostics.fiberpo_metrics(parts, **hyper)
+    assert metrics["global/G-I"] == pytest.approx(1 / 3)
+    assert metrics["clipfrac/numerator"] == pytest.approx(1 / 4)
+
+
+def test_global_regime_covers_all_nine_channel_pairs():
+    pos = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    neg = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    names = [diagnostics.GLOBAL_REGIMES[i] for i in diagnostics.global_regime(pos, neg)]
+    assert names == ["G-I", "G-II,r", "G-II", "G-II,r", "G-III,r", "G-III,r", "G-II", "G-III,r", "G-III"]
+
+
+# --- bench ----------------------------------------------------------------------------------
+
+
+def test_bench_command_prints_ratios_and_writes_json(tmp_path, capsys):
+    from fiberpo_theory.cli import main
+
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--tokens", "4096", "--trajectories", "16", "--repeats", "1",
+                 "--scaling", "2048", "4096", "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "× GRPO time" in text and "fiberpo_domain" in text and "scaling" in text
+    report = json.loads(out.read_text())
+    by_name = {row["method"]: row for row in report["main"]}
+    assert by_name["grpo"]["time_ratio"] == 1.0
+    assert by_name["fiberpo"]["seconds"] > 0 and by_name["fiberpo"]["saved_bytes"] > by_name["grpo"]["saved_bytes"]
+    assert {row["tokens"] for row in report["scaling"]} == {2048, 4096}
