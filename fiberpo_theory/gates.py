@@ -20,7 +20,7 @@ def sign_channel(x: torch.Tensor) -> torch.Tensor:
     ``torch.sign`` returns 0 at 0, which would drop an exactly on-policy token
     from both channels and break the identity Jacobian at r = 1 (SPEC §1).
     """
-    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+    return (x >= 0).to(x.dtype) * 2 - 1
 
 
 def symmetric_clip(x: torch.Tensor, bound) -> torch.Tensor:

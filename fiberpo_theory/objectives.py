@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from . import _validate
+from .distributed import global_segment_sums
 from .gates import budget_clip, g_agg, sign_channel, symmetric_clip
 from .segments import Segments, parent_of, segments_for
 
@@ -44,7 +45,9 @@ class FiberPOParts(NamedTuple):
     """Every intermediate quantity of the FiberPO gating map, per token unless noted.
 
     ``log_s_pos``/``log_s_neg``/``length`` are per trajectory (dense index
-    ``traj.index``); the rest are per token.  ``gated_ratio`` is Eq. 7.
+    ``traj.index``); the rest are per token.  ``signed_u`` = l·u and
+    ``signed_v`` = l·v are what the fiber clip sees (Eq. 16); ``u`` and ``v``
+    (Eq. 14, 15) are derived on access.  ``gated_ratio`` is Eq. 7.
     """
 
     traj: Segments
@@ -52,11 +55,21 @@ class FiberPOParts(NamedTuple):
     log_s_pos: torch.Tensor  # log s⁺_τ, Eq. 9 (per trajectory)
     log_s_neg: torch.Tensor  # log s⁻_τ, Eq. 9 (per trajectory)
     length: torch.Tensor  # T_τ (per trajectory, float)
-    u: torch.Tensor  # fiber residual, Eq. 14
-    v: torch.Tensor  # opposite-sign aggregate, Eq. 15
+    signed_u: torch.Tensor  # l_i u_i
+    signed_v: torch.Tensor  # l_i v_i
     log_base_weight: torch.Tensor  # log w, Eq. 8 (Eq. 31 for FiberPO-Domain)
     log_gated_residual: torch.Tensor  # log r̃^fiber, Eq. 16
     gated_ratio: torch.Tensor  # G(r)_i, Eq. 7
+
+    @property
+    def u(self) -> torch.Tensor:
+        """Fiber residual u_i = l_i x_i - log s_τ^(l_i) (Eq. 14)."""
+        return self.sign * self.signed_u
+
+    @property
+    def v(self) -> torch.Tensor:
+        """Opposite-sign aggregate v_i = -log s_τ^(-l_i) (Eq. 15)."""
+        return self.sign * self.signed_v
 
 
 def _check_budgets(eps, c_pos, c_neg) -> tuple[float, float, float]:
@@ -68,29 +81,48 @@ def _check_budgets(eps, c_pos, c_neg) -> tuple[float, float, float]:
 
 
 def _trajectory_channels(x: torch.Tensor, traj: Segments):
-    """Sign labels and the signed trajectory means log s^± of Eq. 9.
+    """Sign labels and the signed trajectory means of Eq. 9 as an ``(M, 2)`` tensor.
 
-    The channel split follows the sign label (``where``), not ``relu``, so a
-    token at exactly x = 0 feeds the positive channel's gradient, consistent
-    with l = +1 there.
+    ``clamp(x, min=0)`` passes its gradient at exactly x = 0 and
+    ``neg = pos - x`` then has zero gradient there, so a token at x = 0 feeds
+    only the positive channel's gradient, consistent with l = +1.  Both
+    channels are reduced with one ``index_add``.
     """
     sign = sign_channel(x)
-    positive = sign > 0
-    zero = torch.zeros_like(x)
-    log_s_pos = traj.mean(torch.where(positive, x, zero))
-    log_s_neg = traj.mean(torch.where(positive, zero, -x))
-    return sign, log_s_pos, log_s_neg
+    pos = torch.clamp(x, min=0)
+    return sign, traj.mean(torch.stack([pos, pos - x], dim=1))  # columns: log s⁺, log s⁻
 
 
-def _fiber_gate(x, sign, log_s_pos_tok, log_s_neg_tok, eps):
-    """u_i, v_i (Eq. 14, 15) and log r̃^fiber = clip(l u, ε) - clip(l v, ε) (Eq. 16)."""
-    positive = sign > 0
-    same = torch.where(positive, log_s_pos_tok, log_s_neg_tok)
-    opposite = torch.where(positive, log_s_neg_tok, log_s_pos_tok)
-    u = sign * x - same
-    v = -opposite
-    log_residual = symmetric_clip(sign * u, eps) - symmetric_clip(sign * v, eps)
-    return u, v, log_residual
+def _per_token(traj: Segments, channels: torch.Tensor, log_base: torch.Tensor):
+    """One gather of what every token needs from its trajectory: d, m (see below), log w."""
+    half_diff = (channels[:, 0] - channels[:, 1]) / 2
+    half_sum = (channels[:, 0] + channels[:, 1]) / 2
+    per_token = traj.gather(torch.stack([half_diff, half_sum, log_base], dim=1))
+    return per_token[:, 0], per_token[:, 1], per_token[:, 2]
+
+
+def _fiber_gate(x, sign, half_diff, half_sum, eps):
+    """l·u, l·v (Eq. 14, 15) and log r̃^fiber = clip(l u, ε) - clip(l v, ε) (Eq. 16).
+
+    With d = (log s⁺ - log s⁻)/2, m = (log s⁺ + log s⁻)/2 and l² = 1, picking
+    the same/opposite channel by l is arithmetic: l·u = x - d - l·m and
+    l·v = d - l·m (no ``where`` on the hot path).
+    """
+    lm = sign * half_sum
+    signed_u = x - half_diff - lm
+    signed_v = half_diff - lm
+    return signed_u, signed_v, symmetric_clip(signed_u, eps) - symmetric_clip(signed_v, eps)
+
+
+def _assemble(traj, sign, channels, log_base, x, eps) -> FiberPOParts:
+    """Token-level assembly shared by FiberPO and FiberPO-Domain: G = w · r̃ (Eq. 7 / Eq. 30)."""
+    half_diff, half_sum, log_base_tok = _per_token(traj, channels, log_base)
+    signed_u, signed_v, log_residual = _fiber_gate(x, sign, half_diff, half_sum, eps)
+    gated = torch.exp(log_base_tok + log_residual)
+    length = traj.count.to(x.dtype)
+    return FiberPOParts(
+        traj, sign, channels[:, 0], channels[:, 1], length, signed_u, signed_v, log_base_tok, log_residual, gated
+    )
 
 
 def fiberpo_parts(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None) -> FiberPOParts:
@@ -102,14 +134,10 @@ def fiberpo_parts(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None) -> FiberPOPa
     x = _validate.flat_values("log_ratio", log_ratio)
     eps, c_pos, c_neg = _check_budgets(eps, c_pos, c_neg)
     traj = segments_for("traj_id", traj_id, x)
-    length = traj.count.to(x.dtype)
-    k_traj = length if k is None else _validate.positive("k", k)
-    sign, log_s_pos, log_s_neg = _trajectory_channels(x, traj)
-    log_base = g_agg(log_s_pos, c_pos, k_traj) - g_agg(log_s_neg, c_neg, k_traj)
-    u, v, log_residual = _fiber_gate(x, sign, traj.gather(log_s_pos), traj.gather(log_s_neg), eps)
-    log_base_tok = traj.gather(log_base)
-    gated = torch.exp(log_base_tok + log_residual)
-    return FiberPOParts(traj, sign, log_s_pos, log_s_neg, length, u, v, log_base_tok, log_residual, gated)
+    k_traj = traj.count.to(x.dtype) if k is None else _validate.positive("k", k)
+    sign, channels = _trajectory_channels(x, traj)
+    log_base = g_agg(channels[:, 0], c_pos, k_traj) - g_agg(channels[:, 1], c_neg, k_traj)
+    return _assemble(traj, sign, channels, log_base, x, eps)
 
 
 def fiberpo_gated_ratio(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None) -> torch.Tensor:
@@ -135,8 +163,8 @@ def fiberpo_gated_residual_eq11(log_ratio, traj_id, *, eps) -> torch.Tensor:
     x = _validate.flat_values("log_ratio", log_ratio)
     eps = _validate.positive("eps", eps)
     traj = segments_for("traj_id", traj_id, x)
-    sign, log_s_pos, log_s_neg = _trajectory_channels(x, traj)
-    s_pos, s_neg = traj.gather(torch.exp(log_s_pos)), traj.gather(torch.exp(log_s_neg))
+    sign, channels = _trajectory_channels(x, traj)
+    s_pos, s_neg = traj.gather(torch.exp(channels[:, 0])), traj.gather(torch.exp(channels[:, 1]))
     positive = sign > 0
     same = torch.where(positive, s_pos, s_neg)
     opposite = torch.where(positive, s_neg, s_pos)
@@ -149,14 +177,17 @@ def fiberpo_gated_residual_eq11(log_ratio, traj_id, *, eps) -> torch.Tensor:
 class _Levels(NamedTuple):
     traj: Segments
     traj_group: torch.Tensor  # (M_traj,) dense group index
+    group_ids: torch.Tensor  # (M_group,) original group ids
     group_count: torch.Tensor  # (M_group,) trajectories per group
     group_tokens: torch.Tensor  # (M_group,) T_g
     group_domain: torch.Tensor  # (M_group,) dense domain index
+    domain_ids: torch.Tensor  # (M_domain,) original domain ids
     domain_count: torch.Tensor  # (M_domain,) trajectories per domain
     domain_tokens: torch.Tensor  # (M_domain,) T_D
 
 
 def _domain_levels(x, traj_id, group_id, domain_id) -> _Levels:
+    """The local trajectory → group → domain structure and its counts (this rank's tokens only)."""
     traj = segments_for("traj_id", traj_id, x)
     group = segments_for("group_id", group_id, x)
     domain = segments_for("domain_id", domain_id, x)
@@ -165,33 +196,53 @@ def _domain_levels(x, traj_id, group_id, domain_id) -> _Levels:
     ones = torch.ones(traj.size, dtype=torch.long, device=x.device)
     group_count = torch.zeros(group.size, dtype=torch.long, device=x.device).index_add(0, traj_group, ones)
     domain_count = torch.zeros(domain.size, dtype=torch.long, device=x.device).index_add(0, group_domain, group_count)
-    return _Levels(traj, traj_group, group_count, group.count, group_domain, domain_count, domain.count)
+    return _Levels(
+        traj, traj_group, group.ids, group_count, group.count, group_domain, domain.ids, domain_count, domain.count
+    )
 
 
-def fiberpo_domain_parts(log_ratio, traj_id, group_id, domain_id, *, eps, c_pos, c_neg) -> FiberPOParts:
+def fiberpo_domain_parts(
+    log_ratio, traj_id, group_id, domain_id, *, eps, c_pos, c_neg, process_group=None
+) -> FiberPOParts:
     """FiberPO-Domain gating map with its intermediate quantities (Eq. 30-33).
 
     Group and domain aggregates are trajectory-count weighted means of
     log s_τ^(l) (Eq. 33); each level's g_agg uses that element's token count
     (T_D, T_g, T_τ) as k and gates the deviation from the level above (Eq. 31).
     The gated residual is FiberPO's (Eq. 32).
+
+    With a ``process_group`` the inputs are this rank's shard of a
+    data-parallel batch: the group and domain sums of log s_τ^(l), their
+    trajectory counts and token counts are summed over the ranks by group /
+    domain id (:func:`fiberpo_theory.distributed.global_segment_sums`), so the
+    result equals the single-process one on the concatenated batch.  Each
+    trajectory must lie on one rank (trajectory ids are only compared within
+    a rank); a group must belong to the same domain on every rank (checked).
+    ``None`` (default) means a single process and makes no distributed call.
     """
     x = _validate.flat_values("log_ratio", log_ratio)
     eps, c_pos, c_neg = _check_budgets(eps, c_pos, c_neg)
     lv = _domain_levels(x, traj_id, group_id, domain_id)
     traj = lv.traj
-    sign, log_s_pos, log_s_neg = _trajectory_channels(x, traj)
-    channels = torch.stack([log_s_pos, log_s_neg], dim=1)  # (M_traj, 2)
+    sign, channels = _trajectory_channels(x, traj)  # (M_traj, 2)
     group_sum = channels.new_zeros((lv.group_count.numel(), 2)).index_add(0, lv.traj_group, channels)
     domain_sum = channels.new_zeros((lv.domain_count.numel(), 2)).index_add(0, lv.group_domain, group_sum)
-    log_s_group = group_sum / lv.group_count.to(x.dtype).unsqueeze(1)
-    log_s_domain = domain_sum / lv.domain_count.to(x.dtype).unsqueeze(1)
+    # Eq. 33 is over the whole batch: sum numerators and counts over the ranks (identity without a group).
+    group_sum, group_count, group_tokens = global_segment_sums(
+        lv.group_ids, group_sum, lv.group_count, lv.group_tokens, process_group=process_group,
+        parent_ids=lv.domain_ids[lv.group_domain], name="prompt group", parent_name="domain",
+    )
+    domain_sum, domain_count, domain_tokens = global_segment_sums(
+        lv.domain_ids, domain_sum, lv.domain_count, lv.domain_tokens, process_group=process_group, name="domain"
+    )
+    log_s_group = group_sum / group_count.to(x.dtype).unsqueeze(1)
+    log_s_domain = domain_sum / domain_count.to(x.dtype).unsqueeze(1)
     budget = torch.tensor([c_pos, c_neg], dtype=x.dtype, device=x.device)
     sign_of_channel = torch.tensor([1.0, -1.0], dtype=x.dtype, device=x.device)
 
     domain_of_traj = lv.group_domain[lv.traj_group]
-    t_domain = lv.domain_tokens.to(x.dtype)[domain_of_traj].unsqueeze(1)
-    t_group = lv.group_tokens.to(x.dtype)[lv.traj_group].unsqueeze(1)
+    t_domain = domain_tokens.to(x.dtype)[domain_of_traj].unsqueeze(1)
+    t_group = group_tokens.to(x.dtype)[lv.traj_group].unsqueeze(1)
     t_traj = traj.count.to(x.dtype).unsqueeze(1)
     d_agg = log_s_domain[domain_of_traj]
     g_agg_ = log_s_group[lv.traj_group]
@@ -201,21 +252,20 @@ def fiberpo_domain_parts(log_ratio, traj_id, group_id, domain_id, *, eps, c_pos,
         + g_agg(channels - g_agg_, budget, t_traj)
     )
     log_base = (gated * sign_of_channel).sum(dim=1)
-    u, v, log_residual = _fiber_gate(x, sign, traj.gather(log_s_pos), traj.gather(log_s_neg), eps)
-    log_base_tok = traj.gather(log_base)
-    gated_ratio = torch.exp(log_base_tok + log_residual)
-    length = traj.count.to(x.dtype)
-    return FiberPOParts(traj, sign, log_s_pos, log_s_neg, length, u, v, log_base_tok, log_residual, gated_ratio)
+    return _assemble(traj, sign, channels, log_base, x, eps)
 
 
-def fiberpo_domain_gated_ratio(log_ratio, traj_id, group_id, domain_id, *, eps, c_pos, c_neg) -> torch.Tensor:
+def fiberpo_domain_gated_ratio(
+    log_ratio, traj_id, group_id, domain_id, *, eps, c_pos, c_neg, process_group=None
+) -> torch.Tensor:
     """FiberPO-Domain gated ratio G(r)_i = w_i^Base · r̃_i^Fiber (Eq. 30-33).
 
     Trajectories must nest in prompt groups and groups in domains; ids that
-    do not nest raise ``ValueError``.
+    do not nest raise ``ValueError``.  ``process_group``: see
+    :func:`fiberpo_domain_parts` (data-parallel shards; ``None`` = one process).
     """
     return fiberpo_domain_parts(
-        log_ratio, traj_id, group_id, domain_id, eps=eps, c_pos=c_pos, c_neg=c_neg
+        log_ratio, traj_id, group_id, domain_id, eps=eps, c_pos=c_pos, c_neg=c_neg, process_group=process_group
     ).gated_ratio
 
 
@@ -241,8 +291,8 @@ def fiberpo_jacobian(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None) -> torch.
         gamma_j = torch.where(parts.sign > 0, gamma_pos, gamma_neg)  # γ^(l_j), indexed by column
         same_traj = traj.index.unsqueeze(1) == traj.index.unsqueeze(0)
         same_sign = parts.sign.unsqueeze(1) == parts.sign.unsqueeze(0)
-        u_in = (parts.u.abs() <= eps).to(x.dtype).unsqueeze(1)
-        v_in = (parts.v.abs() <= eps).to(x.dtype).unsqueeze(1)
+        u_in = (parts.signed_u.abs() <= eps).to(x.dtype).unsqueeze(1)
+        v_in = (parts.signed_v.abs() <= eps).to(x.dtype).unsqueeze(1)
         eye = torch.eye(x.numel(), dtype=x.dtype, device=x.device)
         length_i = traj.gather(parts.length).unsqueeze(1)
         coupling = (gamma_j.unsqueeze(0) - u_in * same_sign - v_in * (~same_sign)) / length_i
