@@ -228,6 +228,8 @@ def fiberpo_domain_parts(
     group_sum = channels.new_zeros((lv.group_count.numel(), 2)).index_add(0, lv.traj_group, channels)
     domain_sum = channels.new_zeros((lv.domain_count.numel(), 2)).index_add(0, lv.group_domain, group_sum)
     # Eq. 33 is over the whole batch: sum numerators and counts over the ranks (identity without a group).
+    # Both levels are reduced from local sums; reducing domain sums built from already-global group sums
+    # would count a group that spans r ranks r times.
     group_sum, group_count, group_tokens = global_segment_sums(
         lv.group_ids, group_sum, lv.group_count, lv.group_tokens, process_group=process_group,
         parent_ids=lv.domain_ids[lv.group_domain], name="prompt group", parent_name="domain",
