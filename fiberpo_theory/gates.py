@@ -40,6 +40,11 @@ def logclip(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.exp(torch.clamp(torch.log(x), -eps, eps))
 
 
+def g_agg_thresholds(c, k):
+    """(C, C*) with C* = (1 + 1/k) C: where g_agg's rollback starts and where it reaches zero (Eq. 10)."""
+    return c, (1 + 1 / k) * c
+
+
 def g_agg(x: torch.Tensor, c, k) -> torch.Tensor:
     """Aggregate gate g_agg(x, C, k) of Eq. 10 / Eq. 78.
 
@@ -49,16 +54,18 @@ def g_agg(x: torch.Tensor, c, k) -> torch.Tensor:
     FiberPO but is kept separate (the paper's Fig. 4 uses k != T).
     """
     ax = x.abs()
+    _, zero_at = g_agg_thresholds(c, k)
     rollback = torch.sign(x) * (k + 1) * c - k * x
-    inner = torch.where(ax < (1 + 1 / k) * c, rollback, torch.zeros_like(x))
+    inner = torch.where(ax < zero_at, rollback, torch.zeros_like(x))
     return torch.where(ax <= c, x, inner)
 
 
 def g_agg_regime(x: torch.Tensor, c, k) -> torch.Tensor:
     """Regime of g_agg at x: PASS (0), ROLLBACK (1) or ZEROED (2), as int64."""
     ax = x.abs()
+    _, zero_at = g_agg_thresholds(c, k)
     rollback = torch.full_like(x, ROLLBACK, dtype=torch.long)
-    code = torch.where(ax < (1 + 1 / k) * c, rollback, torch.full_like(rollback, ZEROED))
+    code = torch.where(ax < zero_at, rollback, torch.full_like(rollback, ZEROED))
     return torch.where(ax <= c, torch.full_like(rollback, PASS), code)
 
 
