@@ -1,6 +1,11 @@
 import pytest
 import torch
 
+from fiberpo_theory.strategies import use_profile
+
+# HYPOTHESIS_PROFILE=thorough selects the long property runs; the default is the quick "ci" profile.
+use_profile()
+
 DEVICES = [
     pytest.param("cpu", id="cpu"),
     pytest.param(

@@ -32,7 +32,6 @@ DOMAIN_SHIFT = {5: 0.02, 9: -0.25, 23: 0.3}  # mixes the g_agg regimes at the do
 def _batch(world: int, seed: int):
     """A global flat batch and a split of its trajectories over ``world`` ranks."""
     gen = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.rand(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
     randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
     per_group = torch.randint(2, 6, (len(GROUP_IDS),), generator=gen)
     traj_group = torch.repeat_interleave(torch.arange(len(GROUP_IDS)), per_group)  # dense group of each trajectory

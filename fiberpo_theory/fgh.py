@@ -1,0 +1,403 @@
+"""The Fibration Gating Hierarchy operator (paper Sec. 6.1, Eq. 26-29) and FiberPO on any hierarchy.
+
+A density on a stratum is an ``(M, 2)`` tensor, one column per sign channel
+(``+1`` first).  An FGH instance is a :class:`~fiberpo_theory.hierarchy.CompiledHierarchy`
+together with one reflecting kernel and one atomic gate per stratum.  The
+operator pushes a token density forward to every stratum, subtracts from each
+stratum what its coarser neighbours already account for, gates that residual
+elementwise, and carries every gated piece back to the tokens through the
+kernels.  Each step is one segment reduction or one gather per stratum; the
+only Python loop runs over strata.
+
+The FiberPO family (App. E.5.4 for one level, App. E.7 for three) is the
+instance whose kernels weight every element by its trajectory mass and whose
+gates are ``m·g_agg(ρ/m, C, T)`` above the tokens and ``m·clip(ρ/m, ε)`` on
+them; :func:`fiberpo_hierarchy_gated_ratio` evaluates it through the operator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, NamedTuple, Sequence
+
+import torch
+
+from . import _validate
+from . import hierarchy as hier
+from .gates import g_agg, g_agg_regime, sign_channel, symmetric_clip
+from .hierarchy import CompiledHierarchy, reflect, sum_children
+from .objectives import rgf_objective
+
+__all__ = [
+    "GateContext",
+    "FGHParts",
+    "FGH",
+    "fgh_operator",
+    "fbg_operator",
+    "decompose",
+    "recover",
+    "AggregateGate",
+    "FiberGate",
+    "FiberPOHierarchy",
+    "fiberpo_fgh",
+    "fiberpo_hierarchy_gated_ratio",
+    "fiberpo_tree_gated_ratio",
+    "fgh_surrogate",
+]
+
+
+# ---------------------------------------------------------------------------
+# The general operator (Eq. 26-28) and the FBG operator (Eq. 4)
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateContext:
+    """What an atomic gate of stratum ``stratum`` may look at besides its argument.
+
+    ``pushforwards[u]`` is π_{u←n *}σ for every stratum ``u`` coarser than
+    ``stratum`` (the ``p_<k`` of Def. 6.2, Object 3) and ``None`` elsewhere.
+    """
+
+    stratum: int
+    hierarchy: CompiledHierarchy
+    pushforwards: tuple[torch.Tensor | None, ...]
+
+
+Gate = Callable[[torch.Tensor, GateContext], torch.Tensor]
+
+
+class FGHParts(NamedTuple):
+    """Intermediate densities of one FGH evaluation, indexed by stratum."""
+
+    pushforwards: tuple[torch.Tensor, ...]  # σ_v = π_{v←n *} σ (Eq. 22, 25)
+    residuals: tuple[torch.Tensor, ...]  # argument of g_v in Eq. 28
+    gated: tuple[torch.Tensor, ...]  # G_v(σ_v) (Eq. 28)
+    output: torch.Tensor  # G(σ) (Eq. 27), a density on the total space
+
+
+def _strictly_coarser(h: CompiledHierarchy) -> list[set[int]]:
+    """For each stratum, every stratum above it (whose finer-chain passes through it)."""
+    out: list[set[int]] = [set() for _ in h.names]
+    for u in range(len(h.names)):
+        w = h.finer[u]
+        while w >= 0:
+            out[w].add(u)
+            w = h.finer[w]
+    return out
+
+
+def _pushforwards(h: CompiledHierarchy, sigma: torch.Tensor) -> list[torch.Tensor]:
+    """π_{v←n *} σ for every stratum (Eq. 22, 25), one segment sum per fibration."""
+    push: list[torch.Tensor | None] = [None] * len(h.names)
+    push[h.total] = sigma
+    for v in reversed(range(h.total)):
+        push[v] = sum_children(push[h.finer[v]], h.projection[v], h.sizes[v])
+    return push
+
+
+def _gate_strata(h: CompiledHierarchy, push, kernels, gates):
+    """Residuals σ_v − Σ_c K_c σ_c over the strata c coarsening v, and their gated values (Eq. 28)."""
+    above = _strictly_coarser(h)
+    residuals, gated = [], []
+    for v, coarser in enumerate(h.coarser):
+        residual = push[v]
+        for c in coarser:
+            residual = residual - reflect(h, c, kernels[c], push[c])
+        # a gate may read p_<k, the densities of the strata above it (Def. 6.2, Object 3)
+        context = GateContext(v, h, tuple(p if u in above[v] else None for u, p in enumerate(push)))
+        residuals.append(residual)
+        gated.append(gates[v](residual, context))
+    return residuals, gated
+
+
+def _reflect_to_tokens(h: CompiledHierarchy, gated, kernels) -> torch.Tensor:
+    """Σ_k K_{n←k} g_k, carried down one kernel per stratum (Horner's scheme for the products of Eq. 23)."""
+    incoming: list[torch.Tensor | None] = [None] * len(h.names)
+    for v in range(h.total):
+        total_v = gated[v] if incoming[v] is None else gated[v] + incoming[v]
+        carried = reflect(h, v, kernels[v], total_v)
+        f = h.finer[v]
+        incoming[f] = carried if incoming[f] is None else incoming[f] + carried
+    last = gated[h.total]
+    return last if incoming[h.total] is None else last + incoming[h.total]
+
+
+def fgh_operator(sigma: torch.Tensor, h: CompiledHierarchy, kernels, gates) -> FGHParts:
+    """The FGH gating function G(σ) = Σ_k K_{n←k} G_k(π_{k←n *} σ) (Eq. 27, 28; Eq. 26 expanded).
+
+    ``G_k`` gates ``σ_k − K_{k−1}(π_k* σ_k)`` (Eq. 28); on a tree (Remark 6.5)
+    a stratum subtracts the reflection of every stratum that coarsens it, so
+    the gated pieces still add up to σ when every gate is the identity.
+
+    Args:
+        sigma: ``(N, C)`` density on the total space (``C = 2`` sign channels in FiberPO).
+        h: the hierarchy.
+        kernels: one reflecting kernel per stratum (weights over ``finer[v]``; ``None`` for the total space).
+        gates: one callable ``gate(residual, GateContext) -> tensor`` per stratum, acting elementwise.
+    """
+    n_strata = len(h.names)
+    if not isinstance(sigma, torch.Tensor) or sigma.dim() < 1 or sigma.shape[0] != h.sizes[h.total]:
+        shape = tuple(sigma.shape) if isinstance(sigma, torch.Tensor) else type(sigma).__name__
+        raise ValueError(f"sigma must be a tensor with {h.sizes[h.total]} rows (one per token), got {shape}")
+    if len(kernels) != n_strata or len(gates) != n_strata:
+        raise ValueError(f"kernels and gates need one entry per stratum ({n_strata}), got {len(kernels)} and {len(gates)}")
+    push = _pushforwards(h, sigma)
+    residuals, gated = _gate_strata(h, push, kernels, gates)
+    return FGHParts(tuple(push), tuple(residuals), tuple(gated), _reflect_to_tokens(h, gated, kernels))
+
+
+def fbg_operator(sigma, projection, size: int, kernel, base_gate, fiber_gate) -> torch.Tensor:
+    """Fiber Bundle Gating, Eq. 4, evaluated as written (the reference for Remark 6.3).
+
+    ``G(σ) = K g_Base(π_* σ) + g_Fiber,π_*σ(σ − K π_* σ)`` with
+    ``base_gate(p)`` acting on the base density and ``fiber_gate(residual, p)``
+    on the total space (it may read the base density ``p``).
+    """
+    base = sum_children(sigma, projection, size)
+    weight = kernel.to(sigma.dtype).view(-1, *([1] * (sigma.dim() - 1)))
+    reflected_gate = weight * base_gate(base).index_select(0, projection)
+    residual = sigma - weight * base.index_select(0, projection)
+    return reflected_gate + fiber_gate(residual, base)
+
+
+@dataclass(frozen=True)
+class FGH:
+    """An FGH instance (Def. 6.2): hierarchy, one kernel and one gate per stratum.
+
+    With ``validate`` (the default) every kernel is checked to be a
+    reflecting Markov kernel (condition (i) of Def. 6.2).
+    """
+
+    hierarchy: CompiledHierarchy
+    kernels: tuple[torch.Tensor | None, ...]
+    gates: tuple[Gate, ...]
+    validate: bool = True
+
+    def __post_init__(self):
+        if len(self.gates) != len(self.hierarchy.names) or not all(callable(g) for g in self.gates):
+            raise ValueError(f"gates must be {len(self.hierarchy.names)} callables, one per stratum")
+        if self.validate:
+            hier.check_reflecting(self.hierarchy, self.kernels)
+
+    def parts(self, sigma: torch.Tensor) -> FGHParts:
+        return fgh_operator(sigma, self.hierarchy, self.kernels, self.gates)
+
+    def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self.parts(sigma).output
+
+
+# ---------------------------------------------------------------------------
+# Decomposition and recovery maps (App. E.5.4, E.7 item 4)
+# ---------------------------------------------------------------------------
+
+
+def decompose(log_ratio: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """F(r)_{i,l} = 1[l_i = l] l_i log r_i / T_τ (App. E.7 item 4), as an ``(N, 2)`` density.
+
+    ``l_i`` is :func:`~fiberpo_theory.gates.sign_channel` (``+1`` at 0) and the
+    split uses ``where`` rather than ``relu``: a token at exactly ``r = 1``
+    then carries derivative ``1/T_τ`` in its positive channel, which is what
+    makes ``R ∘ G ∘ F`` have identity Jacobian there.  (App. E.5.4 writes the
+    same values as ``max(l log r, 0)/T_τ``; autograd differentiates that to 0
+    at ``r = 1``.)  ``length`` is ``T_τ`` per token.
+    """
+    positive = sign_channel(log_ratio) > 0
+    zero = torch.zeros_like(log_ratio)
+    channels = torch.stack([torch.where(positive, log_ratio, zero), torch.where(positive, zero, -log_ratio)], dim=1)
+    return channels / length.to(log_ratio.dtype).unsqueeze(1)
+
+
+def recover(sigma: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """R(σ)_i = exp(T_τ (σ_{i,+1} − σ_{i,−1})) (App. E.5.4, E.7 item 4); a left inverse of :func:`decompose`."""
+    return torch.exp(length.to(sigma.dtype) * (sigma[:, 0] - sigma[:, 1]))
+
+
+# ---------------------------------------------------------------------------
+# FiberPO atomic gates (App. E.5.4, E.7 item 3)
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AggregateGate:
+    """``m_e · g_agg(ρ_e / m_e, C^(l), T_e)`` per element ``e`` and channel ``l`` (App. E.7 item 3, Eq. 10).
+
+    ``m_e`` is the element's trajectory mass (|Tj(D)|, |Tj(g)|, 1 for a
+    trajectory), ``T_e`` its token count.  With ``m_e = 1`` this is the base
+    gate ``g_Base,(τ,l) = g_agg(σ, C^(l), T_τ)`` of App. E.5.4.
+    """
+
+    mass: torch.Tensor  # (M,)
+    tokens: torch.Tensor  # (M,)
+    budget: torch.Tensor  # (2,): C⁺, C⁻
+
+    def normalised(self, residual: torch.Tensor) -> torch.Tensor:
+        """ρ_e / m_e: the signed aggregate deviation that g_agg sees."""
+        return residual / self.mass.unsqueeze(1)
+
+    def regime(self, residual: torch.Tensor) -> torch.Tensor:
+        return g_agg_regime(self.normalised(residual), self.budget, self.tokens.unsqueeze(1))
+
+    def __call__(self, residual: torch.Tensor, context: GateContext | None = None) -> torch.Tensor:
+        return self.mass.unsqueeze(1) * g_agg(self.normalised(residual), self.budget, self.tokens.unsqueeze(1))
+
+
+@dataclass(frozen=True)
+class FiberGate:
+    """``m_i · clip(ρ_i / m_i, ±ε)`` with ``m_i = 1/T_τ``: the token gate (1/T_τ) clip(T_τ σ, ε) of App. E.7.
+
+    Equal to ``g_Fiber = clip(σ, ±ε/T_τ)`` of App. E.5.4.
+    """
+
+    mass: torch.Tensor  # (N,)
+    eps: float
+
+    def normalised(self, residual: torch.Tensor) -> torch.Tensor:
+        return residual / self.mass.unsqueeze(1)
+
+    def regime(self, residual: torch.Tensor) -> torch.Tensor:
+        """0 where the clip passes, 2 where it is active (codes of :mod:`~fiberpo_theory.gates`)."""
+        clipped = self.normalised(residual).abs() > self.eps
+        return torch.where(clipped, 2, 0)
+
+    def __call__(self, residual: torch.Tensor, context: GateContext | None = None) -> torch.Tensor:
+        return self.mass.unsqueeze(1) * symmetric_clip(self.normalised(residual), self.eps)
+
+
+# ---------------------------------------------------------------------------
+# FiberPO on a hierarchy
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FiberPOHierarchy:
+    """FiberPO as an FGH instance on any hierarchy (App. E.5.4 for one level, E.7 for three).
+
+    ``length`` is T_τ per token; ``trajectory`` the stratum index that
+    defines it.  ``gated_ratio`` is ``R ∘ G ∘ F`` (the map inside Eq. 29).
+    """
+
+    fgh: FGH
+    length: torch.Tensor
+    trajectory: int
+    eps: float
+
+    @property
+    def hierarchy(self) -> CompiledHierarchy:
+        return self.fgh.hierarchy
+
+    def parts(self, log_ratio: torch.Tensor) -> FGHParts:
+        return self.fgh.parts(decompose(log_ratio, self.length))
+
+    def gated_ratio(self, log_ratio: torch.Tensor) -> torch.Tensor:
+        return recover(self.parts(log_ratio).output, self.length)
+
+    def regime_margin(self, parts: FGHParts) -> float:
+        """Smallest distance of any gate argument to a regime boundary (C, (1+1/k)C or ε).
+
+        Gradients are discontinuous there, so comparisons of gradients
+        between two round-off-different evaluations need a positive margin.
+        """
+        margins = []
+        for v, gate in enumerate(self.fgh.gates):
+            a = gate.normalised(parts.residuals[v]).abs()
+            if isinstance(gate, AggregateGate):
+                k = gate.tokens.unsqueeze(1)
+                margins += [(a - gate.budget).abs().min(), (a - (1 + 1 / k) * gate.budget).abs().min()]
+            else:
+                margins.append((a - gate.eps).abs().min())
+        return float(torch.stack(margins).min())
+
+    def regimes(self, parts: FGHParts) -> dict[str, torch.Tensor]:
+        """Gate regime of every element and channel, by stratum name (P=0, R=1, Z=2; clipped tokens: 2)."""
+        return {name: self.fgh.gates[v].regime(parts.residuals[v]) for v, name in enumerate(self.hierarchy.names)}
+
+
+def _budgets(name: str, value, strata: Sequence[str]) -> tuple[float, ...]:
+    """One positive budget per stratum above the tokens: a number, a sequence, or a name → value mapping."""
+    if isinstance(value, Mapping):
+        if set(value) != set(strata):
+            raise ValueError(f"{name} must give a budget for each of {list(strata)}, got keys {sorted(value)}")
+        return tuple(_validate.positive(f"{name}[{s!r}]", value[s]) for s in strata)
+    if isinstance(value, (list, tuple)) or (isinstance(value, torch.Tensor) and value.dim() == 1):
+        if len(value) != len(strata):
+            raise ValueError(f"{name} must have one value per level ({len(strata)}: {list(strata)}), got {len(value)}")
+        return tuple(_validate.positive(f"{name}[{k}]", c) for k, c in enumerate(value))
+    return (_validate.positive(name, value),) * len(strata)
+
+
+def fiberpo_fgh(
+    h: CompiledHierarchy, *, trajectory, eps, c_pos, c_neg, dtype=torch.float64, validate=True
+) -> FiberPOHierarchy:
+    """Build the FiberPO FGH instance on hierarchy ``h``.
+
+    Kernels weight every element by its trajectory mass (App. E.7: K0 by
+    |Tj(g)|/|Tj(D)|, K1 = 1/|Tj(g)|, K2 = 1/T_τ); every stratum above the
+    tokens gets an :class:`AggregateGate` with its own budgets, the tokens a
+    :class:`FiberGate`.  Strata between trajectory and token (e.g. the turns
+    of an agentic episode) and tree-shaped systems (Remark 6.5) are allowed.
+
+    Args:
+        h: the hierarchy.
+        trajectory: stratum (name or index) whose elements are the trajectories.
+        eps: token clip ε > 0 (Eq. 12).
+        c_pos, c_neg: per-channel budgets; a number, one value per stratum above
+            the tokens (in ``h.names`` order), or a mapping name → value.
+    """
+    traj = h.index(trajectory) if isinstance(trajectory, str) else int(trajectory)
+    if not 0 <= traj < h.total:
+        raise ValueError(f"trajectory must name a stratum above the tokens, got {trajectory!r}")
+    eps = _validate.positive("eps", eps)
+    strata = h.names[:-1]
+    pos, neg = _budgets("c_pos", c_pos, strata), _budgets("c_neg", c_neg, strata)
+    length = hier.trajectory_length(h, traj, dtype)
+    mass = hier.trajectory_mass(h, traj, dtype=dtype, length=length)
+    kernels = hier.mass_kernels(h, mass)
+    gates: list[Gate] = []
+    for v in range(h.total):
+        budget = torch.tensor([pos[v], neg[v]], dtype=dtype, device=h.device)
+        gates.append(AggregateGate(mass[v], h.token_count[v].to(dtype), budget))
+    gates.append(FiberGate(mass[h.total], eps))
+    return FiberPOHierarchy(FGH(h, kernels, tuple(gates), validate=validate), length, traj, eps)
+
+
+def fiberpo_hierarchy_gated_ratio(log_ratio, level_ids, *, eps, c_pos, c_neg) -> torch.Tensor:
+    """FiberPO on a chain hierarchy of any depth, computed by the FGH operator (SPEC §6).
+
+    ``level_ids`` lists per-token id tensors from the coarsest level to the
+    trajectory level: ``[traj_id]`` is FiberPO (Eq. 80), ``[domain_id,
+    group_id, traj_id]`` is FiberPO-Domain (Eq. 30-33).  Above the
+    trajectory level the kernels weight children by trajectory count, so each
+    element's aggregate is the mean of log s_τ over the trajectories below it;
+    each level's g_agg uses the element's token count as k.  ``c_pos`` and
+    ``c_neg`` are a number or one value per level (coarsest first).
+    """
+    x = _validate.flat_values("log_ratio", log_ratio)
+    h = hier.from_ids(level_ids, like=x)
+    instance = fiberpo_fgh(h, trajectory=h.total - 1, eps=eps, c_pos=c_pos, c_neg=c_neg, dtype=x.dtype, validate=False)
+    return instance.gated_ratio(x)
+
+
+def fiberpo_tree_gated_ratio(log_ratio, columns, finer, *, trajectory="trajectory", eps, c_pos, c_neg) -> torch.Tensor:
+    """FiberPO on a tree of strata (Remark 6.5), e.g. domain and modality side by side above trajectories.
+
+    ``columns`` and ``finer`` are as in :func:`~fiberpo_theory.hierarchy.from_tree`;
+    budgets are a number or a mapping stratum name → value.
+    """
+    x = _validate.flat_values("log_ratio", log_ratio)
+    h = hier.from_tree(columns, finer, like=x)
+    instance = fiberpo_fgh(h, trajectory=trajectory, eps=eps, c_pos=c_pos, c_neg=c_neg, dtype=x.dtype, validate=False)
+    return instance.gated_ratio(x)
+
+
+def fgh_surrogate(log_ratio, advantages, instance: FiberPOHierarchy, weights=None) -> torch.Tensor:
+    """The FGH surrogate Ĵ = Σ_i μ_i R∘G∘F(r)_i Â_i (Eq. 29).
+
+    ``weights`` defaults to μ_i = 1/(|Tj| T_τ) (Eq. 30, 82).
+    """
+    x = _validate.flat_values("log_ratio", log_ratio)
+    gated = instance.gated_ratio(x)
+    if weights is None:
+        n_traj = instance.hierarchy.sizes[instance.trajectory]
+        weights = 1.0 / (n_traj * instance.length.to(gated.dtype))
+    return rgf_objective(gated, advantages, weights)
