@@ -102,12 +102,29 @@ def claim(*, id: str, paper_ref: str, statement: str, method: str):
     return register
 
 
-def registry() -> dict[str, Claim]:
-    """All registered claims, importing every module of the ``checks`` package."""
+def import_checks() -> dict[str, str]:
+    """Import every module of the ``checks`` package, each on its own.
+
+    One broken module must not hide the claims of the others, so failures are
+    returned (module name -> traceback) instead of raised.
+    """
     import checks
 
+    failures: dict[str, str] = {}
     for info in pkgutil.iter_modules(checks.__path__):
-        importlib.import_module(f"checks.{info.name}")
+        name = f"checks.{info.name}"
+        try:
+            importlib.import_module(name)
+        except Exception:  # reported by the caller; verify must always produce a table
+            failures[name] = traceback.format_exc(limit=3)
+    return failures
+
+
+def registry(strict: bool = True) -> dict[str, Claim]:
+    """All registered claims; with ``strict`` a ``checks`` module that fails to import raises."""
+    failures = import_checks()
+    if strict and failures:
+        raise ImportError("claim check modules failed to import:\n" + "\n".join(failures.values()))
     return dict(_REGISTRY)
 
 
