@@ -1,0 +1,1 @@
+"""Worked examples: third-party-style code to audit (see docs/audit.md)."""
