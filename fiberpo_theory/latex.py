@@ -180,10 +180,12 @@ def _step_lines(step: Step, number: int) -> str:
     rel = RELATIONS.get(step.relation, _math_unicode(step.relation))
     why = text(step.why) if step.why else ""
     out = [rf"\intertext{{\footnotesize ({number}) {why}}}"] if why else []
-    lhs = math(step.lhs)
+    lhs_lines = _rhs_lines(step.lhs)
     rhs = _rhs_lines(step.rhs)
-    if _visible_length(lhs) + _visible_length(rhs[0]) > _LINE and _visible_length(lhs) > 25:
-        out.append(lhs + r" \\")  # the left-hand side alone, the relation on the next line
+    lhs = lhs_lines[-1]
+    if len(lhs_lines) > 1 or (_visible_length(lhs) + _visible_length(rhs[0]) > _LINE and _visible_length(lhs) > 25):
+        # a long left-hand side gets lines of its own, the relation starts the next line
+        out.extend([lhs_lines[0] + r" \\"] + [rf"&\qquad {line} \\" for line in lhs_lines[1:]])
         lhs = ""
     out.append(f"{lhs} &{rel} {rhs[0]}" + ("" if len(rhs) == 1 else r" \\"))
     for i, line in enumerate(rhs[1:], start=1):

@@ -57,11 +57,17 @@ def derive() -> Derivation:
             "$\\log s^{-}_τ - \\log s^{+}_τ = -\\frac{1}{T}\\sum_t \\log r_t$, and under sampling from π_old its "
             "expectation is a KL divergence, hence nonnegative."
         ),
-        assumptions=["Actions sampled from π_old; both policies have full support on the sampled actions."],
+        assumptions=[
+            "Actions sampled from π_old; both policies have full support on the sampled actions.",
+            "The trajectory length T does not depend on the actions taken (e.g. a fixed horizon): the 1/T "
+            "average then splits into per-step expectations, each a KL divergence.",
+        ],
         steps=steps,
         conclusion=(
             "The identity holds token by token, and the expectation is KL(π_old || π_θ) >= 0 (zero only when the policies "
-            "agree). It is a statement in expectation: a single trajectory can have log s⁻ < log s⁺."
+            "agree). It is a statement in expectation: a single trajectory can have log s⁻ < log s⁺. When T depends on "
+            "the actions the 1/T weight correlates with the log-ratios and the expectation can be negative; the "
+            "kl-bias check of `fiberpo-theory verify` exhibits such a two-step episode."
         ),
         verified=bool(ok_identity and lemma and ok_sum),
         results={"expected_gap": gap, "symbols": (P, Q)},

@@ -12,10 +12,10 @@ from ._tr_common import adv_norm, gamma
 def _instance():
     """Two states, two actions each: multiplicities, advantages, Γ(s), deviations (all symbolic)."""
     pairs_ids = ("11", "12", "21", "22")  # (state, action)
-    n = sp.symbols([f"n_{{{k}}}" for k in pairs_ids], positive=True)
-    adv = sp.symbols([f"A_{{{k}}}" for k in pairs_ids], real=True)
-    dev = sp.symbols([f"Delta_{{{k}}}" for k in pairs_ids], real=True)
-    mass = sp.symbols("Gamma_{1:3}", positive=True)
+    n = sp.symbols([f"n_{k}" for k in pairs_ids], positive=True)
+    adv = sp.symbols([f"A_{k}" for k in pairs_ids], real=True)
+    dev = sp.symbols([f"Delta_{k}" for k in pairs_ids], real=True)
+    mass = sp.symbols("Gamma_1:3", positive=True)
     pairs = [(0, (0, 1)), (1, (2, 3))]
     return n, adv, dev, mass, pairs
 
