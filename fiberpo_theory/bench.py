@@ -23,6 +23,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from . import objectives as obj
+from .fgh import fiberpo_hierarchy_gated_ratio
 
 # Goals of issue 2 (ratio to GRPO, forward+backward) and issue 3 (operator vs closed form).
 GOALS = {"fiberpo": 3.0, "fiberpo_domain": 4.0, "apc_obj": 4.0}
@@ -63,14 +64,6 @@ def make_batch(n_tokens: int, n_traj: int, *, seed: int = 0, device="cpu", dtype
     )
 
 
-def _hierarchy_gate():
-    try:
-        from .fgh import fiberpo_hierarchy_gated_ratio
-    except ImportError:
-        return None
-    return fiberpo_hierarchy_gated_ratio
-
-
 def method_losses(eps=0.2, c_pos=0.12, c_neg=0.05, delta=0.1) -> dict[str, Callable[[Batch, torch.Tensor], torch.Tensor]]:
     """Loss builders: each maps (batch, log_ratio leaf) to the scalar RGF loss."""
 
@@ -91,14 +84,13 @@ def method_losses(eps=0.2, c_pos=0.12, c_neg=0.05, delta=0.1) -> dict[str, Calla
             obj.fiberpo_domain_gated_ratio(x, b.traj_id, b.group_id, b.domain_id, eps=eps, c_pos=c_pos, c_neg=c_neg),
             b,
         ),
-    }
-    hierarchy = _hierarchy_gate()
-    if hierarchy is not None:
-        losses["fgh_4level"] = lambda b, x: loss(
+        # the general FGH operator on domain -> group -> trajectory -> token (issue 3's 4-level goal)
+        "fgh_4level": lambda b, x: loss(
             "fiberpo_domain",
-            hierarchy(x, [b.domain_id, b.group_id, b.traj_id], eps=eps, c_pos=c_pos, c_neg=c_neg),
+            fiberpo_hierarchy_gated_ratio(x, [b.domain_id, b.group_id, b.traj_id], eps=eps, c_pos=c_pos, c_neg=c_neg),
             b,
-        )
+        ),
+    }
     return losses
 
 
