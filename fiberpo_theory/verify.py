@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -53,15 +54,52 @@ def collect(
     registry: dict[str, Claim],
     import_failures: dict[str, str],
     on_done: Callable[[ClaimReport], None] = lambda report: None,
+    jobs: int = 1,
 ) -> list[ClaimReport]:
-    """Run the checks for ``ids`` in order; ``on_done`` is called after each (progress display)."""
-    reports = []
-    for claim_id in ids:
-        entry = registry.get(claim_id)
-        report = run_claim(entry, profile) if entry is not None else missing_report(claim_id, import_failures)
-        reports.append(report)
+    """Run the checks for ``ids``; ``on_done`` is called after each (progress display).
+
+    With ``jobs > 1`` the checks run in that many worker processes.  Each
+    check seeds its own search from ``profile``, so the reports are the same
+    as in one process; they are returned in the order of ``ids``.
+    """
+    if jobs <= 1 or len(ids) <= 1:
+        reports = []
+        for claim_id in ids:
+            entry = registry.get(claim_id)
+            report = run_claim(entry, profile) if entry is not None else missing_report(claim_id, import_failures)
+            reports.append(report)
+            on_done(report)
+        return reports
+    return _collect_parallel(ids, profile, registry, import_failures, on_done, jobs)
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # the workers already use every core between them
+
+
+def _collect_parallel(ids, profile, registry, import_failures, on_done, jobs) -> list[ClaimReport]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    by_id = {i: missing_report(i, import_failures) for i in ids if i not in registry}
+    for report in by_id.values():
         on_done(report)
-    return reports
+    # spawn, not fork: a forked child inherits the parent's torch/OpenMP thread state and can deadlock.
+    # A Claim pickles by reference to its check function, which the worker imports from checks/.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init) as pool:
+        futures = {pool.submit(run_claim, registry[i], profile): i for i in ids if i in registry}
+        for future in as_completed(futures):
+            claim_id = futures[future]
+            try:
+                report = future.result()
+            except Exception as err:  # a worker that died: the claim gets an error row, the run goes on
+                report = ClaimReport(claim_id, "", "", "", "error", 0, None, f"worker failed: {err!r}", 0.0)
+            by_id[claim_id] = report
+            on_done(report)
+    return [by_id[claim_id] for claim_id in ids]
 
 
 def exit_status(reports: list[ClaimReport], fail_on: str | None) -> int:
@@ -167,6 +205,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="write a markdown verdict table here")
     parser.add_argument("--seed", type=int, default=0, help="seed of every property search (default 0)")
     parser.add_argument("--fail-on", choices=("fails",), help="also exit 1 when a claim is refuted (for CI)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="worker processes (default: 2, or 1 on a one-core machine); 1 runs in this process")
 
 
 def _selected_ids(only: list[str] | None, registry: dict[str, Claim]) -> list[str]:
@@ -188,7 +228,7 @@ def _console():
     return console if console.is_terminal else Console(width=140)
 
 
-def _run_with_progress(ids, profile, registry, import_failures, console) -> list[ClaimReport]:
+def _run_with_progress(ids, profile, registry, import_failures, console, jobs: int = 1) -> list[ClaimReport]:
     """``collect`` under a progress bar, with one intra-op torch thread (tiny tensors; the pool only adds latency)."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -203,7 +243,7 @@ def _run_with_progress(ids, profile, registry, import_failures, console) -> list
             def advance(report: ClaimReport) -> None:
                 progress.update(task, advance=1, description=f"{report.id}: {report.verdict}")
 
-            return collect(ids, profile, registry, import_failures, on_done=advance)
+            return collect(ids, profile, registry, import_failures, on_done=advance, jobs=jobs)
     finally:
         torch.set_num_threads(threads)
 
@@ -214,14 +254,16 @@ def run(args: argparse.Namespace) -> int:
         profile = Profile.named(args.profile, seed=args.seed)
         registry, import_failures = load_registry()
         ids = _selected_ids(args.only, registry)
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     except ValueError as err:
         print(f"fiberpo-theory verify: {err}", file=sys.stderr)
         return 2
-    console.print(f"profile {profile.name}: {profile.max_examples} examples per search, seed {profile.seed}")
+    console.print(f"profile {profile.name}: {profile.max_examples} examples per search, seed {profile.seed}, {args.jobs} job(s)")
     for name, error in import_failures.items():
         console.print(f"[magenta]could not import {name}[/]: {error.strip().splitlines()[-1]}")
     start = time.perf_counter()
-    reports = _run_with_progress(ids, profile, registry, import_failures, console)
+    reports = _run_with_progress(ids, profile, registry, import_failures, console, jobs=args.jobs)
     seconds = time.perf_counter() - start
     print_table(reports, profile, seconds, console, rerun=" --only " + " ".join(args.only) if args.only else "")
     if args.json:

@@ -28,6 +28,7 @@ def fake(claim_id, outcome=None, error=None):
 def registry_of(monkeypatch):
     """Replace the loaded registry with the given claims (and no import failures)."""
 
+    # planted checks are closures, which worker processes cannot receive: these tests run with --jobs 1
     def install(*entries, failures=None):
         monkeypatch.setattr(verify, "load_registry", lambda: ({e.id: e for e in entries}, failures or {}))
 
@@ -69,7 +70,7 @@ def test_same_seed_reproduces_the_report(tmp_path):
 def test_missing_id_is_an_error_row_not_a_crash(registry_of, tmp_path):
     registry_of(fake("kl-bias", Outcome("holds", 3, "fine")))
     out = tmp_path / "v.json"
-    assert main(["verify", "--json", str(out)]) == 2
+    assert main(["verify", "--jobs", "1", "--json", str(out)]) == 2
     rows = {c["id"]: c for c in json.loads(out.read_text())["claims"]}
     assert list(rows) == list(verify.SPEC_IDS)
     assert rows["kl-bias"]["verdict"] == "holds"
@@ -79,16 +80,16 @@ def test_missing_id_is_an_error_row_not_a_crash(registry_of, tmp_path):
 
 def test_exit_codes_for_fails_and_errors(registry_of):
     registry_of(fake("kl-bias", Outcome("fails", 1, "refuted", counterexample={"x": 1.0})), fake("prop-5.4", Outcome("holds", 1, "ok")))
-    assert main(["verify", "--only", "kl-bias", "prop-5.4"]) == 0
-    assert main(["verify", "--only", "kl-bias", "prop-5.4", "--fail-on", "fails"]) == 1
+    assert main(["verify", "--jobs", "1", "--only", "kl-bias", "prop-5.4"]) == 0
+    assert main(["verify", "--jobs", "1", "--only", "kl-bias", "prop-5.4", "--fail-on", "fails"]) == 1
     registry_of(fake("kl-bias", error=RuntimeError("check blew up")))
-    assert main(["verify", "--only", "kl-bias", "--fail-on", "fails"]) == 2
+    assert main(["verify", "--jobs", "1", "--only", "kl-bias", "--fail-on", "fails"]) == 2
 
 
 def test_a_raising_check_is_reported_with_its_traceback(registry_of, tmp_path):
     registry_of(fake("kl-bias", error=ZeroDivisionError("planted")))
     out = tmp_path / "v.json"
-    main(["verify", "--only", "kl-bias", "--json", str(out)])
+    main(["verify", "--jobs", "1", "--only", "kl-bias", "--json", str(out)])
     (row,) = json.loads(out.read_text())["claims"]
     assert row["verdict"] == "error" and "ZeroDivisionError: planted" in row["details"]
 
@@ -118,3 +119,17 @@ def test_counterexamples_with_tensors_serialise(tmp_path):
     path = tmp_path / "r.json"
     verify.write_json(path, verify.json_report(report, Profile.named("quick"), 0.1))
     assert json.loads(path.read_text())["claims"][0]["counterexample"] == {"t": [1.5]}
+
+
+def test_parallel_jobs_give_the_same_reports_as_one_process(tmp_path):
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert main(["verify", "--only", *FAST_IDS, "--jobs", "1", "--json", str(one)]) == 0
+    assert main(["verify", "--only", *FAST_IDS, "--jobs", "2", "--json", str(two)]) == 0
+    strip = lambda path: [{k: v for k, v in c.items() if k != "seconds"} for c in json.loads(path.read_text())["claims"]]  # noqa: E731
+    assert [c["id"] for c in strip(two)] == FAST_IDS
+    assert strip(one) == strip(two)
+
+
+def test_jobs_below_one_is_rejected(capsys):
+    assert main(["verify", "--only", "prop-5.4", "--jobs", "0"]) == 2
+    assert "--jobs" in capsys.readouterr().err
