@@ -56,6 +56,13 @@ def _json(array) -> list:
     return [float(v) + 0.0 for v in np.asarray(array, dtype=np.float64).reshape(-1)]  # + 0.0 turns -0.0 into 0.0
 
 
+def _search_outcome(result, details: str, *, symbolic_ok: bool = True) -> Outcome:
+    """``fails`` with the search's witness, ``fails`` if the symbolic part did not verify, else ``holds``."""
+    if result.falsified:
+        return Outcome("fails", result.examples, details + " " + result.message, result.witness, regimes=result.regimes)
+    return Outcome("holds" if symbolic_ok else "fails", result.examples, details, regimes=result.regimes)
+
+
 def _regimes(counter: Counter) -> dict[str, int]:
     return {key: int(value) for key, value in sorted(counter.items())}
 
@@ -618,9 +625,7 @@ def check_lemma_d6(profile: Profile, *, surrogate: Callable = tr.apc_obj_surroga
         f"{result.examples} Hypothesis cases compared Eq. 73 with the token-level Eq. 57 built from the core gate and "
         f"rgf_objective; largest relative gap {largest[0]:.3g}."
     )
-    if result.falsified:
-        return Outcome("fails", result.examples, details + " " + result.message, result.witness, regimes=result.regimes)
-    return Outcome("holds" if derivation.verified else "fails", result.examples, details, regimes=result.regimes)
+    return _search_outcome(result, details, symbolic_ok=derivation.verified)
 
 
 # ---------------------------------------------------------------------------
@@ -628,13 +633,18 @@ def check_lemma_d6(profile: Profile, *, surrogate: Callable = tr.apc_obj_surroga
 # ---------------------------------------------------------------------------
 
 
-@st.composite
-def _gate_case(draw):
-    state, counts, z, denominator = draw(dyadic_states(centred=False))
+def _draw_state_budget(draw, *, centred: bool):
+    """Dyadic states plus, per state, the consumed budget Σ n|z| and count T_s, and one target state."""
+    state, counts, z, denominator = draw(dyadic_states(centred=centred))
     _, dense = np.unique(state, return_inverse=True)
     consumed = np.bincount(dense, weights=counts * np.abs(z)).astype(np.int64)
     t_s = np.bincount(dense, weights=counts).astype(np.int64)
-    target = draw(st.integers(0, len(t_s) - 1))
+    return state, counts, z, denominator, dense, consumed, t_s, draw(st.integers(0, len(t_s) - 1))
+
+
+@st.composite
+def _gate_case(draw):
+    state, counts, z, denominator, dense, consumed, t_s, target = _draw_state_budget(draw, centred=False)
     mode = draw(st.sampled_from(("budget", "zero-edge")))
     if mode == "zero-edge":  # make (B) - (C1) = 0 exactly for one token: T_s δ = Σ over the other tokens
         k = draw(st.sampled_from(np.flatnonzero(dense == target).tolist()))
@@ -703,9 +713,7 @@ def check_eq_61_63(profile: Profile, *, gate: Callable = objectives.apc_obj_gate
         "gate output checked against the regime its conditions predict, including the rolled-back size (B) - (C1). "
         "At Δ = 0 a token of an over-budget state is put in Z by the conditions; its output 0 is also the identity."
     )
-    if result.falsified:
-        return Outcome("fails", result.examples, details + " " + result.message, result.witness, regimes=result.regimes)
-    return Outcome("holds" if derivation.verified else "fails", result.examples, details, regimes=result.regimes)
+    return _search_outcome(result, details, symbolic_ok=derivation.verified)
 
 
 # ---------------------------------------------------------------------------
@@ -715,11 +723,7 @@ def check_eq_61_63(profile: Profile, *, gate: Callable = objectives.apc_obj_gate
 
 @st.composite
 def _retraction_case(draw):
-    state, counts, z, denominator = draw(dyadic_states(centred=True))
-    _, dense = np.unique(state, return_inverse=True)
-    consumed = np.bincount(dense, weights=counts * np.abs(z)).astype(np.int64)
-    t_s = np.bincount(dense, weights=counts).astype(np.int64)
-    target = draw(st.integers(0, len(t_s) - 1))
+    state, counts, z, denominator, dense, consumed, t_s, target = _draw_state_budget(draw, centred=True)
     m, label = _dyadic_delta(draw, int(consumed[target]), int(t_s[target]), denominator)
     return state, counts, z, denominator, m, label
 
@@ -774,9 +778,7 @@ def check_lemma_d9(profile: Profile, *, retraction: Callable = tr.retraction) ->
         f"{result.examples} Hypothesis cases with dyadic centred u (exact float64), δ at and around each state's TV; "
         f"smallest (δ - D̂TV after)/(D̂TV before - δ) over states above δ with a non-zero image: {margin:.6g} (the proof's chain of inequalities implies >= 1)."
     )
-    if result.falsified:
-        return Outcome("fails", result.examples, details + " " + result.message, result.witness, regimes=result.regimes)
-    return Outcome("holds", result.examples, details, regimes=result.regimes)
+    return _search_outcome(result, details)
 
 
 # ---------------------------------------------------------------------------
@@ -934,9 +936,7 @@ def check_lemma_d11(profile: Profile, *, delta_apc: Callable = tr.delta_apc_obj,
         f"Def. 3.2 radius is Eq. 72's times (1-γ)/T); {result.examples} Hypothesis instances compared both radii "
         "(LP values of M) with δ^(TRPO)."
     )
-    if result.falsified:
-        return Outcome("fails", result.examples, details + " " + result.message, result.witness, regimes=result.regimes)
-    return Outcome("holds" if derivation.verified else "fails", result.examples, details, regimes=result.regimes)
+    return _search_outcome(result, details, symbolic_ok=derivation.verified)
 
 
 @claim(
@@ -987,7 +987,5 @@ def check_lemma_d12(profile: Profile, *, trpo_maximizer: Callable = tr.tv_trpo_m
             f"[{min(ratios):.6g}, {max(ratios):.6g}] on {len(ratios)} states: Eq. 39 omits the ½ of Eq. 34/37, so D̂TV "
             "is twice the TV it estimates and the bound holds with room to spare (true TV = t*/2)."
         )
-    if result.falsified:
-        return Outcome("fails", result.examples, details + " " + result.message, result.witness, regimes=result.regimes)
-    return Outcome("holds" if derivation.verified else "fails", result.examples, details, regimes=result.regimes)
+    return _search_outcome(result, details, symbolic_ok=derivation.verified)
 
