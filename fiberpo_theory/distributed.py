@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["global_segment_sums"]
+__all__ = ["global_segment_sums", "global_max"]
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -199,3 +199,20 @@ def global_segment_sums(
         for k, part in zip(members, table.index_select(0, position).split(widths, dim=1)):
             totals[k] = part.reshape(values[k].shape)
     return tuple(totals)
+
+
+def global_max(values: torch.Tensor, process_group=None) -> torch.Tensor:
+    """Element-wise maximum of ``values`` over all ranks of ``process_group`` (no gradient).
+
+    For verdicts computed from rank-local data (e.g. the largest kernel
+    error a rank sees): reducing them first makes every rank reach the same
+    verdict, so all raise together instead of some waiting in the next
+    collective.  ``process_group=None``: ``values`` unchanged, no
+    ``torch.distributed`` call.
+    """
+    if process_group is None:
+        return values
+    _check_group(process_group)
+    out = values.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=process_group)
+    return out

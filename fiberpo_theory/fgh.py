@@ -13,6 +13,17 @@ The FiberPO family (App. E.5.4 for one level, App. E.7 for three) is the
 instance whose kernels weight every element by its trajectory mass and whose
 gates are ``m·g_agg(ρ/m, C, T)`` above the tokens and ``m·clip(ρ/m, ε)`` on
 them; :func:`fiberpo_hierarchy_gated_ratio` evaluates it through the operator.
+
+Data-parallel shards (``process_group``): each rank compiles the hierarchy
+of its own tokens.  The strata above the trajectories
+(:func:`~fiberpo_theory.hierarchy.shared_strata`) are sums over the whole
+batch, so their pushforwards, trajectory counts and token counts are local
+sums completed over the ranks, once per stratum, before anything divides by
+them; everything else (reflections, gates, the way back to the tokens) is
+per element and needs no communication.  The result equals the
+single-process one on the concatenated batch.  Assumptions: those of
+:mod:`fiberpo_theory.distributed` (trajectories on one rank, global ids
+above them, the same collectives on every rank).
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import torch
 
 from . import _validate
 from . import hierarchy as hier
+from .distributed import global_segment_sums
 from .gates import g_agg, g_agg_regime, sign_channel, symmetric_clip
 from .hierarchy import CompiledHierarchy, reflect, sum_children
 from .objectives import rgf_objective
@@ -87,12 +99,20 @@ def _strictly_coarser(h: CompiledHierarchy) -> list[set[int]]:
     return out
 
 
-def _pushforwards(h: CompiledHierarchy, sigma: torch.Tensor) -> list[torch.Tensor]:
-    """π_{v←n *} σ for every stratum (Eq. 22, 25), one segment sum per fibration."""
-    push: list[torch.Tensor | None] = [None] * len(h.names)
-    push[h.total] = sigma
+def _pushforwards(h: CompiledHierarchy, sigma: torch.Tensor, process_group=None, shared=()) -> list[torch.Tensor]:
+    """π_{v←n *} σ for every stratum (Eq. 22, 25), one segment sum per fibration.
+
+    The strata in ``shared`` are then summed over the ranks, each from its
+    local pushforward: a sum of already-global children would count a child
+    held by r ranks r times.
+    """
+    local: list[torch.Tensor | None] = [None] * len(h.names)
+    local[h.total] = sigma
     for v in reversed(range(h.total)):
-        push[v] = sum_children(push[h.finer[v]], h.projection[v], h.sizes[v])
+        local[v] = sum_children(local[h.finer[v]], h.projection[v], h.sizes[v])
+    push = list(local)
+    for v in shared:
+        (push[v],) = hier.global_stratum_sums(h, v, local[v], process_group=process_group)
     return push
 
 
@@ -123,7 +143,9 @@ def _reflect_to_tokens(h: CompiledHierarchy, gated, kernels) -> torch.Tensor:
     return last if incoming[h.total] is None else last + incoming[h.total]
 
 
-def fgh_operator(sigma: torch.Tensor, h: CompiledHierarchy, kernels, gates) -> FGHParts:
+def fgh_operator(
+    sigma: torch.Tensor, h: CompiledHierarchy, kernels, gates, *, process_group=None, shared=()
+) -> FGHParts:
     """The FGH gating function G(σ) = Σ_k K_{n←k} G_k(π_{k←n *} σ) (Eq. 27, 28; Eq. 26 expanded).
 
     ``G_k`` gates ``σ_k − K_{k−1}(π_k* σ_k)`` (Eq. 28); on a tree (Remark 6.5)
@@ -135,6 +157,11 @@ def fgh_operator(sigma: torch.Tensor, h: CompiledHierarchy, kernels, gates) -> F
         h: the hierarchy.
         kernels: one reflecting kernel per stratum (weights over ``finer[v]``; ``None`` for the total space).
         gates: one callable ``gate(residual, GateContext) -> tensor`` per stratum, acting elementwise.
+        process_group: ``None`` (one process, no ``torch.distributed`` call) or the group over
+            which the data-parallel shards are summed.
+        shared: strata whose elements may span ranks (:func:`~fiberpo_theory.hierarchy.shared_strata`);
+            their pushforwards are summed over ``process_group``, so the kernels and gates of
+            these strata must hold whole-batch values too (as :func:`fiberpo_fgh` builds them).
     """
     n_strata = len(h.names)
     if not isinstance(sigma, torch.Tensor) or sigma.dim() < 1 or sigma.shape[0] != h.sizes[h.total]:
@@ -142,7 +169,7 @@ def fgh_operator(sigma: torch.Tensor, h: CompiledHierarchy, kernels, gates) -> F
         raise ValueError(f"sigma must be a tensor with {h.sizes[h.total]} rows (one per token), got {shape}")
     if len(kernels) != n_strata or len(gates) != n_strata:
         raise ValueError(f"kernels and gates need one entry per stratum ({n_strata}), got {len(kernels)} and {len(gates)}")
-    push = _pushforwards(h, sigma)
+    push = _pushforwards(h, sigma, process_group, tuple(shared))
     residuals, gated = _gate_strata(h, push, kernels, gates)
     return FGHParts(tuple(push), tuple(residuals), tuple(gated), _reflect_to_tokens(h, gated, kernels))
 
@@ -166,22 +193,28 @@ class FGH:
     """An FGH instance (Def. 6.2): hierarchy, one kernel and one gate per stratum.
 
     With ``validate`` (the default) every kernel is checked to be a
-    reflecting Markov kernel (condition (i) of Def. 6.2).
+    reflecting Markov kernel (condition (i) of Def. 6.2); on data-parallel
+    shards (``process_group``, ``shared``: see :func:`fgh_operator`) the
+    fibres of shared strata are summed over the ranks for that check.
     """
 
     hierarchy: CompiledHierarchy
     kernels: tuple[torch.Tensor | None, ...]
     gates: tuple[Gate, ...]
     validate: bool = True
+    process_group: object = None
+    shared: tuple[int, ...] = ()
 
     def __post_init__(self):
         if len(self.gates) != len(self.hierarchy.names) or not all(callable(g) for g in self.gates):
             raise ValueError(f"gates must be {len(self.hierarchy.names)} callables, one per stratum")
         if self.validate:
-            hier.check_reflecting(self.hierarchy, self.kernels)
+            hier.check_reflecting(self.hierarchy, self.kernels, process_group=self.process_group, shared=self.shared)
 
     def parts(self, sigma: torch.Tensor) -> FGHParts:
-        return fgh_operator(sigma, self.hierarchy, self.kernels, self.gates)
+        return fgh_operator(
+            sigma, self.hierarchy, self.kernels, self.gates, process_group=self.process_group, shared=self.shared
+        )
 
     def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
         return self.parts(sigma).output
@@ -327,7 +360,7 @@ def _budgets(name: str, value, strata: Sequence[str]) -> tuple[float, ...]:
 
 
 def fiberpo_fgh(
-    h: CompiledHierarchy, *, trajectory, eps, c_pos, c_neg, dtype=torch.float64, validate=True
+    h: CompiledHierarchy, *, trajectory, eps, c_pos, c_neg, dtype=torch.float64, validate=True, process_group=None
 ) -> FiberPOHierarchy:
     """Build the FiberPO FGH instance on hierarchy ``h``.
 
@@ -343,6 +376,12 @@ def fiberpo_fgh(
         eps: token clip ε > 0 (Eq. 12).
         c_pos, c_neg: per-channel budgets; a number, one value per stratum above
             the tokens (in ``h.names`` order), or a mapping name → value.
+        process_group: ``None`` (one process; no ``torch.distributed`` call) or the
+            group of a data-parallel batch of which ``h`` holds this rank's tokens.
+            The trajectory and token counts of the strata above the trajectories
+            (App. E.7's |Tj(g)|, |Tj(D)|, T_g, T_D), hence their kernels and
+            g_agg slopes k, are then whole-batch values, and so are their
+            pushforwards in every evaluation (see the module docstring).
     """
     traj = h.index(trajectory) if isinstance(trajectory, str) else int(trajectory)
     if not 0 <= traj < h.total:
@@ -350,18 +389,21 @@ def fiberpo_fgh(
     eps = _validate.positive("eps", eps)
     strata = h.names[:-1]
     pos, neg = _budgets("c_pos", c_pos, strata), _budgets("c_neg", c_neg, strata)
-    length = hier.trajectory_length(h, traj, dtype)
-    mass = hier.trajectory_mass(h, traj, dtype=dtype, length=length)
+    shared = hier.shared_strata(h, traj, process_group)
+    trajectory_count, token_count = hier.global_counts(h, traj, process_group)
+    length = hier.trajectory_length(h, traj, dtype)  # T_τ: a trajectory lies on one rank
+    mass = hier.trajectory_mass(h, traj, dtype=dtype, length=length, trajectory_count=trajectory_count)
     kernels = hier.mass_kernels(h, mass)
     gates: list[Gate] = []
     for v in range(h.total):
         budget = torch.tensor([pos[v], neg[v]], dtype=dtype, device=h.device)
-        gates.append(AggregateGate(mass[v], h.token_count[v].to(dtype), budget))
+        gates.append(AggregateGate(mass[v], token_count[v].to(dtype), budget))
     gates.append(FiberGate(mass[h.total], eps))
-    return FiberPOHierarchy(FGH(h, kernels, tuple(gates), validate=validate), length, traj, eps)
+    fgh = FGH(h, kernels, tuple(gates), validate=validate, process_group=process_group, shared=shared)
+    return FiberPOHierarchy(fgh, length, traj, eps)
 
 
-def fiberpo_hierarchy_gated_ratio(log_ratio, level_ids, *, eps, c_pos, c_neg) -> torch.Tensor:
+def fiberpo_hierarchy_gated_ratio(log_ratio, level_ids, *, eps, c_pos, c_neg, process_group=None) -> torch.Tensor:
     """FiberPO on a chain hierarchy of any depth, computed by the FGH operator (SPEC §6).
 
     ``level_ids`` lists per-token id tensors from the coarsest level to the
@@ -371,33 +413,62 @@ def fiberpo_hierarchy_gated_ratio(log_ratio, level_ids, *, eps, c_pos, c_neg) ->
     element's aggregate is the mean of log s_τ over the trajectories below it;
     each level's g_agg uses the element's token count as k.  ``c_pos`` and
     ``c_neg`` are a number or one value per level (coarsest first).
+
+    ``process_group``: ``None`` for one process (no ``torch.distributed``
+    call).  Otherwise the inputs are this rank's shard of a data-parallel
+    batch, and the levels above the trajectory use whole-batch aggregates
+    (Eq. 26-28 on the concatenated batch, App. E.7): their pushforwards,
+    trajectory counts and token counts are summed over the ranks by id.
+    Every trajectory must lie on one rank (trajectory ids are only compared
+    within a rank); the ids of the levels above are global and must nest
+    globally (checked).  See :mod:`fiberpo_theory.distributed`.
     """
     x = _validate.flat_values("log_ratio", log_ratio)
     h = hier.from_ids(level_ids, like=x)
-    instance = fiberpo_fgh(h, trajectory=h.total - 1, eps=eps, c_pos=c_pos, c_neg=c_neg, dtype=x.dtype, validate=False)
+    instance = fiberpo_fgh(
+        h, trajectory=h.total - 1, eps=eps, c_pos=c_pos, c_neg=c_neg, dtype=x.dtype, validate=False,
+        process_group=process_group,
+    )
     return instance.gated_ratio(x)
 
 
-def fiberpo_tree_gated_ratio(log_ratio, columns, finer, *, trajectory="trajectory", eps, c_pos, c_neg) -> torch.Tensor:
+def fiberpo_tree_gated_ratio(
+    log_ratio, columns, finer, *, trajectory="trajectory", eps, c_pos, c_neg, process_group=None
+) -> torch.Tensor:
     """FiberPO on a tree of strata (Remark 6.5), e.g. domain and modality side by side above trajectories.
 
     ``columns`` and ``finer`` are as in :func:`~fiberpo_theory.hierarchy.from_tree`;
-    budgets are a number or a mapping stratum name → value.
+    budgets are a number or a mapping stratum name → value.  ``process_group``:
+    as in :func:`fiberpo_hierarchy_gated_ratio`; every stratum must then lie
+    above the trajectories or between them and the tokens.
     """
     x = _validate.flat_values("log_ratio", log_ratio)
     h = hier.from_tree(columns, finer, like=x)
-    instance = fiberpo_fgh(h, trajectory=trajectory, eps=eps, c_pos=c_pos, c_neg=c_neg, dtype=x.dtype, validate=False)
+    instance = fiberpo_fgh(
+        h, trajectory=trajectory, eps=eps, c_pos=c_pos, c_neg=c_neg, dtype=x.dtype, validate=False,
+        process_group=process_group,
+    )
     return instance.gated_ratio(x)
 
 
 def fgh_surrogate(log_ratio, advantages, instance: FiberPOHierarchy, weights=None) -> torch.Tensor:
     """The FGH surrogate Ĵ = Σ_i μ_i R∘G∘F(r)_i Â_i (Eq. 29).
 
-    ``weights`` defaults to μ_i = 1/(|Tj| T_τ) (Eq. 30, 82).
+    ``weights`` defaults to μ_i = 1/(|Tj| T_τ) (Eq. 30, 82), with |Tj| counted
+    over all ranks when ``instance`` was built with a ``process_group``; the
+    sum is then over this rank's tokens, and the ranks' values add up to Ĵ.
     """
     x = _validate.flat_values("log_ratio", log_ratio)
     gated = instance.gated_ratio(x)
     if weights is None:
-        n_traj = instance.hierarchy.sizes[instance.trajectory]
+        n_traj = _trajectory_total(instance)
         weights = 1.0 / (n_traj * instance.length.to(gated.dtype))
     return rgf_objective(gated, advantages, weights)
+
+
+def _trajectory_total(instance: FiberPOHierarchy) -> int:
+    """|Tj| of the whole batch: trajectories lie on one rank each, so the ranks' counts add up."""
+    h = instance.hierarchy
+    local = torch.tensor([h.sizes[instance.trajectory]], device=h.device)
+    (total,) = global_segment_sums(torch.zeros_like(local), local, process_group=instance.fgh.process_group)
+    return int(total)

@@ -36,6 +36,7 @@ import networkx as nx
 import torch
 
 from . import _validate
+from .distributed import global_max, global_segment_sums
 from .segments import Segments, parent_of
 
 __all__ = [
@@ -57,6 +58,9 @@ __all__ = [
     "projection_matrix",
     "reflecting_error",
     "check_reflecting",
+    "shared_strata",
+    "global_stratum_sums",
+    "global_counts",
 ]
 
 TOTAL = "token"
@@ -411,9 +415,11 @@ def _with_token_counts(h: CompiledHierarchy, device) -> CompiledHierarchy:
 def sum_children(values: torch.Tensor, projection: torch.Tensor, size: int) -> torch.Tensor:
     """Sum the rows of ``values`` over each fibre of ``projection`` (one pushforward step).
 
-    Every reduction from a stratum to a coarser one goes through here, so a
-    distributed version (elements of one coarse element spread over ranks)
-    needs one change: an all-reduce of the result over the process group.
+    Every reduction from a stratum to a coarser one goes through here.  It
+    is local: on data-parallel shards the sums of the strata that span ranks
+    are completed by :func:`global_stratum_sums`, once per stratum and from
+    local sums (reducing after every step would count an element held by r
+    ranks r times in the next coarser sum).
     """
     out = values.new_zeros((size,) + tuple(values.shape[1:]))
     return out.index_add(0, projection, values)
@@ -473,7 +479,9 @@ def trajectory_length(h: CompiledHierarchy, trajectory: int, dtype=torch.float64
     return h.token_count[trajectory].to(dtype).index_select(0, compose(h, trajectory, h.total))
 
 
-def trajectory_mass(h: CompiledHierarchy, trajectory: int, dtype=torch.float64, length=None) -> tuple[torch.Tensor, ...]:
+def trajectory_mass(
+    h: CompiledHierarchy, trajectory: int, dtype=torch.float64, length=None, trajectory_count=None
+) -> tuple[torch.Tensor, ...]:
     """Mass of every element when each trajectory weighs 1 and its tokens 1/T_τ each.
 
     Strata that coarsen the trajectory stratum get the integer trajectory
@@ -481,9 +489,13 @@ def trajectory_mass(h: CompiledHierarchy, trajectory: int, dtype=torch.float64, 
     stratum (turns between trajectory and token, or a branch directly above
     the tokens) gets the sum of its tokens' 1/T_τ.  These are the masses
     behind the kernels and gates of App. E.7.  ``length`` (T_τ per token) may
-    be passed when already computed.
+    be passed when already computed; so may ``trajectory_count`` (|Tj(e)|
+    per stratum coarser than the trajectories, e.g. the global counts of
+    :func:`global_counts` on data-parallel shards).
     """
     length = trajectory_length(h, trajectory, dtype) if length is None else length
+    if trajectory_count is None:
+        trajectory_count = global_counts(h, trajectory)[0]
     token_mass = 1.0 / length
     mass: list[torch.Tensor | None] = [None] * len(h.names)
     mass[h.total] = token_mass
@@ -492,8 +504,7 @@ def trajectory_mass(h: CompiledHierarchy, trajectory: int, dtype=torch.float64, 
         if v == trajectory:
             mass[v] = torch.ones(h.sizes[v], dtype=dtype, device=h.device)
         elif v in above:
-            ones = torch.ones(h.sizes[trajectory], dtype=torch.long, device=h.device)
-            mass[v] = pushforward(h, ones, v, trajectory).to(dtype)
+            mass[v] = trajectory_count[v].to(dtype)
         else:
             mass[v] = sum_children(mass[h.finer[v]], h.projection[v], h.sizes[v])
     return tuple(mass)
@@ -539,21 +550,44 @@ def projection_matrix(h: CompiledHierarchy, v: int, dtype=torch.float64) -> torc
     return out
 
 
-def reflecting_error(h: CompiledHierarchy, v: int, kernel: torch.Tensor) -> float:
+def reflecting_error(
+    h: CompiledHierarchy, v: int, kernel: torch.Tensor, *, process_group=None, shared: Sequence[int] = ()
+) -> float:
     """max |π_v* K_v − id| over the elements of ``v``, and ∞ for a negative weight.
 
     For a channel-diagonal kernel supported on fibres this is the largest
     deviation of a fibre's total weight from 1, i.e. of ``π_* ∘ K`` from
     ``id_B`` (Def. 4.3 item 3).
+
+    With a ``process_group`` (data-parallel shards, see :func:`shared_strata`)
+    a fibre of a ``shared`` stratum is summed over all ranks, and the error
+    is the maximum over all ranks, so every rank returns the same value.
     """
-    if bool((kernel < 0).any()):
-        return float("inf")
-    column = sum_children(kernel.to(torch.float64), h.projection[v], h.sizes[v])
-    return float((column - 1).abs().max())
+    weight = kernel.to(torch.float64)
+    if process_group is not None and h.finer[v] in shared:
+        # an element of a shared finer stratum sits on several ranks: count its weight once in total
+        ones = torch.ones(weight.numel(), dtype=torch.long, device=weight.device)
+        (holders,) = global_stratum_sums(h, h.finer[v], ones, process_group=process_group)
+        weight = weight / holders
+    column = sum_children(weight, h.projection[v], h.sizes[v])
+    if v in shared:
+        (column,) = global_stratum_sums(h, v, column, process_group=process_group)
+    error = torch.where((kernel < 0).any(), float("inf"), (column - 1).abs().max())
+    return float(global_max(error, process_group))
 
 
-def check_reflecting(h: CompiledHierarchy, kernels: Sequence[torch.Tensor | None], *, atol: float = 1e-9) -> None:
-    """Raise ``ValueError`` naming the first stratum whose kernel is not a reflecting Markov kernel."""
+def check_reflecting(
+    h: CompiledHierarchy,
+    kernels: Sequence[torch.Tensor | None],
+    *,
+    atol: float = 1e-9,
+    process_group=None,
+    shared: Sequence[int] = (),
+) -> None:
+    """Raise ``ValueError`` naming the first stratum whose kernel is not a reflecting Markov kernel.
+
+    ``process_group`` and ``shared``: see :func:`reflecting_error` (every rank raises alike).
+    """
     if len(kernels) != len(h.names):
         raise ValueError(f"kernels must have one entry per stratum ({len(h.names)}), got {len(kernels)}")
     for v, f in enumerate(h.finer):
@@ -562,6 +596,77 @@ def check_reflecting(h: CompiledHierarchy, kernels: Sequence[torch.Tensor | None
             continue
         if not isinstance(kernel, torch.Tensor) or kernel.shape != (h.sizes[f],):
             raise ValueError(f"kernels[{v}] ({h.names[v]!r}) must be a ({h.sizes[f]},) tensor over {h.names[f]!r}")
-        err = reflecting_error(h, v, kernel)
+        err = reflecting_error(h, v, kernel, process_group=process_group, shared=shared)
         if not err <= atol:
             raise ValueError(f"kernels[{v}] ({h.names[v]!r}) is not reflecting: max |π_* K - id| = {err:.3g}")
+
+
+# ---------------------------------------------------------------------------
+# Data-parallel shards (torch.distributed; assumptions in fiberpo_theory.distributed)
+# ---------------------------------------------------------------------------
+
+
+def shared_strata(h: CompiledHierarchy, trajectory: int, process_group=None) -> tuple[int, ...]:
+    """Strata whose elements may have tokens on several ranks: those strictly coarser than ``trajectory``.
+
+    On data-parallel shards each rank compiles the hierarchy of its own
+    tokens.  A trajectory lies on one rank, and so does everything between
+    it and the tokens (turns), so those strata stay local.  The strata above
+    it (groups, domains, ...) carry global ids and may span ranks; their
+    sums must be completed over the ranks (:func:`global_stratum_sums`).
+    Empty when ``process_group`` is ``None``.
+
+    A tree branch that coarsens the tokens without passing through the
+    trajectories could span ranks with ids of unknown scope; it is refused.
+    """
+    if process_group is None:
+        return ()
+    on_rank = set(h.path(trajectory, h.total))
+    above = _coarsening_closure(h, trajectory)
+    side = [v for v in range(h.total) if v not in on_rank and v not in above]
+    if side:
+        raise ValueError(
+            f"stratum {h.names[side[0]]!r} does not coarsen the trajectory stratum {h.names[trajectory]!r}; "
+            "with a process_group every stratum must lie above the trajectories or between them and the tokens"
+        )
+    return tuple(sorted(above))
+
+
+def global_stratum_sums(h: CompiledHierarchy, v: int, *values, process_group=None, check_nesting: bool = False):
+    """Sum per-element values of stratum ``v`` over the ranks, keyed by the stratum's original ids.
+
+    ``values`` (rows = elements of ``v``) must be sums over this rank's
+    tokens only.  With ``check_nesting`` it is also checked that every
+    element has the same image in each stratum coarsening ``v`` on every
+    rank (a ``ValueError`` on all ranks otherwise).  ``process_group=None``:
+    ``values`` unchanged.  See :func:`fiberpo_theory.distributed.global_segment_sums`.
+    """
+    ids, name = h.ids[v], h.names[v]
+    coarser = h.coarser[v] if check_nesting else ()
+    parents = [(h.names[c], h.ids[c].index_select(0, h.projection[c])) for c in coarser]
+    for parent_name, parent_ids in parents[1:]:  # a tree: one check per further coarsening stratum
+        global_segment_sums(ids, process_group=process_group, parent_ids=parent_ids, name=name, parent_name=parent_name)
+    parent_name, parent_ids = parents[0] if parents else ("parent", None)
+    return global_segment_sums(
+        ids, *values, process_group=process_group, parent_ids=parent_ids, name=name, parent_name=parent_name
+    )
+
+
+def global_counts(h: CompiledHierarchy, trajectory: int, process_group=None):
+    """Trajectory counts |Tj(e)| and token counts T_e of every stratum, over the whole batch.
+
+    Returns ``(trajectory_count, token_count)``, one entry per stratum;
+    ``trajectory_count[v]`` is ``None`` unless ``v`` coarsens the trajectory
+    stratum.  The counts of :func:`shared_strata` are summed over the ranks
+    of ``process_group`` (one reduction per stratum, nesting checked); the
+    other strata are local and keep their local counts.
+    """
+    above = set(_coarsening_closure(h, trajectory))
+    ones = torch.ones(h.sizes[trajectory], dtype=torch.long, device=h.device)
+    trajectories = [pushforward(h, ones, v, trajectory) if v in above else None for v in range(len(h.names))]
+    tokens = list(h.token_count)
+    for v in shared_strata(h, trajectory, process_group):
+        trajectories[v], tokens[v] = global_stratum_sums(
+            h, v, trajectories[v], tokens[v], process_group=process_group, check_nesting=True
+        )
+    return tuple(trajectories), tuple(tokens)
