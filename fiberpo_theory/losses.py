@@ -152,12 +152,20 @@ def fiberpo_domain_loss(
     c_neg=0.05,
     group_ids=None,
     domain_ids=None,
+    process_group=None,
 ):
-    """FiberPO-Domain (Eq. 30-33); ``group_ids`` and ``domain_ids`` are ``(B,)`` per row."""
+    """FiberPO-Domain (Eq. 30-33); ``group_ids`` and ``domain_ids`` are ``(B,)`` per row.
+
+    ``process_group`` all-reduces the group and domain aggregates across
+    data-parallel ranks (see :mod:`fiberpo_theory.distributed`); the μ weights
+    of ``loss_agg_mode`` and the metrics stay per rank, as in any DDP loss.
+    """
     batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)
     groups = _row_ids("group_ids", group_ids, batch)
     domains = _row_ids("domain_ids", domain_ids, batch)
-    parts = objectives.fiberpo_domain_parts(x, batch.traj_id, groups, domains, eps=eps, c_pos=c_pos, c_neg=c_neg)
+    parts = objectives.fiberpo_domain_parts(
+        x, batch.traj_id, groups, domains, eps=eps, c_pos=c_pos, c_neg=c_neg, process_group=process_group
+    )
     metrics = diagnostics.fiberpo_metrics(_detached(parts), eps=eps, c_pos=c_pos, c_neg=c_neg)
     return _finish("fiberpo_domain", parts.gated_ratio, x, adv, batch, loss_agg_mode, metrics)
 

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fiberpo_theory import objectives as obj
+from fiberpo_theory.losses import POLICY_LOSSES
 from fiberpo_theory.distributed import global_segment_sums
 
 HYPER = dict(eps=0.1, c_pos=0.12, c_neg=0.2)
@@ -119,6 +120,22 @@ def _worker(rank, world, init_file, shards, generic, out_dir):
             result["type_error"] = None
         except ValueError as err:
             result["type_error"] = str(err)
+
+        # 5. the verl-style registry loss passes process_group through to the aggregates
+        gen = torch.Generator().manual_seed(100 + rank)
+        old_lp = -torch.rand(2, 3, generator=gen, dtype=torch.float64)
+        new_lp = old_lp + 0.3 * torch.randn(2, 3, generator=gen, dtype=torch.float64)
+        adv = torch.randn(2, 1, generator=gen, dtype=torch.float64).expand(2, 3)
+        mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+        rows = dict(group_ids=torch.tensor([7, 8]), domain_ids=torch.tensor([1, 1]))  # both groups span every rank
+        loss_fn = POLICY_LOSSES["fiberpo_domain"]
+        result["registry_loss"] = loss_fn(old_lp, new_lp, adv, mask, "token-mean", process_group=pg, **rows, **HYPER)[0]
+        result["registry_local"] = loss_fn(old_lp, new_lp, adv, mask, "token-mean", **rows, **HYPER)[0]
+        on = mask.bool()
+        gated = obj.fiberpo_domain_gated_ratio((new_lp - old_lp)[on], torch.tensor([0, 0, 0, 1, 1]),
+                                               torch.tensor([7, 7, 7, 8, 8]), torch.tensor([1] * 5),
+                                               process_group=pg, **HYPER)
+        result["registry_expected"] = -(gated * adv[on]).mean()
     finally:
         torch.save(result, f"{out_dir}/rank{rank}.pt")
         dist.destroy_process_group()
@@ -152,6 +169,9 @@ def test_distributed_domain_matches_single_process(world, tmp_path):
         assert torch.allclose(res["log_base"], log_base[mine], rtol=0, atol=ATOL), f"rank {r}"
         assert torch.allclose(res["grad"], grad[mine], rtol=0, atol=ATOL), f"rank {r}"
         assert torch.equal(res["same_api"], res["gated"])
+    for res in results:
+        assert torch.allclose(res["registry_loss"], res["registry_expected"], rtol=0, atol=ATOL)
+    assert max(abs(float(res["registry_loss"] - res["registry_local"])) for res in results) > 1e-6
     # the aggregates matter: shard-local aggregates give different ratios on some rank
     assert max(float((res["local_only"] - res["gated"]).abs().max()) for res in results) > 1e-3
 
