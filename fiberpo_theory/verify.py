@@ -73,6 +73,14 @@ def collect(
     return _collect_parallel(ids, profile, registry, import_failures, on_done, jobs)
 
 
+# Below this many claims a worker's start-up (importing torch, SymPy and the checks) outweighs the gain.
+SERIAL_UP_TO = 4
+
+
+def default_jobs(n_claims: int) -> int:
+    return 1 if n_claims <= SERIAL_UP_TO else min(2, os.cpu_count() or 1)
+
+
 def _worker_init() -> None:
     import torch
 
@@ -205,8 +213,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="write a markdown verdict table here")
     parser.add_argument("--seed", type=int, default=0, help="seed of every property search (default 0)")
     parser.add_argument("--fail-on", choices=("fails",), help="also exit 1 when a claim is refuted (for CI)")
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                        help="worker processes (default: 2, or 1 on a one-core machine); 1 runs in this process")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="worker processes; 1 runs in this process (default: up to 2 when more than "
+                             f"{SERIAL_UP_TO} claims run, else 1)")
 
 
 def _selected_ids(only: list[str] | None, registry: dict[str, Claim]) -> list[str]:
@@ -254,16 +263,17 @@ def run(args: argparse.Namespace) -> int:
         profile = Profile.named(args.profile, seed=args.seed)
         registry, import_failures = load_registry()
         ids = _selected_ids(args.only, registry)
-        if args.jobs < 1:
-            raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+        jobs = default_jobs(len(ids)) if args.jobs is None else args.jobs
+        if jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {jobs}")
     except ValueError as err:
         print(f"fiberpo-theory verify: {err}", file=sys.stderr)
         return 2
-    console.print(f"profile {profile.name}: {profile.max_examples} examples per search, seed {profile.seed}, {args.jobs} job(s)")
+    console.print(f"profile {profile.name}: {profile.max_examples} examples per search, seed {profile.seed}, {jobs} job(s)")
     for name, error in import_failures.items():
         console.print(f"[magenta]could not import {name}[/]: {error.strip().splitlines()[-1]}")
     start = time.perf_counter()
-    reports = _run_with_progress(ids, profile, registry, import_failures, console, jobs=args.jobs)
+    reports = _run_with_progress(ids, profile, registry, import_failures, console, jobs=jobs)
     seconds = time.perf_counter() - start
     print_table(reports, profile, seconds, console, rerun=" --only " + " ".join(args.only) if args.only else "")
     if args.json:
