@@ -3,9 +3,11 @@
 Each method is timed on the same ragged batch as the full RGF loss
 ``-Σ μ_i G(r)_i Â_i`` (Eq. 2) from raw log-ratios and ids to gradients, so
 segment indexing (``torch.unique``) is inside every timing, GRPO's included.
-Results are ratios to GRPO measured in the same run; absolute numbers depend
-on the machine.  Memory is the bytes autograd saves for backward (any
-device) and, on CUDA, the peak allocated during the step.
+Results are ratios to GRPO measured in the same run, with the repeats of all
+methods interleaved; absolute numbers depend on the machine.  Memory is the
+bytes autograd saves for backward (any device) and, on CUDA, the peak
+allocated during the step.  Throughput is also given as tokens/s and as a
+fraction of the device's measured copy bandwidth (issue 6's GPU goal).
 """
 
 from __future__ import annotations
@@ -99,32 +101,59 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def measure(fn, batch: Batch, repeats: int) -> tuple[float, int, int]:
-    """Median seconds of forward+backward, bytes saved for backward, peak CUDA bytes (0 on CPU)."""
+def _step(fn, batch: Batch, saved: list[int]) -> float:
+    """One forward+backward from a fresh leaf; adds the bytes autograd saves to ``saved``; returns seconds."""
     device = batch.log_ratio.device
-    saved = 0
 
     def pack(tensor):
-        nonlocal saved
-        saved += tensor.numel() * tensor.element_size()
+        saved[0] += tensor.numel() * tensor.element_size()
         return tensor
 
-    times = []
-    for attempt in range(repeats + 1):  # first run warms up allocators and kernels
-        x = batch.log_ratio.detach().requires_grad_(True)
-        saved = 0
+    x = batch.log_ratio.detach().requires_grad_(True)
+    _sync(device)
+    start = time.perf_counter()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fn(batch, x)
+    loss.backward()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def measure_all(fns: dict[str, Callable], batch: Batch, repeats: int) -> dict[str, tuple[float, int, int]]:
+    """Per method: median seconds of forward+backward, bytes saved for backward, peak CUDA bytes (0 on CPU).
+
+    Repeats are interleaved (every method once, then again), so a burst of
+    load on a shared machine lands on all methods alike and the ratios stay
+    comparable.  A first untimed step per method warms allocators and kernels.
+    """
+    device = batch.log_ratio.device
+    saved, peak, times = {}, {}, {name: [] for name in fns}
+    for name, fn in fns.items():
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        counter = [0]
+        _step(fn, batch, counter)
+        saved[name] = counter[0]
+        peak[name] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_step(fn, batch, [0]))
+    return {name: (statistics.median(times[name]), saved[name], peak[name]) for name in fns}
+
+
+def copy_bandwidth(device, n_bytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Measured device copy bandwidth in bytes/s: (read + write) of an ``n_bytes`` buffer per ``copy_``."""
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    times = []
+    for attempt in range(repeats + 1):
         _sync(device)
         start = time.perf_counter()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = fn(batch, x)
-        loss.backward()
+        dst.copy_(src)
         _sync(device)
         if attempt:
             times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return statistics.median(times), saved, peak
+    return 2 * src.numel() * src.element_size() / statistics.median(times)
 
 
 @dataclass
@@ -136,18 +165,27 @@ class Row:
     peak_bytes: int
     time_ratio: float = 0.0
     memory_ratio: float = 0.0
+    value_bytes: int = 4
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def bytes_moved(self) -> int:
+        """A floor on the traffic of one step: saved tensors written and read back, the leaf's value and gradient."""
+        return 2 * self.saved_bytes + 2 * self.tokens * self.value_bytes
 
 
 def run_table(batch: Batch, repeats: int, methods: list[str], progress=None) -> list[Row]:
     losses = method_losses()
     names = ["grpo"] + [m for m in methods if m in losses and m != "grpo"]
-    rows = []
-    task = progress.add_task("objectives", total=len(names)) if progress else None
-    for name in names:
-        seconds, saved, peak = measure(losses[name], batch, repeats)
-        rows.append(Row(name, batch.log_ratio.numel(), seconds, saved, peak))
-        if progress:
-            progress.advance(task)
+    task = progress.add_task("objectives", total=1) if progress else None
+    measured = measure_all({name: losses[name] for name in names}, batch, repeats)
+    if progress:
+        progress.advance(task)
+    size = batch.log_ratio.element_size()
+    rows = [Row(name, batch.log_ratio.numel(), *measured[name], value_bytes=size) for name in names]
     base = rows[0]
     for row in rows:
         row.time_ratio = row.seconds / base.seconds
@@ -157,21 +195,22 @@ def run_table(batch: Batch, repeats: int, methods: list[str], progress=None) -> 
 
 def run_scaling(sizes: list[int], repeats: int, device, dtype, progress=None) -> list[Row]:
     losses = method_losses()
+    names = ("grpo", "fiberpo", "fiberpo_domain")
     rows = []
     task = progress.add_task("scaling", total=len(sizes)) if progress else None
     for n in sizes:
         batch = make_batch(n, max(n // 1024, 1), device=device, dtype=dtype)
-        for name in ("grpo", "fiberpo", "fiberpo_domain"):
-            seconds, saved, peak = measure(losses[name], batch, repeats)
-            rows.append(Row(name, n, seconds, saved, peak))
+        measured = measure_all({name: losses[name] for name in names}, batch, repeats)
+        rows += [Row(name, n, *measured[name], value_bytes=batch.log_ratio.element_size()) for name in names]
         if progress:
             progress.advance(task)
     return rows
 
 
-def _ratio_table(rows: list[Row], device: str) -> Table:
+def _ratio_table(rows: list[Row], device: str, bandwidth: float) -> Table:
     table = Table(title=f"forward+backward at {rows[0].tokens:,} tokens on {device} (ratios to GRPO, same run)")
-    for col in ("method", "ms", "× GRPO time", "saved MB", "× GRPO saved", "goal"):
+    columns = ("method", "ms", "× GRPO time", "saved MB", "× GRPO saved", "Mtok/s", "% copy BW", "goal")
+    for col in columns:
         table.add_column(col, justify="right" if col != "method" else "left")
     by_name = {row.method: row for row in rows}
     for row in rows:
@@ -188,24 +227,34 @@ def _ratio_table(rows: list[Row], device: str) -> Table:
             f"{row.time_ratio:.2f}",
             f"{row.saved_bytes / 2**20:.1f}",
             f"{row.memory_ratio:.2f}",
+            f"{row.tokens_per_second / 1e6:.2f}",
+            f"{100 * row.bytes_moved / row.seconds / bandwidth:.1f}",
             goal,
         )
     return table
 
 
-def _scaling_table(rows: list[Row]) -> Table:
+def _scaling_table(rows: list[Row], bandwidth: float) -> Table:
     table = Table(title="scaling: ms per million tokens (constant ⇔ linear cost)")
-    for col in ("tokens", "grpo", "fiberpo", "fiberpo_domain", "fiberpo × grpo"):
+    for col in ("tokens", "grpo", "fiberpo", "fiberpo_domain", "fiberpo × grpo", "fiberpo Mtok/s", "fiberpo % copy BW"):
         table.add_column(col, justify="right")
     sizes = sorted({row.tokens for row in rows})
     for n in sizes:
         at = {row.method: row for row in rows if row.tokens == n}
         per_m = {m: at[m].seconds * 1e3 / (n / 1e6) for m in at}
+        fiberpo = at["fiberpo"]
         table.add_row(
             f"{n:,}", *(f"{per_m[m]:.1f}" for m in ("grpo", "fiberpo", "fiberpo_domain")),
-            f"{at['fiberpo'].seconds / at['grpo'].seconds:.2f}",
+            f"{fiberpo.seconds / at['grpo'].seconds:.2f}",
+            f"{fiberpo.tokens_per_second / 1e6:.2f}",
+            f"{100 * fiberpo.bytes_moved / fiberpo.seconds / bandwidth:.1f}",
         )
     return table
+
+
+def _json_row(row: Row, bandwidth: float) -> dict:
+    return {**asdict(row), "tokens_per_second": row.tokens_per_second, "bytes_moved": row.bytes_moved,
+            "copy_bandwidth_fraction": row.bytes_moved / row.seconds / bandwidth}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -224,6 +273,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     console = Console()
+    console = console if console.is_terminal else Console(width=150)  # logs and pipes: one line per row
     dtype = getattr(torch, args.dtype)
     device = str(args.device)
     if args.tokens < 1 or args.trajectories < 1 or args.trajectories > args.tokens:
@@ -231,15 +281,20 @@ def run(args) -> int:
     torch.manual_seed(0)
     batch = make_batch(args.tokens, args.trajectories, device=device, dtype=dtype)
     methods = args.methods or list(method_losses())
-    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {args.dtype}")
+    bandwidth = copy_bandwidth(device)
+    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {args.dtype}; "
+                  f"measured copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     with Progress(console=console, transient=True) as progress:
         rows = run_table(batch, args.repeats, methods, progress)
         scaling = run_scaling(args.scaling, max(args.repeats // 2, 1), device, dtype, progress) if args.scaling else []
-    console.print(_ratio_table(rows, device))
+    console.print(_ratio_table(rows, device, bandwidth))
     if scaling:
-        console.print(_scaling_table(scaling))
+        console.print(_scaling_table(scaling, bandwidth))
+    console.print("% copy BW: (2 × bytes saved for backward + value and gradient of the log-ratios) / time, "
+                  "over the measured copy bandwidth; a floor on the traffic, so a floor on the fraction.")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"device": device, "main": [asdict(r) for r in rows], "scaling": [asdict(r) for r in scaling]},
-                      handle, indent=1)
+            json.dump({"device": device, "copy_bandwidth": bandwidth,
+                       "main": [_json_row(r, bandwidth) for r in rows],
+                       "scaling": [_json_row(r, bandwidth) for r in scaling]}, handle, indent=1)
     return 0

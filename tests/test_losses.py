@@ -167,3 +167,8 @@ def test_bench_command_prints_ratios_and_writes_json(tmp_path, capsys):
     assert by_name["grpo"]["time_ratio"] == 1.0
     assert by_name["fiberpo"]["seconds"] > 0 and by_name["fiberpo"]["saved_bytes"] > by_name["grpo"]["saved_bytes"]
     assert {row["tokens"] for row in report["scaling"]} == {2048, 4096}
+    assert report["copy_bandwidth"] > 0
+    fib = by_name["fiberpo"]
+    assert fib["tokens_per_second"] == pytest.approx(4096 / fib["seconds"])
+    assert fib["bytes_moved"] == 2 * fib["saved_bytes"] + 2 * 4096 * 4  # float32 leaf: value and gradient
+    assert 0 < fib["copy_bandwidth_fraction"] == pytest.approx(fib["bytes_moved"] / fib["seconds"] / report["copy_bandwidth"])
