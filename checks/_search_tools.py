@@ -224,7 +224,8 @@ def draw_regime_targeted(draw, c_pos: float, c_neg: float, *, long_lengths=LONG_
             "Z-edge": budget * (1 + 1 / length),
             "Z": budget * (1 + 1 / length) * (1 + 4 * theta),
         }[regime]
-        values = torch.where(part > 0, part_sign * part * (target / mean), values)
+        # part / mean first: with tiny tokens tiled long the mean is subnormal and target / mean overflows
+        values = torch.where(part > 0, part_sign * (part / mean) * target, values)
         targets[name] = regime
     return values.tolist(), targets
 
