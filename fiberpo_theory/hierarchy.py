@@ -174,6 +174,43 @@ def _columns(level_ids, like: torch.Tensor | None, like_name: str) -> list[torch
     return out
 
 
+def _nested_segments(cols: list[torch.Tensor], names: list[str]) -> tuple[list[Segments], list[torch.Tensor | None]]:
+    """Dense indexing of every level and the projection of each level onto the one above.
+
+    Only the finest column is indexed per token; the coarser ids are carried
+    to its elements by a per-element min and max, which agree exactly when
+    the ids nest, and are indexed there (sorting element ids, not token ids).
+    When they do not nest, the per-token route below names the offending pair.
+    """
+    finest = Segments.from_ids(cols[-1])
+    if len(cols) == 1:
+        return [finest], []
+    coarse = torch.stack(cols[:-1], dim=1)
+    index = finest.index.unsqueeze(1).expand_as(coarse)
+    big = torch.iinfo(torch.long)
+    low = torch.full((finest.size, coarse.shape[1]), big.max, dtype=torch.long, device=coarse.device)
+    high = torch.full_like(low, big.min)
+    low = low.scatter_reduce(0, index, coarse, "amin")
+    high = high.scatter_reduce(0, index, coarse, "amax")
+    if bool((low != high).any()):
+        _raise_not_nested(cols, names)
+    segs = [Segments.from_ids(low[:, k]) for k in range(coarse.shape[1])] + [finest]
+    projection: list[torch.Tensor | None] = []
+    for k in range(len(segs) - 2):  # on elements: a coarse level can still fail to nest across elements
+        child, parent = f"{names[k + 1]} (level_ids[{k + 1}])", f"{names[k]} (level_ids[{k}])"
+        projection.append(parent_of(segs[k + 1], segs[k].index, child_name=child, parent_name=parent))
+    projection.append(segs[-2].index)
+    return segs, projection
+
+
+def _raise_not_nested(cols: list[torch.Tensor], names: list[str]) -> None:
+    segs = [Segments.from_ids(c) for c in cols]
+    for k in range(len(segs) - 1):
+        child, parent = f"{names[k + 1]} (level_ids[{k + 1}])", f"{names[k]} (level_ids[{k}])"
+        parent_of(segs[k + 1], segs[k].index, child_name=child, parent_name=parent)
+    raise AssertionError("unreachable: some level does not nest")  # parent_of raised above
+
+
 def from_ids(
     level_ids: Sequence[torch.Tensor], names: Sequence[str] | None = None, *, like=None, like_name: str = "log_ratio"
 ) -> CompiledHierarchy:
@@ -189,11 +226,7 @@ def from_ids(
     """
     cols = _columns(level_ids, like, like_name)
     names = _chain_names(len(cols), names)
-    segs = [Segments.from_ids(c) for c in cols]
-    projection: list[torch.Tensor | None] = []
-    for k in range(len(segs) - 1):
-        child, parent = f"{names[k + 1]} (level_ids[{k + 1}])", f"{names[k]} (level_ids[{k}])"
-        projection.append(parent_of(segs[k + 1], segs[k].index, child_name=child, parent_name=parent))
+    segs, projection = _nested_segments(cols, names)
     projection.append(segs[-1].index)
     projection.append(None)
     n = len(cols)

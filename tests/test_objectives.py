@@ -259,6 +259,7 @@ BAD = [
     (lambda: obj.gspo_gated_ratio(t([0.1]), ids([0]), eps=-0.2), "eps"),
     (lambda: obj.fiberpo_domain_gated_ratio(t([0.1, 0.2]), ids([0, 0]), ids([0, 1]), ids([0, 0]), **HYPER), "nest"),
     (lambda: obj.fiberpo_domain_gated_ratio(t([0.1, 0.2]), ids([0, 1]), ids([0, 0]), ids([0, 1]), **HYPER), "nest"),
+    (lambda: obj.fiberpo_domain_gated_ratio(t([0.1, 0.2]), ids([0, 0]), ids([0, 0]), ids([0, 1]), **HYPER), "trajectory does not nest in domain"),
     (lambda: obj.fiberpo_domain_gated_ratio(t([0.1]), ids([0]), t([0.0]), ids([0]), **HYPER), "group_id"),
 ]
 
