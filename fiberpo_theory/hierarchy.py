@@ -37,7 +37,7 @@ import torch
 
 from . import _validate
 from .distributed import global_max, global_segment_sums
-from .segments import Segments, parent_of
+from .segments import Segments, carried_ids, parent_of
 
 __all__ = [
     "CompiledHierarchy",
@@ -185,16 +185,10 @@ def _nested_segments(cols: list[torch.Tensor], names: list[str]) -> tuple[list[S
     finest = Segments.from_ids(cols[-1])
     if len(cols) == 1:
         return [finest], []
-    coarse = torch.stack(cols[:-1], dim=1)
-    index = finest.index.unsqueeze(1).expand_as(coarse)
-    big = torch.iinfo(torch.long)
-    low = torch.full((finest.size, coarse.shape[1]), big.max, dtype=torch.long, device=coarse.device)
-    high = torch.full_like(low, big.min)
-    low = low.scatter_reduce(0, index, coarse, "amin")
-    high = high.scatter_reduce(0, index, coarse, "amax")
-    if bool((low != high).any()):
+    low, split = carried_ids(finest, torch.stack(cols[:-1], dim=1))
+    if bool(split.any()):
         _raise_not_nested(cols, names)
-    segs = [Segments.from_ids(low[:, k]) for k in range(coarse.shape[1])] + [finest]
+    segs = [Segments.from_ids(low[:, k]) for k in range(len(cols) - 1)] + [finest]
     projection: list[torch.Tensor | None] = []
     for k in range(len(segs) - 2):  # on elements: a coarse level can still fail to nest across elements
         child, parent = f"{names[k + 1]} (level_ids[{k + 1}])", f"{names[k]} (level_ids[{k}])"

@@ -16,7 +16,7 @@ import torch
 from . import _validate
 from .distributed import global_segment_sums
 from .gates import budget_clip, g_agg, sign_channel, symmetric_clip
-from .segments import Segments, parent_of, segments_for
+from .segments import Segments, carried_ids, parent_of, segments_for
 
 __all__ = [
     "FiberPOParts",
@@ -196,14 +196,10 @@ def _domain_levels(x, traj_id, group_id, domain_id) -> _Levels:
     """
     traj = segments_for("traj_id", traj_id, x)
     raw = torch.stack([_validate.ids("group_id", group_id, x), _validate.ids("domain_id", domain_id, x)], dim=1)
-    index = traj.index.unsqueeze(1).expand(-1, 2)
-    big = torch.iinfo(torch.long)
-    low = torch.full((traj.size, 2), big.max, dtype=torch.long, device=x.device).scatter_reduce(0, index, raw, "amin")
-    high = torch.full((traj.size, 2), big.min, dtype=torch.long, device=x.device).scatter_reduce(0, index, raw, "amax")
+    low, split = carried_ids(traj, raw)
     for column, name in ((0, "prompt group"), (1, "domain")):
-        split = low[:, column] != high[:, column]
-        if bool(split.any()):
-            bad = int(split.nonzero()[0, 0])
+        if bool(split[:, column].any()):
+            bad = int(split[:, column].nonzero()[0, 0])
             raise ValueError(
                 f"trajectory does not nest in {name}: trajectory {int(traj.ids[bad])} has tokens in more than one {name}"
             )

@@ -75,6 +75,24 @@ def parent_of(child: Segments, parent_index: torch.Tensor, *, child_name: str, p
     return low
 
 
+def carried_ids(child: Segments, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coarser ids each child segment carries, and where its elements disagree.
+
+    ``columns`` is ``(N, K)``: K coarser id columns of the N elements.
+    Returns ``(ids, split)``, both ``(M, K)``: the per-segment minimum of each
+    column and whether the maximum differs from it (the column does not nest
+    in the child there).  Two ``scatter_reduce`` calls replace a sort of N ids
+    per coarser column: the coarser levels can then be indexed over M
+    segments instead of N elements.
+    """
+    index = child.index.unsqueeze(1).expand_as(columns)
+    big = torch.iinfo(torch.long)
+    shape = (child.size, columns.shape[1])
+    low = torch.full(shape, big.max, dtype=torch.long, device=columns.device).scatter_reduce(0, index, columns, "amin")
+    high = torch.full(shape, big.min, dtype=torch.long, device=columns.device).scatter_reduce(0, index, columns, "amax")
+    return low, low != high
+
+
 def segments_for(name: str, ids: torch.Tensor, like: torch.Tensor) -> Segments:
     """Validate an id column against the values it labels and index it."""
     return Segments.from_ids(_validate.ids(name, ids, like))
