@@ -319,6 +319,17 @@ def _perturbation_probe(fn, x, traj_id, witness):
         raise Falsified(f"moving trajectory {int(traj_id[0])} changed token {j} of another", {**witness, "source": "perturbation", "j": j, "value": float(change[j])})
 
 
+def _rechecked_failure(result, searched: str, recheck: dict) -> Outcome:
+    """A search's witness as ``fails`` when the independent re-check reproduces it, else ``error``."""
+    return Outcome(
+        "fails" if recheck["reproduced"] else "error",
+        result.examples,
+        f"{result.message}; {searched}",
+        counterexample={**result.witness, "recheck": recheck},
+        regimes=result.regimes,
+    )
+
+
 @claim(
     id="prop-5.3",
     paper_ref="Property 5.3 (Eq. 20)",
@@ -330,14 +341,7 @@ def check_prop_5_3(profile: Profile, *, fiberpo=fiberpo_gated_ratio, jacobian=fi
     searched = f"{result.examples} batches (autograd Jacobian, Eq. 20 Jacobian, and a value perturbation per batch)"
     if not result.falsified:
         return Outcome("holds", result.examples, f"no cross-trajectory entry found; {searched}", regimes=result.regimes)
-    recheck = _recheck_cross_coupling(result.witness, fiberpo, jacobian)
-    return Outcome(
-        "fails" if recheck["reproduced"] else "error",
-        result.examples,
-        f"{result.message}; {searched}",
-        counterexample={**result.witness, "recheck": recheck},
-        regimes=result.regimes,
-    )
+    return _rechecked_failure(result, searched, _recheck_cross_coupling(result.witness, fiberpo, jacobian))
 
 
 def _recheck_cross_coupling(witness, fiberpo, jacobian) -> dict:
@@ -447,14 +451,7 @@ def check_prop_5_4(profile: Profile, *, fiberpo=fiberpo_gated_ratio, jacobian=fi
     )
     if not result.falsified:
         return Outcome("holds", result.examples, searched, regimes=result.regimes)
-    recheck = _recheck_identity(result.witness, fiberpo, jacobian)
-    return Outcome(
-        "fails" if recheck["reproduced"] else "error",
-        result.examples,
-        f"{result.message}; {searched}",
-        counterexample={**result.witness, "recheck": recheck},
-        regimes=result.regimes,
-    )
+    return _rechecked_failure(result, searched, _recheck_identity(result.witness, fiberpo, jacobian))
 
 
 def _recheck_identity(witness, fiberpo, jacobian) -> dict:
