@@ -2,7 +2,9 @@
 
 Each method is timed on the same ragged batch as the full RGF loss
 ``-Σ μ_i G(r)_i Â_i`` (Eq. 2) from raw log-ratios and ids to gradients, so
-segment indexing (``torch.unique``) is inside every timing, GRPO's included.
+segment indexing (``torch.unique``) is inside every timing, GRPO's included;
+FiberPO and FiberPO-Domain reuse their trajectory indexing for μ, as the
+loss registry does.
 Results are ratios to GRPO measured in the same run, with the repeats of all
 methods interleaved; absolute numbers depend on the machine.  Memory is the
 bytes autograd saves for backward (any device) and, on CUDA, the peak
@@ -69,21 +71,25 @@ def make_batch(n_tokens: int, n_traj: int, *, seed: int = 0, device="cpu", dtype
 def method_losses(eps=0.2, c_pos=0.12, c_neg=0.05, delta=0.1) -> dict[str, Callable[[Batch, torch.Tensor], torch.Tensor]]:
     """Loss builders: each maps (batch, log_ratio leaf) to the scalar RGF loss."""
 
-    def loss(method, gated, b):
-        weights = obj.aggregation_weights(method, gated, b.traj_id)
+    def loss(method, gated, b, traj=None):
+        weights = obj.aggregation_weights(method, gated, b.traj_id if traj is None else traj)
         return -obj.rgf_objective(gated, b.advantages, weights)
+
+    def parts_loss(method, parts, b):
+        # μ reuses the trajectory indexing the objective built, as the loss registry does
+        return loss(method, parts.gated_ratio, b, parts.traj)
 
     losses = {
         "grpo": lambda b, x: loss("grpo", obj.grpo_gated_ratio(torch.exp(x), eps=eps), b),
         "ppo": lambda b, x: loss("ppo", obj.ppo_gated_ratio(torch.exp(x), eps=eps), b),
         "gspo": lambda b, x: loss("gspo", obj.gspo_gated_ratio(x, b.traj_id, eps=eps), b),
         "apc_obj": lambda b, x: loss("apc_obj", obj.apc_obj_gated_ratio(torch.exp(x), b.state_id, delta=delta), b),
-        "fiberpo": lambda b, x: loss(
-            "fiberpo", obj.fiberpo_gated_ratio(x, b.traj_id, eps=eps, c_pos=c_pos, c_neg=c_neg), b
+        "fiberpo": lambda b, x: parts_loss(
+            "fiberpo", obj.fiberpo_parts(x, b.traj_id, eps=eps, c_pos=c_pos, c_neg=c_neg), b
         ),
-        "fiberpo_domain": lambda b, x: loss(
+        "fiberpo_domain": lambda b, x: parts_loss(
             "fiberpo_domain",
-            obj.fiberpo_domain_gated_ratio(x, b.traj_id, b.group_id, b.domain_id, eps=eps, c_pos=c_pos, c_neg=c_neg),
+            obj.fiberpo_domain_parts(x, b.traj_id, b.group_id, b.domain_id, eps=eps, c_pos=c_pos, c_neg=c_neg),
             b,
         ),
         # the general FGH operator on domain -> group -> trajectory -> token (issue 3's 4-level goal)

@@ -39,12 +39,12 @@ def get_policy_loss_fn(name: str) -> Callable:
     return POLICY_LOSSES[name]
 
 
-def _weights(mode: str | None, method: str, batch: FlatBatch, like: torch.Tensor) -> torch.Tensor:
+def _weights(mode: str | None, method: str, batch: FlatBatch, like: torch.Tensor, traj=None) -> torch.Tensor:
     mode = mode or {"token": "token-mean", "trajectory": "seq-mean-token-mean"}[objectives.METHOD_WEIGHTS[method]]
     if mode == "token-mean":
         return objectives.aggregation_weights("token", like)
     if mode == "seq-mean-token-mean":
-        return objectives.aggregation_weights("trajectory", like, batch.traj_id)
+        return objectives.aggregation_weights("trajectory", like, batch.traj_id if traj is None else traj)
     if mode == "seq-mean-token-sum":
         return torch.full_like(like, 1.0 / batch.shape[0])
     raise ValueError(f"loss_agg_mode must be one of {AGG_MODES} or None, got {mode!r}")
@@ -75,8 +75,9 @@ def _validate_row_ids(name, ids):
     return ids
 
 
-def _finish(method, gated, log_ratio, adv, batch, mode, metrics):
-    weights = _weights(mode, method, batch, gated)
+def _finish(method, gated, log_ratio, adv, batch, mode, metrics, traj=None):
+    """``traj``: the trajectory ``Segments`` the objective already built, reused for μ (no second sort)."""
+    weights = _weights(mode, method, batch, gated, traj)
     objective = objectives.rgf_objective(gated, adv, weights)
     metrics = {**metrics, "ratio/mean": float(torch.exp(log_ratio.detach()).mean())}
     return -objective, metrics
@@ -136,7 +137,7 @@ def fiberpo_loss(
     batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)
     parts = objectives.fiberpo_parts(x, batch.traj_id, eps=eps, c_pos=c_pos, c_neg=c_neg, k=k)
     metrics = diagnostics.fiberpo_metrics(_detached(parts), eps=eps, c_pos=c_pos, c_neg=c_neg, k=k)
-    return _finish("fiberpo", parts.gated_ratio, x, adv, batch, loss_agg_mode, metrics)
+    return _finish("fiberpo", parts.gated_ratio, x, adv, batch, loss_agg_mode, metrics, traj=parts.traj)
 
 
 @register_policy_loss("fiberpo_domain")
@@ -167,7 +168,7 @@ def fiberpo_domain_loss(
         x, batch.traj_id, groups, domains, eps=eps, c_pos=c_pos, c_neg=c_neg, process_group=process_group
     )
     metrics = diagnostics.fiberpo_metrics(_detached(parts), eps=eps, c_pos=c_pos, c_neg=c_neg)
-    return _finish("fiberpo_domain", parts.gated_ratio, x, adv, batch, loss_agg_mode, metrics)
+    return _finish("fiberpo_domain", parts.gated_ratio, x, adv, batch, loss_agg_mode, metrics, traj=parts.traj)
 
 
 def _detached(parts):

@@ -391,6 +391,9 @@ def aggregation_weights(kind: str, like: torch.Tensor, traj_id=None) -> torch.Te
     """μ_i of Eq. 2: ``"token"`` gives 1/N, ``"trajectory"`` gives 1/(|Tj| T_τ).
 
     ``kind`` may also be a method name from :data:`METHOD_WEIGHTS`.
+    ``traj_id`` is the ``(N,)`` trajectory ids, or the ``Segments`` an
+    objective already built from them (``fiberpo_parts(...).traj``), which
+    saves sorting the ids a second time.
     """
     kind = METHOD_WEIGHTS.get(kind, kind)
     x = _validate.as_float("like", like)
@@ -399,7 +402,9 @@ def aggregation_weights(kind: str, like: torch.Tensor, traj_id=None) -> torch.Te
     if kind == "trajectory":
         if traj_id is None:
             raise ValueError("traj_id is required for trajectory-normalised weights")
-        traj = segments_for("traj_id", traj_id, x)
+        traj = traj_id if isinstance(traj_id, Segments) else segments_for("traj_id", traj_id, x)
+        if traj.index.shape != x.shape:
+            raise ValueError(f"traj_id segments index {traj.index.numel()} tokens but like has {x.numel()}")
         return 1.0 / (traj.size * traj.gather(traj.count.to(x.dtype)))
     raise ValueError(f"kind must be 'token', 'trajectory' or a method name, got {kind!r}")
 

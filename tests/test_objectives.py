@@ -268,3 +268,14 @@ BAD = [
 def test_bad_input_raises_value_error_naming_the_argument(call, name):
     with pytest.raises(ValueError, match=name):
         call()
+
+
+def test_aggregation_weights_reuse_the_objectives_trajectory_segments():
+    x = torch.tensor([0.1, -0.2, 0.3, 0.0, 0.5], dtype=torch.float64)
+    traj = torch.tensor([9, 4, 9, 9, 4])
+    parts = obj.fiberpo_parts(x, traj, eps=0.2, c_pos=0.1, c_neg=0.1)
+    from_ids = obj.aggregation_weights("trajectory", x, traj)
+    assert torch.equal(obj.aggregation_weights("trajectory", x, parts.traj), from_ids)
+    assert torch.allclose(from_ids, torch.tensor([1 / 6, 1 / 4, 1 / 6, 1 / 6, 1 / 4], dtype=torch.float64))
+    with pytest.raises(ValueError, match="traj_id"):
+        obj.aggregation_weights("trajectory", x[:4], parts.traj)
