@@ -184,8 +184,9 @@ def _step_lines(step: Step, number: int) -> str:
     rhs = _rhs_lines(step.rhs)
     lhs = lhs_lines[-1]
     if len(lhs_lines) > 1 or (_visible_length(lhs) + _visible_length(rhs[0]) > _LINE and _visible_length(lhs) > 25):
-        # a long left-hand side gets lines of its own, the relation starts the next line
-        out.extend([lhs_lines[0] + r" \\"] + [rf"&\qquad {line} \\" for line in lhs_lines[1:]])
+        # a long left-hand side gets lines of its own in the right-hand column (in the left column its width
+        # would push every right-hand side of the block to the right); the relation starts the next line
+        out.extend([rf"&{lhs_lines[0]} \\"] + [rf"&\qquad {line} \\" for line in lhs_lines[1:]])
         lhs = ""
     out.append(f"{lhs} &{rel} {rhs[0]}" + ("" if len(rhs) == 1 else r" \\"))
     for i, line in enumerate(rhs[1:], start=1):
