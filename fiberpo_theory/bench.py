@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -27,6 +28,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from . import objectives as obj
+from .cli_types import positive_int, torch_device
 from .fgh import fiberpo_hierarchy_gated_ratio
 
 # Goals of issue 2 (ratio to GRPO, forward+backward) and issue 3 (operator vs closed form).
@@ -264,17 +266,23 @@ def _json_row(row: Row, bandwidth: float) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokens", type=int, default=1 << 20, help="tokens in the main table (default 1M)")
-    parser.add_argument("--trajectories", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--tokens", type=positive_int, default=1 << 20,
+                        help="tokens in the main table (default %(default)s)")
+    parser.add_argument("--trajectories", type=positive_int, default=1024,
+                        help="ragged trajectories the tokens are split into (default %(default)s)")
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="timed forward+backward passes per method; the median is reported (default %(default)s)")
+    parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device: cpu or cuda[:N] (default %(default)s)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                        help="dtype of the log-ratios (default %(default)s)")
     parser.add_argument(
-        "--scaling", type=int, nargs="*", default=[1 << 16, 1 << 18, 1 << 20, 1 << 22],
-        help="token counts of the scaling table (none to skip)",
+        "--scaling", type=positive_int, nargs="*", default=[1 << 16, 1 << 18, 1 << 20, 1 << 22],
+        help="token counts of the scaling table; give none to skip it (default %(default)s)",
     )
-    parser.add_argument("--methods", nargs="*", default=None, help="subset of methods (GRPO is always run)")
-    parser.add_argument("--json", type=str, default=None, help="write all rows as JSON")
+    parser.add_argument("--methods", nargs="*", default=None, choices=list(method_losses()), metavar="METHOD",
+                        help="subset of methods, from: " + ", ".join(method_losses()) + " (GRPO is always run)")
+    parser.add_argument("--json", type=str, default=None, metavar="PATH", help="write all rows as JSON")
 
 
 def run(args) -> int:
@@ -282,8 +290,10 @@ def run(args) -> int:
     console = console if console.is_terminal else Console(width=150)  # logs and pipes: one line per row
     dtype = getattr(torch, args.dtype)
     device = str(args.device)
-    if args.tokens < 1 or args.trajectories < 1 or args.trajectories > args.tokens:
-        raise SystemExit("bench: need 1 <= --trajectories <= --tokens")
+    if args.trajectories > args.tokens:
+        print(f"fiberpo-theory bench: --trajectories ({args.trajectories}) must not exceed --tokens ({args.tokens})",
+              file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     batch = make_batch(args.tokens, args.trajectories, device=device, dtype=dtype)
     methods = args.methods or list(method_losses())

@@ -126,6 +126,12 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"fiberpo-theory derive: --out {args.out} exists and is not a directory", file=sys.stderr)
+        return 2
+    if args.only and not any(True for _ in discover(args.only)):
+        print(f"fiberpo-theory derive: --only {' '.join(args.only)} matches no proof module", file=sys.stderr)
+        return 2
     console = Console(stderr=True, quiet=getattr(args, "quiet", False))
     start = time.perf_counter()
     if getattr(args, "quiet", False):

@@ -1,6 +1,6 @@
 """``fiberpo-theory verify``: run every claim check and report the verdicts.
 
-Every id of SPEC §5 gets a row, in SPEC order.  An id without a registered
+Every audited claim of the paper (``AUDITED_IDS``) gets a row, in that order.  An id without a registered
 check (or whose check module failed to import) is reported with verdict
 ``error``, never skipped: a missing check is a finding.  Exit status: 0 when
 every check ran, 2 when any errored, and with ``--fail-on fails`` 1 when a
@@ -19,9 +19,10 @@ from typing import Any, Callable
 
 from . import claims
 from .claims import Claim, ClaimReport, Profile, run_claim
+from .cli_types import nonnegative_int, positive_int
 
-# SPEC §5, in order.  Kept here so that an id nobody registered is still reported.
-SPEC_IDS: tuple[str, ...] = (
+# The audited claims of the paper, in reading order.  Kept here so that an id nobody registered is still reported.
+AUDITED_IDS: tuple[str, ...] = (
     "thm-2.1", "lemma-d.2", "eq-70", "thm-d.3", "lemma-d.6", "eq-61-63", "lemma-d.9", "thm-d.10",
     "lemma-d.11", "lemma-d.12", "claim-3.5", "kl-bias", "logclip-asymmetry", "eq-10", "eq-16",
     "ratio-decoupling", "g-regimes", "eq-77-identity", "eq-77-stricter", "eq-79-approx", "eq-e5-fbg",
@@ -208,24 +209,25 @@ def print_table(reports: list[ClaimReport], profile: Profile, seconds: float, co
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=("quick", "thorough"), default="quick", help="search effort (default quick)")
-    parser.add_argument("--only", nargs="+", metavar="ID", help="run only these claim ids (SPEC §5)")
+    parser.add_argument("--only", nargs="+", metavar="ID", help="run only these claim ids (see --list)")
+    parser.add_argument("--list", action="store_true", help="print every claim id with its paper reference and exit")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the JSON report here")
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="write a markdown verdict table here")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every property search (default 0)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of every property search (default 0)")
     parser.add_argument("--fail-on", choices=("fails",), help="also exit 1 when a claim is refuted (for CI)")
-    parser.add_argument("--jobs", type=int, default=None,
+    parser.add_argument("--jobs", type=positive_int, default=None,
                         help="worker processes; 1 runs in this process (default: up to 2 when more than "
                              f"{SERIAL_UP_TO} claims run, else 1)")
 
 
 def _selected_ids(only: list[str] | None, registry: dict[str, Claim]) -> list[str]:
-    """SPEC ids first, in SPEC order, then any extra registered ids; ``--only`` filters."""
-    known = list(SPEC_IDS) + sorted(set(registry) - set(SPEC_IDS))
+    """Audited ids first, in their order, then any extra registered ids; ``--only`` filters."""
+    known = list(AUDITED_IDS) + sorted(set(registry) - set(AUDITED_IDS))
     if not only:
         return known
     unknown = [i for i in only if i not in known]
     if unknown:
-        raise ValueError(f"--only: unknown claim id(s) {unknown}; known ids: {known}")
+        raise ValueError(f"--only: unknown claim id(s) {unknown}; `fiberpo-theory verify --list` prints the known ids")
     return [i for i in known if i in only]
 
 
@@ -257,11 +259,21 @@ def _run_with_progress(ids, profile, registry, import_failures, console, jobs: i
         torch.set_num_threads(threads)
 
 
+def print_claim_list(registry: dict[str, Claim]) -> None:
+    for claim_id in _selected_ids(None, registry):
+        claim = registry.get(claim_id)
+        ref, statement = (claim.paper_ref, claim.statement) if claim else ("?", "(no check registered)")
+        print(f"{claim_id:<18} {ref:<28} {statement}")
+
+
 def run(args: argparse.Namespace) -> int:
     console = _console()
     try:
         profile = Profile.named(args.profile, seed=args.seed)
         registry, import_failures = load_registry()
+        if args.list:
+            print_claim_list(registry)
+            return 0
         ids = _selected_ids(args.only, registry)
         jobs = default_jobs(len(ids)) if args.jobs is None else args.jobs
         if jobs < 1:
