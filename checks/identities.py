@@ -51,7 +51,7 @@ REGIME = ("P", "R", "Z")
 @lru_cache(maxsize=None)
 def _derivation(module: str):
     """The derivation of ``proofs.<module>`` (computed once per process)."""
-    return importlib.import_module(f"proofs.{module}").derive()
+    return importlib.import_module(f"fiberpo_theory.proofs.{module}").derive()
 
 
 def _rational(v) -> sp.Rational:
@@ -542,7 +542,7 @@ def _clip_terms(x, traj_id, eps, c, label_channel, *, g_agg, budget_clip, symmet
 
 def _exact_clip_terms(xs, eps, c, i) -> dict:
     """A and D for token i recomputed in exact rationals by the derivation's SymPy formulas."""
-    m = importlib.import_module("proofs.eq77_stricter")
+    m = importlib.import_module("fiberpo_theory.proofs.eq77_stricter")
     _, A, D = m.instance([_rational(v) for v in xs], _rational(c), _rational(eps), i)
     return {"A": str(A), "D": str(D), "|D| < |A|": bool(abs(D) < abs(A)), "|D| <= |A|": bool(abs(D) <= abs(A))}
 
@@ -712,7 +712,7 @@ SYMBOLIC_MAX_T = 3  # region proof and derived Jacobian inside the check; ``deri
 
 @lru_cache(maxsize=None)
 def _prop52_symbolic():
-    m = importlib.import_module("proofs.prop52_jacobian")
+    m = importlib.import_module("fiberpo_theory.proofs.prop52_jacobian")
     mismatches, rows = 0, 0
     for T in range(1, SYMBOLIC_MAX_T + 1):
         for row in m.region_table(T):

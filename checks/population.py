@@ -120,7 +120,7 @@ def _symbolic_evidence(module_name: str) -> str:
     import importlib
 
     try:
-        derivation = importlib.import_module(f"proofs.{module_name}").derive()
+        derivation = importlib.import_module(f"fiberpo_theory.proofs.{module_name}").derive()
     except Exception as err:  # the symbolic side is someone else's module; its absence must not hide ours
         return f"symbolic proofs/{module_name}.py unavailable ({type(err).__name__})"
     return f"symbolic proofs/{module_name}.py verified={derivation.verified}"

@@ -30,7 +30,7 @@ from fiberpo_theory import objectives
 from fiberpo_theory import trust_region as tr
 from fiberpo_theory.claims import Outcome, Profile, claim
 from fiberpo_theory.symbolic import lambdify
-from proofs import (
+from fiberpo_theory.proofs import (
     tr_bound_m,
     tr_lemma_d11,
     tr_lemma_d12,

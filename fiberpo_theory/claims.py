@@ -2,7 +2,7 @@
 
 A check is a plain function ``check(profile) -> Outcome``.  It searches for
 evidence and reports what it found; it never decides the verdict in advance.
-Checks live in the top-level ``checks`` package and register themselves with
+Checks live in the ``fiberpo_theory.checks`` package (the repository's ``checks/`` folder) and register themselves with
 the :func:`claim` decorator; :func:`registry` imports them all.
 """
 
@@ -89,7 +89,7 @@ _REGISTRY: dict[str, Claim] = {}
 
 
 def claim(*, id: str, paper_ref: str, statement: str, method: str):
-    """Decorator registering ``check(profile) -> Outcome`` under a SPEC §5 id."""
+    """Decorator registering ``check(profile) -> Outcome`` under a claim id (`fiberpo-theory verify --list` prints them)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
@@ -102,17 +102,21 @@ def claim(*, id: str, paper_ref: str, statement: str, method: str):
     return register
 
 
-def import_checks() -> dict[str, str]:
-    """Import every module of the ``checks`` package, each on its own.
+def import_checks(package=None) -> dict[str, str]:
+    """Import every module of a check package, each on its own.
+
+    ``package`` defaults to the checks shipped with this library,
+    ``fiberpo_theory.checks`` (the repository's ``checks/`` folder).
 
     One broken module must not hide the claims of the others, so failures are
     returned (module name -> traceback) instead of raised.
     """
-    import checks
+    if package is None:
+        from fiberpo_theory import checks as package
 
     failures: dict[str, str] = {}
-    for info in pkgutil.iter_modules(checks.__path__):
-        name = f"checks.{info.name}"
+    for info in pkgutil.iter_modules(package.__path__):
+        name = f"{package.__name__}.{info.name}"
         try:
             importlib.import_module(name)
         except Exception:  # reported by the caller; verify must always produce a table
@@ -125,9 +129,9 @@ def registered() -> dict[str, Claim]:
     return dict(_REGISTRY)
 
 
-def registry(strict: bool = True) -> dict[str, Claim]:
-    """All registered claims; with ``strict`` a ``checks`` module that fails to import raises."""
-    failures = import_checks()
+def registry(strict: bool = True, package=None) -> dict[str, Claim]:
+    """All registered claims; with ``strict`` a check module that fails to import raises."""
+    failures = import_checks(package)
     if strict and failures:
         raise ImportError("claim check modules failed to import:\n" + "\n".join(failures.values()))
     return registered()

@@ -36,18 +36,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress display")
 
 
-def discover(only: list[str] | None = None) -> Iterator[tuple[str, Callable[[], Derivation]]]:
-    """(label, callable) for every derivation the ``proofs`` package exposes, in module order."""
-    import proofs
+def discover(only: list[str] | None = None, package=None) -> Iterator[tuple[str, Callable[[], Derivation]]]:
+    """(label, callable) for every derivation ``package`` exposes, in module order.
 
-    for info in sorted(pkgutil.iter_modules(proofs.__path__), key=lambda m: m.name):
+    ``package`` defaults to the derivations shipped with this library,
+    ``fiberpo_theory.proofs`` (the repository's ``proofs/`` folder); labels are
+    ``proofs.<module>`` whatever the package is called.
+    """
+    if package is None:
+        from fiberpo_theory import proofs as package
+
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
             continue
         if only and not any(s in info.name for s in only):
             continue
         name = f"proofs.{info.name}"
         try:
-            module = importlib.import_module(name)
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
         except Exception:  # a broken module is reported as a failed derivation
             tb = traceback.format_exc(limit=6)
 

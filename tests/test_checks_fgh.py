@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from checks import fgh as cf
+from fiberpo_theory.checks import fgh as cf
 from fiberpo_theory import fgh
 from fiberpo_theory import hierarchy as hier
 from fiberpo_theory.claims import Profile, registry

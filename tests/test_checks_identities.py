@@ -13,7 +13,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from checks import identities as I
+from fiberpo_theory.checks import identities as I
 from fiberpo_theory.claims import Profile, registry
 from fiberpo_theory.gates import g_agg, symmetric_clip
 from fiberpo_theory.objectives import fiberpo_parts

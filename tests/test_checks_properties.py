@@ -10,8 +10,8 @@ from unittest import mock
 import pytest
 import torch
 
-import checks.fiberpo_properties as props
-import checks.population as population
+import fiberpo_theory.checks.fiberpo_properties as props
+import fiberpo_theory.checks.population as population
 from fiberpo_theory import gates, objectives
 from fiberpo_theory.claims import Profile
 from fiberpo_theory.segments import segments_for

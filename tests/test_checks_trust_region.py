@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-import checks.trust_region as checks
+import fiberpo_theory.checks.trust_region as checks
 from fiberpo_theory import claims
 from fiberpo_theory import trust_region as tr
 from fiberpo_theory.claims import METHODS, Profile

@@ -40,13 +40,13 @@ def derived(tmp_path_factory):
 
 
 def _expected_modules():
-    import proofs
+    from fiberpo_theory import proofs
 
     names = []
     for info in pkgutil.iter_modules(proofs.__path__):
         if info.name.startswith("_"):
             continue
-        module = importlib.import_module(f"proofs.{info.name}")
+        module = importlib.import_module(f"fiberpo_theory.proofs.{info.name}")
         if hasattr(module, "DERIVATIONS") or callable(getattr(module, "derive", None)):
             names.append(f"proofs.{info.name}")
     return names

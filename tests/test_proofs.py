@@ -36,7 +36,7 @@ RNG_SEED = 20260308
 
 @lru_cache(maxsize=None)
 def derivation(name):
-    return importlib.import_module(f"proofs.{name}").derive()
+    return importlib.import_module(f"fiberpo_theory.proofs.{name}").derive()
 
 
 def rng():
@@ -93,7 +93,7 @@ def test_eq16_lambdified_matches_both_torch_forms():
 
 
 def test_ratio_decoupling_region_formula_and_counterexample_against_torch():
-    m = importlib.import_module("proofs.ratio_decoupling")
+    m = importlib.import_module("fiberpo_theory.proofs.ratio_decoupling")
     gen = rng()
     hits = 0
     for x in _random_trajectories(gen, 80, scale=0.05):
@@ -204,7 +204,7 @@ def test_log_approximation_gap_matches_torch_and_respects_the_bound():
 
 
 def test_channel_split_bounds_match_direct_sums_and_counterexample_in_torch():
-    m = importlib.import_module("proofs.channel_split")
+    m = importlib.import_module("fiberpo_theory.proofs.channel_split")
     gen = rng()
     for x in _random_trajectories(gen, 30):
         xt, tid = _flat(x)
@@ -229,7 +229,7 @@ def test_channel_split_bounds_match_direct_sums_and_counterexample_in_torch():
 
 
 def test_eq77_clip_form_and_g_agg_agree_in_torch_and_sympy():
-    m = importlib.import_module("proofs.eq77_rewriting")
+    m = importlib.import_module("fiberpo_theory.proofs.eq77_rewriting")
     s_s, c_s, k_s = m.s_, m.Cs, m.K
     f_clip = S.lambdify((s_s, c_s, k_s), m.clip_form(s_s, c_s, k_s))
     f_g = S.lambdify((s_s, c_s, k_s), S.g_agg(s_s, c_s, k_s))
@@ -247,9 +247,9 @@ def test_eq77_clip_form_and_g_agg_agree_in_torch_and_sympy():
 
 
 def test_eq77_stricter_sympy_terms_match_the_torch_terms_of_the_check():
-    from checks.identities import _clip_terms
+    from fiberpo_theory.checks.identities import _clip_terms
 
-    m = importlib.import_module("proofs.eq77_stricter")
+    m = importlib.import_module("fiberpo_theory.proofs.eq77_stricter")
     gen = rng()
     for x in _random_trajectories(gen, 40):
         eps, c = float(gen.choice([0.05, 0.2])), float(gen.choice([0.02, 0.3]))
@@ -284,7 +284,7 @@ def test_eq79_delta_matches_torch_and_does_not_decay():
 
 
 def test_prop52_derived_jacobian_matches_autograd_and_eq20_code():
-    m = importlib.import_module("proofs.prop52_jacobian")
+    m = importlib.import_module("fiberpo_theory.proofs.prop52_jacobian")
     from fiberpo_theory.objectives import fiberpo_jacobian
 
     gen = rng()
@@ -305,7 +305,7 @@ def test_prop52_derived_jacobian_matches_autograd_and_eq20_code():
 
 
 def test_prop52_full_domain_value_lambdified_matches_torch():
-    m = importlib.import_module("proofs.prop52_jacobian")
+    m = importlib.import_module("fiberpo_theory.proofs.prop52_jacobian")
     T = 2  # printing the full Piecewise for lambdify grows fast with T; regions cover longer T
     xs = m.token_symbols(T)
     fp = S.fiberpo_trajectory(xs, eps=sp.Rational(1, 10), c_pos=sp.Rational(3, 10), c_neg=sp.Rational(1, 5))
@@ -326,7 +326,7 @@ def test_prop52_full_domain_value_lambdified_matches_torch():
 def test_e7_fgh_objects_match_torch_fiberpo_domain_and_fgh():
     from fiberpo_theory.fgh import fiberpo_hierarchy_gated_ratio
 
-    m = importlib.import_module("proofs.e7_fiberpo_domain")
+    m = importlib.import_module("fiberpo_theory.proofs.e7_fiberpo_domain")
     eps_s, cp_s, cn_s = m.EPS, m.C_POS, m.C_NEG
     a = sp.symbols("a_1:7", positive=True)
     traj = torch.tensor(m.TRAJ)
@@ -350,7 +350,7 @@ def test_e7_fgh_objects_match_torch_fiberpo_domain_and_fgh():
 
 
 def test_remark63_operators_agree_numerically_with_concrete_gates():
-    m = importlib.import_module("proofs.remark63_fbg")
+    m = importlib.import_module("fiberpo_theory.proofs.remark63_fbg")
     P, K = m.bundle()
     vals = {k: v for k, v in zip(m.KAPPA, (0.3, 0.2, 0.5))}
     Pn, Kn = np.array(P.subs(vals), dtype=float), np.array(K.subs(vals), dtype=float)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import sympy as sp
 
-import proofs
+from fiberpo_theory import proofs
 from fiberpo_theory import trust_region as tr
 from fiberpo_theory.symbolic import Derivation, lambdify
-from proofs import (
+from fiberpo_theory.proofs import (
     _tr_common,
     tr_bound_m,
     tr_clip_bound,
@@ -28,7 +28,7 @@ MODULES = sorted(info.name for info in pkgutil.iter_modules(proofs.__path__) if 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_every_trust_region_derivation_verifies(name):
-    derivation = importlib.import_module(f"proofs.{name}").derive()
+    derivation = importlib.import_module(f"fiberpo_theory.proofs.{name}").derive()
     assert isinstance(derivation, Derivation)
     assert derivation.verified is True, derivation.id
     assert derivation.steps and derivation.statement and derivation.paper_ref

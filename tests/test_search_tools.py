@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from checks import _search_tools as tools
+from fiberpo_theory.checks import _search_tools as tools
 
 
 def _scripted_draw(pattern, regime, theta):

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-import checks
+from fiberpo_theory import checks
 from fiberpo_theory import claims, verify
 from fiberpo_theory.claims import Claim, Outcome, Profile
 from fiberpo_theory.cli import main
@@ -105,8 +105,8 @@ def test_a_broken_check_module_is_reported_not_raised(tmp_path, monkeypatch):
     try:
         registered, failures = verify.load_registry()
     finally:
-        sys.modules.pop("checks.zz_broken_for_test", None)
-    assert "checks.zz_broken_for_test" in failures
+        sys.modules.pop("fiberpo_theory.checks.zz_broken_for_test", None)
+    assert "fiberpo_theory.checks.zz_broken_for_test" in failures
     assert "thm-4.5" in registered  # the other modules still load
     row = verify.missing_report("eq-10", failures)
     assert row.verdict == "error" and "planted import failure" in row.details
@@ -137,3 +137,29 @@ def test_jobs_below_one_is_rejected(capsys):
         code = exit_.code
     assert code == 2
     assert "--jobs" in capsys.readouterr().err
+
+
+def test_verify_loads_the_check_package_it_is_given(tmp_path, monkeypatch):
+    import importlib
+    import types
+
+    pkg = tmp_path / "other_checks_for_test"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "one.py").write_text(textwrap.dedent("""
+        from fiberpo_theory.claims import Outcome, claim
+
+        @claim(id="zz-given-package", paper_ref="test", statement="s", method="property")
+        def check(profile):
+            return Outcome("holds", 1, "ok")
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(claims, "_REGISTRY", dict(claims._REGISTRY))
+    package = importlib.import_module("other_checks_for_test")
+    try:
+        registered, failures = verify.load_registry(package)
+    finally:
+        for name in ("other_checks_for_test", "other_checks_for_test.one"):
+            sys.modules.pop(name, None)
+    assert failures == {} and "zz-given-package" in registered
+    assert isinstance(package, types.ModuleType)

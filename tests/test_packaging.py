@@ -1,0 +1,51 @@
+"""The installed distribution: only ``fiberpo_theory`` at the top of site-packages, with its checks and proofs inside."""
+
+import email
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> zipfile.ZipFile:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT), "-w", str(out)],
+        check=True, capture_output=True, text=True,
+    )
+    (path,) = out.glob("fiberpo_theory-*.whl")
+    with zipfile.ZipFile(path) as archive:
+        yield archive
+
+
+def test_wheel_has_one_top_level_package(wheel):
+    top = {name.split("/")[0] for name in wheel.namelist()}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"fiberpo_theory"}
+
+
+def test_checks_and_proofs_install_inside_the_package(wheel):
+    for folder in ("checks", "proofs"):
+        modules = {p.name for p in (ROOT / folder).glob("*.py")}
+        shipped = {Path(n).name for n in wheel.namelist() if n.startswith(f"fiberpo_theory/{folder}/")}
+        assert modules and modules <= shipped, folder
+
+
+def test_metadata_has_classifiers_and_urls(wheel):
+    (meta,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
+    message = email.message_from_string(wheel.read(meta).decode())
+    assert any(c.startswith("Programming Language :: Python :: 3") for c in message.get_all("Classifier", []))
+    urls = message.get_all("Project-URL", [])
+    assert any(u.lower().startswith("repository") for u in urls) and any("arxiv.org" in u for u in urls)
+
+
+def test_checks_import_under_the_package_name_only():
+    from fiberpo_theory import claims
+
+    assert claims.import_checks() == {}
+    assert not any(name == "checks" or name.startswith("checks.") for name in sys.modules)
+    assert not any(name == "proofs" or name.startswith("proofs.") for name in sys.modules)
