@@ -33,9 +33,12 @@ AUDITED_IDS: tuple[str, ...] = (
 VERDICT_STYLE = {"holds": "green", "fails": "bold red", "conditional": "yellow", "error": "magenta"}
 
 
-def load_registry() -> tuple[dict[str, Claim], dict[str, str]]:
-    """The registered claims and, per ``checks`` module that failed to import, the error."""
-    failures = claims.import_checks()  # once: a module that fails is not cached, so it would run again
+def load_registry(package=None) -> tuple[dict[str, Claim], dict[str, str]]:
+    """The registered claims and, per module of the check package that failed to import, the error.
+
+    ``package`` defaults to the library's own checks (``fiberpo_theory.checks``).
+    """
+    failures = claims.import_checks(package)  # once: a module that fails is not cached, so it would run again
     return claims.registered(), failures
 
 
@@ -96,7 +99,7 @@ def _collect_parallel(ids, profile, registry, import_failures, on_done, jobs) ->
     for report in by_id.values():
         on_done(report)
     # spawn, not fork: a forked child inherits the parent's torch/OpenMP thread state and can deadlock.
-    # A Claim pickles by reference to its check function, which the worker imports from checks/.
+    # A Claim pickles by reference to its check function, which the worker imports by module name.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init) as pool:
         futures = {pool.submit(run_claim, registry[i], profile): i for i in ids if i in registry}
