@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -101,7 +102,7 @@ class AuditReport:
             "reference": {"eps": self.eps, "c_pos": self.c_pos, "c_neg": self.c_neg},
             "seed": self.seed,
             "passed": self.passed,
-            "properties": [asdict(p) for p in self.properties],
+            "properties": [_strict_json(asdict(p)) for p in self.properties],
         }
 
     def __str__(self) -> str:
@@ -116,6 +117,17 @@ class AuditReport:
             if not p.passed and p.witness is not None:
                 lines.append(f"      witness: {json.dumps(p.witness, default=str)[:600]}")
         return "\n".join(lines)
+
+
+def _strict_json(value):
+    """NaN/inf witnesses as the strings "nan"/"inf" so the JSON file stays standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
 
 
 class _BadOutput(Exception):
@@ -164,6 +176,15 @@ def _jacobian(fn, x, mask) -> torch.Tensor:
         return torch.autograd.functional.jacobian(func, x)
 
 
+def _deviation(t: torch.Tensor) -> torch.Tensor:
+    """|t| with NaN and ±inf turned into +inf, so a non-finite output is the worst deviation, never a match."""
+    return torch.where(torch.isfinite(t), t.abs(), torch.full_like(t, math.inf))
+
+
+def _size(value: float) -> str:
+    return f"{value:.3g}" if math.isfinite(value) else "inf (a NaN or infinite value)"
+
+
 def _tolerance(out: torch.Tensor) -> float:
     return 1e-10 if out.dtype == torch.float64 else 1e-5
 
@@ -197,12 +218,12 @@ def _on_policy_identity(fn, gen, dtype, n, hyper):
     for _ in range(n):
         x, mask = _random_batch(gen, dtype, 0.0)
         out = _call(fn, x, mask).detach()
-        gap = torch.where(mask.bool(), (out - 1).abs(), torch.zeros_like(out))
-        if float(gap.max()) > worst[0]:
+        gap = torch.where(mask.bool(), _deviation(out - 1), torch.zeros_like(out))
+        if worst[1] is None or float(gap.max()) > worst[0]:
             b, t = _position(int(gap.argmax()), gap.shape)
             worst = (float(gap.max()), {"shape": list(x.shape), "row_lengths": mask.sum(1).int().tolist(), "position": [int(b), int(t)], "gated_ratio": float(out[b, t])})
     if worst[0] > _tolerance(out):
-        return PropertyResult("on-policy-identity", "fails", worst[1], f"G(1) deviates from 1 by {worst[0]:.3g}")
+        return PropertyResult("on-policy-identity", "fails", worst[1], f"G(1) deviates from 1 by {_size(worst[0])}")
     return PropertyResult("on-policy-identity", "holds", None, f"G(1) = 1 on {n} padded batches (max |G - 1| = {worst[0]:.1e})")
 
 
@@ -211,12 +232,12 @@ def _first_order_exact(fn, gen, dtype, n, hyper):
     for _ in range(n):
         x, mask = _random_batch(gen, dtype, 0.0)
         gap, where = _masked_identity_gap(_jacobian(fn, x, mask), mask)
-        value = float(gap.abs().max())
-        if value > worst[0]:
-            i, j = divmod(int(gap.abs().argmax()), gap.shape[1])
+        value = float(_deviation(gap).max())
+        if worst[1] is None or value > worst[0]:
+            i, j = divmod(int(_deviation(gap).argmax()), gap.shape[1])
             worst = (value, {"shape": list(x.shape), "row_lengths": mask.sum(1).int().tolist(), **_describe_entry(where, mask.shape, i, j, float(gap[i, j]) + float(i == j), float(i == j))})
     if worst[0] > _tolerance(x):
-        return PropertyResult("first-order-exact", "fails", worst[1], f"Jacobian at r = 1 is not the identity: max |J - I| = {worst[0]:.3g}")
+        return PropertyResult("first-order-exact", "fails", worst[1], f"Jacobian at r = 1 is not the identity: max |J - I| = {_size(worst[0])}")
     return PropertyResult("first-order-exact", "holds", None, f"Jacobian at exactly r = 1 is the identity on {n} batches (max |J - I| = {worst[0]:.1e})")
 
 
@@ -230,11 +251,11 @@ def _first_order_near(fn, gen, dtype, n, hyper):
         x = torch.where(x == 0, torch.full_like(x, 0.5), x)
         for h in steps:
             gap, where = _masked_identity_gap(_jacobian(fn, x * h, mask), mask)
-            ratio = float(gap.abs().max()) / h
-            if ratio > worst[0]:
-                i, j = divmod(int(gap.abs().argmax()), gap.shape[1])
+            ratio = float(_deviation(gap).max()) / h
+            if worst[1] is None or ratio > worst[0]:
+                i, j = divmod(int(_deviation(gap).argmax()), gap.shape[1])
                 worst = (ratio, {"h": h, "log_ratio": (x * h)[mask.bool()].tolist()[:16], "row_lengths": mask.sum(1).int().tolist(), **_describe_entry(where, mask.shape, i, j, float(gap[i, j]) + float(i == j), float(i == j))})
-    text = f"max ‖J - I‖/h = {worst[0]:.3g} over |log r| <= h, h in {[f'{h:.1e}' for h in steps]}"
+    text = f"max ‖J - I‖/h = {_size(worst[0])} over |log r| <= h, h in {[f'{h:.1e}' for h in steps]}"
     if worst[0] > NEAR_CONSTANT:
         return PropertyResult("first-order-near", "fails", worst[1], f"Jacobian strays from I near r = 1: {text} (> {NEAR_CONSTANT:g})")
     return PropertyResult("first-order-near", "holds", None, f"{text} on {n} batches")
@@ -249,11 +270,12 @@ def _block_diagonal(fn, gen, dtype, n, hyper):
         rows = x.shape[0]
         other_row = torch.arange(rows).view(rows, 1, 1, 1) != torch.arange(rows).view(1, 1, rows, 1)
         both = mask.bool().view(*mask.shape, 1, 1) & mask.bool().view(1, 1, *mask.shape)
-        cross = torch.where(other_row & both, jac.abs(), torch.zeros_like(jac))
+        cross = torch.where(other_row & both, _deviation(jac), torch.zeros_like(jac))
         # value level too: moving row 0 must leave every other row bit-identical
         moved = x.clone()
         moved[0] += 0.37 * budget
-        change = (_call(fn, moved, mask) - _call(fn, x, mask)).detach().abs() * mask
+        change = _deviation((_call(fn, moved, mask) - _call(fn, x, mask)).detach())
+        change = torch.where(mask.bool(), change, torch.zeros_like(change))
         change[0] = 0
         for kind, tensor in (("jacobian", cross), ("value", change)):
             if float(tensor.max()) > worst[0]:
@@ -262,7 +284,7 @@ def _block_diagonal(fn, gen, dtype, n, hyper):
     if worst[0] > _tolerance(x):
         w = worst[1]
         where = f"dG{w['position'][:2]}/dlog_r{w['position'][2:]}" if w["kind"] == "jacobian" else f"G{w['position']} moved when row 0 moved"
-        return PropertyResult("block-diagonal", "fails", w, f"rows are coupled: {where}, magnitude {worst[0]:.3g}")
+        return PropertyResult("block-diagonal", "fails", w, f"rows are coupled: {where}, magnitude {_size(worst[0])}")
     return PropertyResult("block-diagonal", "holds", None, f"no cross-row Jacobian entry or value change on {n} batches of 2-4 rows")
 
 
@@ -290,7 +312,7 @@ def _finite_extremes(fn, gen, dtype, n, hyper):
         bad = ~torch.isfinite(out) & mask.bool()
         if bool(bad.any()):
             b, t = [int(v) for v in bad.nonzero()[0]]
-            return PropertyResult("finite-extremes", "fails", {"case": name, "output": [b, t], "value": str(float(out[b, t]))}, f"non-finite output on '{name}'")
+            return PropertyResult("finite-extremes", "fails", {"case": name, "output": [b, t], "value": str(float(out[b, t].detach()))}, f"non-finite output on '{name}'")
         if out.requires_grad:
             (grad,) = torch.autograd.grad((out * mask).sum(), leaf, allow_unused=True)
             if grad is not None and not bool(torch.isfinite(grad).all()):
@@ -314,14 +336,14 @@ def _matches_reference(fn, gen, dtype, n, hyper):
         x, mask = _random_batch(gen, dtype, scales[scale_name])
         out = _call(fn, x, mask).detach()
         ref = _reference(x, mask, hyper)
-        gap = torch.where(mask.bool(), (out - ref).abs() / ref.abs().clamp(min=1.0), torch.zeros_like(out))
-        if float(gap.max()) > worst[0]:
+        gap = torch.where(mask.bool(), _deviation(out - ref) / ref.abs().clamp(min=1.0), torch.zeros_like(out))
+        if worst[1] is None or float(gap.max()) > worst[0]:
             b, t = [int(v) for v in _position(int(gap.argmax()), gap.shape)]
             worst = (float(gap.max()), {"inputs": scale_name, "position": [b, t], "value": float(out[b, t]), "reference": float(ref[b, t]),
                                         "row_log_ratio": x[b][mask[b].bool()].tolist()[:32], "row_length": int(mask[b].sum())})
     if worst[0] > _tolerance(out) * 10:
         w = worst[1]
-        return PropertyResult("matches-reference", "fails", w, f"max relative deviation {worst[0]:.3g} at row {w['position'][0]}, token {w['position'][1]} ({w['inputs']}): {w['value']:.6g} vs reference {w['reference']:.6g}")
+        return PropertyResult("matches-reference", "fails", w, f"max relative deviation {_size(worst[0])} at row {w['position'][0]}, token {w['position'][1]} ({w['inputs']}): {w['value']:.6g} vs reference {w['reference']:.6g}")
     return PropertyResult("matches-reference", "holds", None, f"max relative deviation from fiberpo_gated_ratio {worst[0]:.1e} on {n} batches (near r = 1, around and far beyond the budgets)")
 
 
@@ -347,6 +369,9 @@ def _restorative_gradient(fn, gen, dtype, n, hyper):
             # inside g_agg's rollback window (width C/T) first, then well beyond it
             for t in [budget * (1 + j / (4 * length)) for j in (1, 2, 3)] + [budget * f for f in (1.5, 2.0, 4.0)]:
                 mean_g, slope = _drift_derivative(fn, length, direction, t, dtype)
+                if not (math.isfinite(mean_g) and math.isfinite(slope)):
+                    witness = {"drift": f"{'+' if direction > 0 else '-'}{t:.6g} on every token", "row_length": length, "mean_gated_ratio": mean_g, "dG/dt": slope}
+                    return PropertyResult("restorative-gradient", "fails", witness, f"non-finite gated ratio or gradient under a {name} drift of {t:.3g}")
                 tried[name].append(slope)
                 if slope * direction < -1e-12:  # G moves against the drift: restoring
                     found[name] = {"drift": f"{'+' if direction > 0 else '-'}{t:.6g} on every token", "row_length": length, "mean_gated_ratio": mean_g, "dG/dt": slope}

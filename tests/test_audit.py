@@ -116,3 +116,34 @@ def test_torch_sign_port_values_differ_where_one_token_is_exactly_on_policy():
     buggy, right = fiberpo_gating_torch_sign(x, mask), fiberpo_gating(x, mask)
     assert torch.equal(buggy[0, 0], right[0, 0])
     assert abs(float(buggy[0, 1] - right[0, 1])) > 1e-2
+
+
+VALUE_PROPERTIES = list(PROPERTY_IDS)  # every property compares values or gradients
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_output_fails_every_property_with_a_witness(bad):
+    def non_finite(log_ratio, mask):
+        return log_ratio * 0 + bad  # depends on the input, so its Jacobian is non-finite too (nan)
+
+    report = audit(non_finite, seed=0, **FAST)
+    for pid in VALUE_PROPERTIES:
+        result = report[pid]
+        assert result.verdict == "fails", result
+        assert result.witness, result
+    assert "non-finite" in report["on-policy-identity"].details or "inf" in report["on-policy-identity"].details
+    assert report["on-policy-identity"].witness["gated_ratio"] != 1.0
+    data = json.loads(json.dumps(report.to_json()), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert data["passed"] is False
+
+
+def test_nan_only_in_the_jacobian_at_r_equal_one_fails_first_order_exact():
+    """Values exactly FiberPO's, but d sqrt(|x|) at x = 0 puts 0 · inf = NaN into the Jacobian at r = 1."""
+    def nan_gradient(log_ratio, mask):
+        return fiberpo_gating(log_ratio, mask) + 0 * log_ratio.abs().sqrt()
+
+    report = audit(nan_gradient, seed=0, **FAST)
+    assert report["on-policy-identity"].passed and report["matches-reference"].passed
+    exact = report["first-order-exact"]
+    assert exact.verdict == "fails"
+    assert exact.witness["dG/dlog_r"] != exact.witness["dG/dlog_r"]  # the witness entry is the NaN itself
