@@ -2,7 +2,7 @@
 
 The map under audit has the verl/TRL signature ``fn(log_ratio[B, L], mask[B, L]) -> gated_ratio[B, L]``:
 rows are trajectories, ``mask`` is 0/1 in the dtype of ``log_ratio`` (1 = response token), padded
-positions of the output are ignored.  Seven properties (SPEC §6), each ``holds`` or ``fails`` with a
+positions of the output are ignored.  Seven properties, each ``holds`` or ``fails`` with a
 concrete witness:
 
 ``on-policy-identity``  G(1) = 1 on every response token.
@@ -284,7 +284,7 @@ def _block_diagonal(fn, gen, dtype, n, hyper):
     if worst[0] > _tolerance(x):
         w = worst[1]
         where = f"dG{w['position'][:2]}/dlog_r{w['position'][2:]}" if w["kind"] == "jacobian" else f"G{w['position']} moved when row 0 moved"
-        return PropertyResult("block-diagonal", "fails", w, f"rows are coupled: {where}, magnitude {_size(worst[0])}")
+        return PropertyResult("block-diagonal", "fails", w, f"{'rows are coupled' if math.isfinite(worst[0]) else 'non-finite output or Jacobian'}: {where}, magnitude {_size(worst[0])}")
     return PropertyResult("block-diagonal", "holds", None, f"no cross-row Jacobian entry or value change on {n} batches of 2-4 rows")
 
 
@@ -461,13 +461,15 @@ def load_target(target: str) -> Callable:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli_types import nonnegative_int, output_file, positive_float, positive_int
+
     parser.add_argument("target", metavar="MODULE:FUNCTION", help="fn(log_ratio[B, L], mask[B, L]) -> gated_ratio[B, L]")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON")
-    parser.add_argument("--eps", type=float, default=0.04, help="reference fiber clip ε (default 0.04)")
-    parser.add_argument("--c-pos", type=float, default=0.12, help="reference budget C⁺ (default 0.12)")
-    parser.add_argument("--c-neg", type=float, default=0.05, help="reference budget C⁻ (default 0.05)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-examples", type=int, default=30, help="random batches per property (default 30)")
+    parser.add_argument("--json", type=output_file, metavar="PATH", help="also write the report as JSON to PATH")
+    parser.add_argument("--eps", type=positive_float, default=0.04, help="reference fiber clip ε (default: %(default)s)")
+    parser.add_argument("--c-pos", type=positive_float, default=0.12, help="reference budget C⁺ (default: %(default)s)")
+    parser.add_argument("--c-neg", type=positive_float, default=0.05, help="reference budget C⁻ (default: %(default)s)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the random batches, >= 0 (default: %(default)s)")
+    parser.add_argument("--max-examples", type=positive_int, default=30, help="random batches per property (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:

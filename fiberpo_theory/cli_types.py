@@ -55,3 +55,37 @@ def torch_device(text: str) -> str:
     elif device.type != "cpu":
         raise argparse.ArgumentTypeError(f"unsupported device {text!r} (use cpu or cuda[:N])")
     return text
+
+
+def int_at_least(minimum: int):
+    """An integer type that refuses values below ``minimum`` (e.g. a grid needs 3 points per axis)."""
+
+    def parse(text: str) -> int:
+        value = _number(text, int)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int_at_least_{minimum}"
+    return parse
+
+
+def output_dir(text: str) -> str:
+    """A directory to write into: created later if missing, refused if it names an existing file."""
+    from pathlib import Path
+
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
+    return text
+
+
+def output_file(text: str):
+    """A file to write: refused if it names an existing directory (its parent folders are created later)."""
+    from pathlib import Path
+
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, expected a file path")
+    if any(parent.exists() and not parent.is_dir() for parent in path.parents):
+        raise argparse.ArgumentTypeError(f"{text!r}: a parent path exists and is not a directory")
+    return path

@@ -876,10 +876,16 @@ def render_all(out_dir, *, dpi: int = 150, resolution: int = 401, console=None) 
     return written
 
 
+MIN_RESOLUTION = 3  # the smallest heatmap grid with a point inside the T = 3 simplex
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="figures", help="output directory (created if missing)")
-    parser.add_argument("--dpi", type=int, default=150, help="PNG resolution")
-    parser.add_argument("--resolution", type=int, default=401, help="grid points per axis of the heatmaps")
+    from .cli_types import int_at_least, output_dir, positive_int
+
+    parser.add_argument("--out", type=output_dir, default="figures", help="output directory, created if missing (default: %(default)s)")
+    parser.add_argument("--dpi", type=positive_int, default=150, help="PNG resolution in dots per inch (default: %(default)s)")
+    parser.add_argument("--resolution", type=int_at_least(MIN_RESOLUTION), default=401,
+                        help=f"grid points per axis of the heatmaps, at least {MIN_RESOLUTION} (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
