@@ -15,6 +15,7 @@ import torch
 
 from . import _validate
 from .distributed import global_segment_sums
+from .fused import fiber_gated_ratio
 from .gates import budget_clip, g_agg, sign_channel, symmetric_clip
 from .segments import Segments, carried_ids, parent_of, segments_for
 # the clip baselines live in their own module; re-exported under the names users import from here
@@ -127,32 +128,50 @@ def _assemble(traj, sign, channels, log_base, x, eps) -> FiberPOParts:
     )
 
 
-def fiberpo_parts(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None) -> FiberPOParts:
-    """FiberPO gating map with all its intermediate quantities (Eq. 7-16).
+def _fiberpo_log_base(c_pos, c_neg, k):
+    """log w_τ = g_agg(log s⁺_τ, C⁺, k) - g_agg(log s⁻_τ, C⁻, k) (Eq. 8) as a function of the ``(M, 2)`` channels."""
+    return lambda channels: g_agg(channels[:, 0], c_pos, k) - g_agg(channels[:, 1], c_neg, k)
 
-    Base weight (Eq. 8): ``log w_τ = g_agg(log s⁺_τ, C⁺, k) - g_agg(log s⁻_τ, C⁻, k)``
-    with ``k = T_τ`` unless given.  Gated residual: Eq. 16.
-    """
+
+def _fiberpo_inputs(log_ratio, traj_id, eps, c_pos, c_neg, k):
     x = _validate.flat_values("log_ratio", log_ratio)
     eps, c_pos, c_neg = _check_budgets(eps, c_pos, c_neg)
     traj = segments_for("traj_id", traj_id, x)
     k_traj = traj.count.to(x.dtype) if k is None else _validate.positive("k", k)
+    return x, traj, eps, _fiberpo_log_base(c_pos, c_neg, k_traj)
+
+
+def fiberpo_parts(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None) -> FiberPOParts:
+    """FiberPO gating map with all its intermediate quantities (Eq. 7-16), differentiated by autograd.
+
+    Base weight (Eq. 8): ``log w_τ = g_agg(log s⁺_τ, C⁺, k) - g_agg(log s⁻_τ, C⁻, k)``
+    with ``k = T_τ`` unless given.  Gated residual: Eq. 16.  This is the
+    reference the fused :func:`fiberpo_gated_ratio` is tested against.
+    ``traj_id``: ``(N,)`` ids, or ready ``Segments`` (see :mod:`fiberpo_theory.segments`).
+    """
+    x, traj, eps, log_base_fn = _fiberpo_inputs(log_ratio, traj_id, eps, c_pos, c_neg, k)
     sign, channels = _trajectory_channels(x, traj)
-    log_base = g_agg(channels[:, 0], c_pos, k_traj) - g_agg(channels[:, 1], c_neg, k_traj)
-    return _assemble(traj, sign, channels, log_base, x, eps)
+    return _assemble(traj, sign, channels, log_base_fn(channels), x, eps)
 
 
 def fiberpo_gated_ratio(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None) -> torch.Tensor:
     """FiberPO gated ratio G(r)_i = w_τ^base · r̃_i^fiber (Eq. 7, objective Eq. 6 / 80).
 
+    Computed by the fused gate of :mod:`fiberpo_theory.fused` (closed-form
+    backward, Eq. 20); equal to ``fiberpo_parts(...).gated_ratio`` and its
+    autograd gradient.
+
     Args:
         log_ratio: ``(N,)`` x_i = log π_θ(a_i|s_i) - log π_old(a_i|s_i).
-        traj_id: ``(N,)`` integer trajectory id of each token.
+        traj_id: ``(N,)`` integer trajectory id of each token, or ready
+            ``Segments`` (e.g. ``Segments.from_lengths(mask.sum(1))`` for a
+            padded batch: no sort).  Sorted ids are detected in one pass.
         eps: fiber clip ε > 0 (Eq. 12).
         c_pos, c_neg: per-channel budgets C⁺, C⁻ > 0 (Eq. 8, 10).
         k: rollback slope of g_agg; ``None`` means the trajectory length T_τ.
     """
-    return fiberpo_parts(log_ratio, traj_id, eps=eps, c_pos=c_pos, c_neg=c_neg, k=k).gated_ratio
+    x, traj, eps, log_base_fn = _fiberpo_inputs(log_ratio, traj_id, eps, c_pos, c_neg, k)
+    return fiber_gated_ratio(x, traj, log_base_fn, eps)
 
 
 def fiberpo_gated_residual_eq11(log_ratio, traj_id, *, eps) -> torch.Tensor:
@@ -234,11 +253,20 @@ def fiberpo_domain_parts(
     a rank); a group must belong to the same domain on every rank (checked).
     ``None`` (default) means a single process and makes no distributed call.
     """
+    x, lv, eps, log_base_fn = _domain_inputs(log_ratio, traj_id, group_id, domain_id, eps, c_pos, c_neg, process_group)
+    sign, channels = _trajectory_channels(x, lv.traj)  # (M_traj, 2)
+    return _assemble(lv.traj, sign, channels, log_base_fn(channels), x, eps)
+
+
+def _domain_inputs(log_ratio, traj_id, group_id, domain_id, eps, c_pos, c_neg, process_group):
     x = _validate.flat_values("log_ratio", log_ratio)
     eps, c_pos, c_neg = _check_budgets(eps, c_pos, c_neg)
     lv = _domain_levels(x, traj_id, group_id, domain_id)
-    traj = lv.traj
-    sign, channels = _trajectory_channels(x, traj)  # (M_traj, 2)
+    return x, lv, eps, lambda channels: _domain_log_base(channels, lv, c_pos, c_neg, process_group)
+
+
+def _domain_log_base(channels, lv: _Levels, c_pos, c_neg, process_group):
+    """log w_τ of Eq. 31 from the ``(M_traj, 2)`` channel means, with the aggregates of Eq. 33."""
     group_sum = channels.new_zeros((lv.group_count.numel(), 2)).index_add(0, lv.traj_group, channels)
     domain_sum = channels.new_zeros((lv.domain_count.numel(), 2)).index_add(0, lv.group_domain, group_sum)
     # Eq. 33 is over the whole batch: sum numerators and counts over the ranks (identity without a group).
@@ -251,15 +279,16 @@ def fiberpo_domain_parts(
     domain_sum, domain_count, domain_tokens = global_segment_sums(
         lv.domain_ids, domain_sum, lv.domain_count, lv.domain_tokens, process_group=process_group, name="domain"
     )
-    log_s_group = group_sum / group_count.to(x.dtype).unsqueeze(1)
-    log_s_domain = domain_sum / domain_count.to(x.dtype).unsqueeze(1)
-    budget = torch.tensor([c_pos, c_neg], dtype=x.dtype, device=x.device)
-    sign_of_channel = torch.tensor([1.0, -1.0], dtype=x.dtype, device=x.device)
+    dtype, device = channels.dtype, channels.device
+    log_s_group = group_sum / group_count.to(dtype).unsqueeze(1)
+    log_s_domain = domain_sum / domain_count.to(dtype).unsqueeze(1)
+    budget = torch.tensor([c_pos, c_neg], dtype=dtype, device=device)
+    sign_of_channel = torch.tensor([1.0, -1.0], dtype=dtype, device=device)
 
     domain_of_traj = lv.group_domain[lv.traj_group]
-    t_domain = domain_tokens.to(x.dtype)[domain_of_traj].unsqueeze(1)
-    t_group = group_tokens.to(x.dtype)[lv.traj_group].unsqueeze(1)
-    t_traj = traj.count.to(x.dtype).unsqueeze(1)
+    t_domain = domain_tokens.to(dtype)[domain_of_traj].unsqueeze(1)
+    t_group = group_tokens.to(dtype)[lv.traj_group].unsqueeze(1)
+    t_traj = lv.traj.count.to(dtype).unsqueeze(1)
     d_agg = log_s_domain[domain_of_traj]
     g_agg_ = log_s_group[lv.traj_group]
     gated = (
@@ -267,8 +296,7 @@ def fiberpo_domain_parts(
         + g_agg(g_agg_ - d_agg, budget, t_group)
         + g_agg(channels - g_agg_, budget, t_traj)
     )
-    log_base = (gated * sign_of_channel).sum(dim=1)
-    return _assemble(traj, sign, channels, log_base, x, eps)
+    return (gated * sign_of_channel).sum(dim=1)
 
 
 def fiberpo_domain_gated_ratio(
@@ -279,10 +307,11 @@ def fiberpo_domain_gated_ratio(
     Trajectories must nest in prompt groups and groups in domains; ids that
     do not nest raise ``ValueError``.  ``process_group``: see
     :func:`fiberpo_domain_parts` (data-parallel shards; ``None`` = one process).
+    Computed by the fused gate of :mod:`fiberpo_theory.fused` (closed-form
+    token-level backward); equal to ``fiberpo_domain_parts(...).gated_ratio``.
     """
-    return fiberpo_domain_parts(
-        log_ratio, traj_id, group_id, domain_id, eps=eps, c_pos=c_pos, c_neg=c_neg, process_group=process_group
-    ).gated_ratio
+    x, lv, eps, log_base_fn = _domain_inputs(log_ratio, traj_id, group_id, domain_id, eps, c_pos, c_neg, process_group)
+    return fiber_gated_ratio(x, lv.traj, log_base_fn, eps)
 
 
 def fiberpo_jacobian(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None) -> torch.Tensor:

@@ -1,9 +1,18 @@
-"""Segment reductions over arbitrary integer ids (no Python loops over segments).
+"""Segment reductions over integer ids (no Python loops over segments).
 
 A *segment* is the set of tokens sharing an id (a trajectory, a prompt group,
-a domain, a state).  Ids are arbitrary non-negative integers; ``Segments``
-maps them to a dense index ``0..M-1`` once, and every reduction is then an
-``index_add_`` / ``scatter_reduce`` over that index.
+a domain, a state).  ``Segments`` maps the ids to a dense index ``0..M-1``
+once, taking the layout as it comes:
+
+* padded ``(B, L)`` batches and packed ``cu_seqlens``-style batches give the
+  segment lengths directly (:meth:`Segments.from_lengths`): nothing is sorted;
+* ids that are already sorted (every packed layout, and the row ids of a
+  flattened padded batch) are detected by one comparison pass and indexed by
+  ``unique_consecutive`` (a boundary pass), not a sort;
+* only arbitrary ids are sorted (``torch.unique``).
+
+Contiguous segments (the first two cases) reduce with ``segment_reduce`` by
+lengths; the others with ``index_add``.
 """
 
 from __future__ import annotations
@@ -23,11 +32,15 @@ class Segments:
         index: ``(N,)`` long, the dense segment index of each element.
         count: ``(M,)`` long, the number of elements in each segment.
         ids: ``(M,)`` long, the original id of each segment (sorted).
+        contiguous: every segment is one run of consecutive elements, in
+            segment order (``index`` is non-decreasing), so reductions can go
+            by lengths.
     """
 
     index: torch.Tensor
     count: torch.Tensor
     ids: torch.Tensor
+    contiguous: bool = False
 
     @property
     def size(self) -> int:
@@ -35,11 +48,35 @@ class Segments:
 
     @classmethod
     def from_ids(cls, ids: torch.Tensor) -> "Segments":
+        """Index an id column; sorted ids cost one comparison pass and one boundary pass, others a sort."""
+        if ids.numel() < 2 or bool((ids[1:] >= ids[:-1]).all()):
+            unique, inverse, count = torch.unique_consecutive(ids, return_inverse=True, return_counts=True)
+            return cls(index=inverse, count=count, ids=unique, contiguous=True)
         unique, inverse, count = torch.unique(ids, sorted=True, return_inverse=True, return_counts=True)
         return cls(index=inverse, count=count, ids=unique)
 
+    @classmethod
+    def from_lengths(cls, lengths: torch.Tensor, ids: torch.Tensor | None = None) -> "Segments":
+        """Contiguous segments of the given lengths (a padded batch's ``mask.sum(1)``, or ``diff(cu_seqlens)``).
+
+        ``ids`` (default ``0..M-1``) must be increasing so that ``ids`` stays
+        sorted as :meth:`from_ids` would give it.
+        """
+        if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.is_floating_point():
+            raise ValueError("lengths must be a 1-D integer tensor")
+        if lengths.numel() == 0 or bool((lengths < 1).any()):
+            raise ValueError("lengths must be non-empty and every segment at least one element long")
+        lengths = lengths.long()
+        dense = torch.arange(lengths.numel(), device=lengths.device)
+        ids = dense if ids is None else ids.long()
+        if ids.shape != lengths.shape or (ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all())):
+            raise ValueError("ids must be increasing, one per length")
+        return cls(index=dense.repeat_interleave(lengths), count=lengths, ids=ids, contiguous=True)
+
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """Per-segment sum of ``values`` (first dimension indexed like ``index``)."""
+        if self.contiguous and values.is_floating_point():  # segment_reduce has no integer kernels
+            return torch.segment_reduce(values, "sum", lengths=self.count, axis=0)
         out = values.new_zeros((self.size,) + tuple(values.shape[1:]))
         return out.index_add(0, self.index, values)
 
@@ -93,6 +130,14 @@ def carried_ids(child: Segments, columns: torch.Tensor) -> tuple[torch.Tensor, t
     return low, low != high
 
 
-def segments_for(name: str, ids: torch.Tensor, like: torch.Tensor) -> Segments:
-    """Validate an id column against the values it labels and index it."""
+def segments_for(name: str, ids, like: torch.Tensor) -> Segments:
+    """Validate an id column against the values it labels and index it.
+
+    ``ids`` may also be a ready ``Segments`` (from :meth:`Segments.from_lengths`
+    or an earlier call), which is only checked to cover ``like``.
+    """
+    if isinstance(ids, Segments):
+        if ids.index.shape != like.shape or ids.index.device != like.device:
+            raise ValueError(f"{name} segments index {ids.index.numel()} elements but the values have {like.numel()}")
+        return ids
     return Segments.from_ids(_validate.ids(name, ids, like))
