@@ -21,9 +21,9 @@ the last term because log s⁺ (log s⁻) is the mean of max(x, 0) (max(-x, 0)).
 Substituting FiberPO's base weight gives exactly the Jacobian of
 Proposition 5.2 (Eq. 20); the per-trajectory chain (A, S → channels through
 the base weight) is a graph over M trajectories, differentiated by autograd.
-Only two token-length tensors are saved for backward (G and one byte of
-flags per token), and no token-length tensor is built in the forward pass
-beyond what the gate needs.
+Saved for backward: G, the int32 (trajectory, sign) key and a one-byte
+flag per token; the token-level passes are two segment sums, two table
+gathers and a handful of elementwise ops each way.
 """
 
 from __future__ import annotations
@@ -35,22 +35,24 @@ from torch.autograd.function import once_differentiable
 
 from .segments import Segments
 
-# flag bits saved per token: the sign channel and whether the fiber clip passes the gradient
-_NEGATIVE, _INSIDE = 1, 2
-
-
 def channel_means(x: torch.Tensor, traj: Segments) -> torch.Tensor:
-    """``(M, 2)`` per-trajectory means of max(x, 0) and max(-x, 0): log s⁺_τ and log s⁻_τ (Eq. 9)."""
-    return traj.mean(torch.stack([x.clamp(min=0), (-x).clamp(min=0)], dim=1))
+    """``(M, 2)`` per-trajectory means of max(x, 0) and max(-x, 0): log s⁺_τ and log s⁻_τ (Eq. 9).
+
+    From two 1-D segment sums, of x and |x| (max(±x, 0) = (|x| ± x)/2): no
+    stacked token-length temporary.
+    """
+    total, magnitude = traj.sum(x), traj.sum(x.abs())
+    twice_length = 2 * traj.count.to(x.dtype)
+    return torch.stack([(magnitude + total) / twice_length, (magnitude - total) / twice_length], dim=1)
 
 
-def _sign_table(channels: torch.Tensor, log_base: torch.Tensor, eps: float) -> torch.Tensor:
-    """``(2M, 2)`` rows (S, A) for (τ, +) then (τ, -), see the module docstring."""
+def _sign_tables(channels: torch.Tensor, log_base: torch.Tensor, eps: float):
+    """``(2M,)`` tables S and A of the module docstring, entry 2τ for l = +1 and 2τ + 1 for l = -1."""
     s_pos, s_neg = channels[:, 0], channels[:, 1]
-    same = torch.stack([s_pos, -s_neg], dim=1)
+    same = torch.stack([s_pos, -s_neg], dim=1).reshape(-1)
     opposite = torch.stack([-s_neg, s_pos], dim=1)
-    offset = log_base.unsqueeze(1) - opposite.clamp(-eps, eps)
-    return torch.stack([same, offset], dim=2).reshape(-1, 2)
+    offset = (log_base.unsqueeze(1) - opposite.clamp(-eps, eps)).reshape(-1)
+    return same, offset
 
 
 class FiberGate(torch.autograd.Function):
@@ -58,32 +60,28 @@ class FiberGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, traj: Segments, log_base_fn: Callable[[torch.Tensor], torch.Tensor], eps: float):
-        negative = x < 0
         with torch.enable_grad():
             channels = channel_means(x.detach(), traj).requires_grad_(True)
-            table = _sign_table(channels, log_base_fn(channels), eps)
-        key = traj.index * 2 + negative
-        per_token = table.detach().index_select(0, key)
-        residual = x - per_token[:, 0]
+            same, offset = _sign_tables(channels, log_base_fn(channels), eps)
+        key = traj.key_base + (x < 0)  # the (trajectory, sign) entry of every token; l = +1 at x = 0
+        residual = x - same.detach().index_select(0, key)
         inside = residual.abs() <= eps
-        gated = torch.exp(per_token[:, 1] + residual.clamp_(-eps, eps))
-        flags = negative.to(torch.uint8) | (inside.to(torch.uint8) << 1)
-        ctx.save_for_backward(gated, flags)
-        ctx.traj, ctx.channels, ctx.table = traj, channels, table
+        gated = torch.exp(offset.detach().index_select(0, key) + residual.clamp_(-eps, eps))
+        ctx.save_for_backward(gated, key, inside)
+        ctx.traj, ctx.channels, ctx.tables = traj, channels, (same, offset)
         return gated
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_gated):
-        gated, flags = ctx.saved_tensors
-        traj, channels, table = ctx.traj, ctx.channels, ctx.table
+        gated, key, inside = ctx.saved_tensors
+        traj, channels, (same, offset) = ctx.traj, ctx.channels, ctx.tables
         a = grad_gated * gated
-        a_inside = torch.where((flags & _INSIDE).bool(), a, torch.zeros((), dtype=a.dtype, device=a.device))
-        negative = (flags & _NEGATIVE).long()
-        key = traj.index * 2 + negative
-        grad_table = table.new_zeros(table.shape).index_add_(0, key, torch.stack([-a_inside, a], dim=1))
+        a_inside = a * inside
+        grad_same = -same.new_zeros(same.shape).index_add(0, key, a_inside)  # out of place: vmap (jacobian) batches a
+        grad_offset = offset.new_zeros(offset.shape).index_add(0, key, a)
         # retain: gradcheck and retain_graph users call backward more than once (the graph is M-sized)
-        (grad_channels,) = torch.autograd.grad(table, channels, grad_table, retain_graph=True)
+        (grad_channels,) = torch.autograd.grad((same, offset), channels, (grad_same, grad_offset), retain_graph=True)
         # ∂ log s⁺/∂x_j = 1[x_j >= 0]/T, ∂ log s⁻/∂x_j = -1[x_j < 0]/T
         per_channel = grad_channels / traj.count.to(a.dtype).unsqueeze(1)
         per_channel = torch.stack([per_channel[:, 0], -per_channel[:, 1]], dim=1).reshape(-1)

@@ -9,7 +9,8 @@ once, taking the layout as it comes:
 * ids that are already sorted (every packed layout, and the row ids of a
   flattened padded batch) are detected by one comparison pass and indexed by
   ``unique_consecutive`` (a boundary pass), not a sort;
-* only arbitrary ids are sorted (``torch.unique``).
+* unsorted ids in a range a few times their number are ranked by counting
+  (``bincount``); only the others are sorted (``torch.unique``).
 
 Contiguous segments (the first two cases) reduce with ``segment_reduce`` by
 lengths; the others with ``index_add``.
@@ -17,11 +18,16 @@ lengths; the others with ``index_add``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from . import _validate
+
+
+# ids up to this many times their number are ranked by counting instead of sorting
+_DENSE_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -46,12 +52,28 @@ class Segments:
     def size(self) -> int:
         return int(self.count.numel())
 
+    @functools.cached_property
+    def key_base(self) -> torch.Tensor:
+        """``2 * index`` as int32 (when it fits): the base of a (segment, sign) key, built once per ``Segments``."""
+        dtype = torch.int32 if 2 * self.index.numel() < torch.iinfo(torch.int32).max else torch.long
+        return self.index.to(dtype) * 2
+
     @classmethod
     def from_ids(cls, ids: torch.Tensor) -> "Segments":
-        """Index an id column; sorted ids cost one comparison pass and one boundary pass, others a sort."""
+        """Index an id column, equal to ``torch.unique(ids, sorted=True, ...)`` whatever the path.
+
+        Sorted ids cost one comparison pass and a boundary pass; unsorted
+        ids whose largest value is below a few times their number are
+        ranked by a ``bincount`` (two passes, no sort); only the rest sort.
+        """
         if ids.numel() < 2 or bool((ids[1:] >= ids[:-1]).all()):
             unique, inverse, count = torch.unique_consecutive(ids, return_inverse=True, return_counts=True)
             return cls(index=inverse, count=count, ids=unique, contiguous=True)
+        if int(ids.max()) < _DENSE_FACTOR * ids.numel() + 1024:
+            count = torch.bincount(ids)
+            present = count > 0
+            rank = present.cumsum(0) - 1
+            return cls(index=rank.index_select(0, ids), count=count[present], ids=present.nonzero().squeeze(1))
         unique, inverse, count = torch.unique(ids, sorted=True, return_inverse=True, return_counts=True)
         return cls(index=inverse, count=count, ids=unique)
 
