@@ -26,6 +26,7 @@ Use in a test suite::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -55,7 +56,7 @@ NEAR_CONSTANT = 10.0  # first-order-near: ‖J − I‖_max <= NEAR_CONSTANT · 
 @dataclass
 class PropertyResult:
     id: str
-    verdict: str  # "holds" or "fails"
+    verdict: str  # "holds", "fails", or "error" (the property could not be checked; the witness says why)
     witness: dict[str, Any] | None
     details: str
 
@@ -66,14 +67,29 @@ class PropertyResult:
 
 @dataclass
 class AuditReport:
-    """Verdicts of the seven properties; ``passed`` is True only when all hold."""
+    """Verdicts of the audited properties; ``passed`` is True only when all hold.
+
+    ``reference`` holds the settings the properties were checked against (for a gating map: the reference
+    FiberPO's ``eps``, ``c_pos``, ``c_neg``); ``kind`` names the audit in the printed report.
+    """
 
     function: str
-    eps: float
-    c_pos: float
-    c_neg: float
+    reference: dict[str, Any]
     seed: int
     properties: list[PropertyResult] = field(default_factory=list)
+    kind: str = "FiberPO audit"
+
+    @property
+    def eps(self) -> float:
+        return self.reference["eps"]
+
+    @property
+    def c_pos(self) -> float:
+        return self.reference["c_pos"]
+
+    @property
+    def c_neg(self) -> float:
+        return self.reference["c_neg"]
 
     @property
     def passed(self) -> bool:
@@ -99,21 +115,22 @@ class AuditReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "function": self.function,
-            "reference": {"eps": self.eps, "c_pos": self.c_pos, "c_neg": self.c_neg},
+            "reference": _strict_json(self.reference),
             "seed": self.seed,
             "passed": self.passed,
             "properties": [_strict_json(asdict(p)) for p in self.properties],
         }
 
     def __str__(self) -> str:
+        against = ", ".join(f"{key}={value}" for key, value in self.reference.items())
         head = (
-            f"FiberPO audit of {self.function} against eps={self.eps}, c_pos={self.c_pos}, c_neg={self.c_neg} "
+            f"{self.kind} of {self.function} against {against} "
             f"(seed {self.seed}): {'PASSED' if self.passed else 'FAILED'} "
             f"({sum(p.passed for p in self.properties)}/{len(self.properties)} properties hold)"
         )
         lines = [head]
         for p in self.properties:
-            lines.append(f"  [{'holds' if p.passed else 'FAILS'}] {p.id}: {p.details}")
+            lines.append(f"  [{'holds' if p.passed else p.verdict.upper()}] {p.id}: {p.details}")
             if not p.passed and p.witness is not None:
                 lines.append(f"      witness: {json.dumps(p.witness, default=str)[:600]}")
         return "\n".join(lines)
@@ -418,14 +435,21 @@ def audit(
     max_examples = _validate.positive_int("max_examples", max_examples)
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    report = AuditReport(getattr(fn, "__qualname__", repr(fn)), hyper["eps"], hyper["c_pos"], hyper["c_neg"], seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: the thread pool's hand-off would dominate on a busy CPU
-    try:
+    report = AuditReport(getattr(fn, "__qualname__", repr(fn)), dict(hyper), seed)
+    with single_thread():
         _run_properties(fn, hyper, seed, max_examples, dtype, report)
+    return report
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Tiny tensors: the thread pool's hand-off would dominate on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)
-    return report
 
 
 def _run_properties(fn, hyper, seed, max_examples, dtype, report) -> None:

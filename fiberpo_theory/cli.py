@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "verify": ("fiberpo_theory.verify", "run every claim check and print the verdict table"),
     "derive": ("fiberpo_theory.derive", "write the SymPy derivations as LaTeX"),
     "audit": ("fiberpo_theory.audit", "check a third-party gating map MODULE:FUNCTION"),
+    "audit-loss": ("fiberpo_theory.audit_loss", "check a verl-signature policy loss MODULE:FUNCTION (or verl's whole registry)"),
     "figures": ("fiberpo_theory.figures", "render the paper's figures with matplotlib"),
     "bench": ("fiberpo_theory.bench", "time and measure memory of every objective"),
 }

@@ -1,0 +1,192 @@
+"""audit-loss on every loss verl ships, on planted defects, and the committed docs/verl-losses.md."""
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("verl.trainer.ppo.core_algos")
+from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, agg_loss, compute_policy_loss_vanilla  # noqa: E402
+
+from fiberpo_theory.audit_loss import (  # noqa: E402
+    LOSS_PROPERTY_IDS,
+    audit_loss,
+    audit_verl_registry,
+    parse_markdown_verdicts,
+)
+from fiberpo_theory.cli import main  # noqa: E402
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "verl-losses.md"
+VERDICTS = {"holds", "fails", "error"}
+
+
+@pytest.fixture(scope="module")
+def registry_reports():
+    return audit_verl_registry()
+
+
+def surrogate_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None):
+    """The plain policy-gradient surrogate -agg(A r), aggregated by verl's own agg_loss."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    return agg_loss(loss_mat=-advantages * ratio, loss_mask=response_mask, loss_agg_mode=loss_agg_mode), {}
+
+
+def detached_at_r1(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None):
+    """Planted defect: tokens in even columns that sit exactly at r = 1 lose their gradient (values unchanged)."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    even = (torch.arange(ratio.shape[1]) % 2 == 0).expand_as(ratio)
+    ratio = torch.where(even & (log_prob == old_log_prob), ratio.detach(), ratio)
+    return agg_loss(loss_mat=-advantages * ratio, loss_mask=response_mask, loss_agg_mode=loss_agg_mode), {}
+
+
+def batch_normalised(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None):
+    """Planted defect: advantages re-centred over the whole batch inside the loss, which couples rows."""
+    keep = response_mask.bool()
+    centred = advantages - advantages[keep].mean()
+    return surrogate_loss(old_log_prob, log_prob, centred, response_mask, loss_agg_mode)
+
+
+def overflowing(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None):
+    """Planted defect: exact on-policy, but exp(20 log r) overflows to inf (and 0 * inf = NaN) far off-policy."""
+    log_ratio = log_prob - old_log_prob
+    ratio = torch.exp(log_ratio) + 0 * torch.exp(20 * log_ratio)
+    return agg_loss(loss_mat=-advantages * ratio, loss_mask=response_mask, loss_agg_mode=loss_agg_mode), {}
+
+
+def needs_a_key(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None):
+    raise KeyError("policy_loss.my_beta is not set")
+
+
+def test_every_registry_loss_gets_a_verdict_per_property(registry_reports):
+    assert list(registry_reports) == list(POLICY_LOSS_REGISTRY)  # none skipped
+    for name, report in registry_reports.items():
+        assert [p.id for p in report.properties] == list(LOSS_PROPERTY_IDS), name
+        for p in report.properties:
+            assert p.verdict in VERDICTS
+            if p.verdict != "holds":
+                assert p.witness, (name, p)  # a failure or an error always says where or why
+            if p.verdict == "error":
+                assert p.witness["error"].strip()
+
+
+def test_verl_ppo_is_the_plain_surrogate_to_first_order(registry_reports):
+    """verl's vanilla PPO clip (dual clip, asymmetric range) agrees with -agg(A r) at r = 1 by construction."""
+    assert registry_reports["vanilla"].passed, registry_reports["vanilla"]
+
+
+def test_the_recovered_gating_of_vanilla_is_ppo_clip(registry_reports):
+    """G read off dloss/dA equals min(r, clip(r)) for A > 0 and the dual-clipped max for A < 0 (verl defaults)."""
+    table = registry_reports["vanilla"]["implied-gating"].witness["gating"]
+    r = torch.exp(torch.tensor(table["log_ratio"], dtype=torch.float64))
+    positive = torch.minimum(r, r.clamp(0.8, 1.2))
+    negative = torch.maximum(r, r.clamp(0.8, 1.2)).clamp(max=3.0)
+    assert torch.allclose(torch.tensor(table["A>0"], dtype=torch.float64), positive, atol=1e-12)
+    assert torch.allclose(torch.tensor(table["A<0"], dtype=torch.float64), negative, atol=1e-12)
+
+
+def test_a_loss_that_needs_a_config_key_is_an_error_with_the_reason():
+    report = audit_loss(needs_a_key, max_examples=3)
+    assert [p.verdict for p in report.properties] == ["error"] * len(LOSS_PROPERTY_IDS)
+    assert "my_beta" in report["on-policy-value"].witness["error"]
+    assert not report.passed and "[ERROR]" in str(report)
+
+
+def test_the_plain_surrogate_passes():
+    report = audit_loss(surrogate_loss, max_examples=6)
+    assert report.passed, report
+
+
+def test_detaching_tokens_at_r1_fails_on_policy_gradient_with_the_token():
+    report = audit_loss(detached_at_r1, max_examples=6)
+    assert report["on-policy-value"].passed  # the values are untouched
+    result = report["on-policy-gradient"]
+    assert result.verdict == "fails"
+    assert result.witness["dloss/dlog_prob"] == 0.0 and result.witness["expected"] != 0.0
+    assert result.witness["position"][1] % 2 == 0 and not result.witness["padded"]
+
+
+def test_batch_wide_advantage_centring_fails_row_block():
+    report = audit_loss(batch_normalised, max_examples=6)
+    result = report["row-block"]
+    assert result.verdict == "fails"
+    assert result.witness["moved"] == "advantages[0]" and result.witness["position"][0] >= 1
+
+
+def test_overflow_far_off_policy_fails_finite_extremes_only_there():
+    report = audit_loss(overflowing, max_examples=6)
+    assert report["on-policy-gradient"].passed
+    assert report["finite-extremes"].verdict == "fails"
+    assert "50" in report["finite-extremes"].witness["case"] or "20" in report["finite-extremes"].witness["case"]
+
+
+def test_the_default_config_runs_verl_vanilla_directly():
+    """The config the audit builds is one verl's own loss accepts: on-policy token-mean loss is -mean(A)."""
+    from fiberpo_theory.audit_loss import default_verl_config
+
+    old = torch.tensor([[-1.0, -2.0, -0.5]], dtype=torch.float64)
+    adv = torch.tensor([[0.5, -1.5, 2.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)
+    loss, _ = compute_policy_loss_vanilla(old_log_prob=old, log_prob=old.clone(), advantages=adv, response_mask=mask,
+                                          loss_agg_mode="token-mean", config=default_verl_config())
+    assert float(loss) == pytest.approx(-(0.5 - 1.5) / 2, abs=1e-12)
+
+
+@pytest.mark.parametrize("name, value", [("seed", -1), ("max_examples", 0), ("loss_agg_modes", ("nope",)), ("loss_agg_modes", ())])
+def test_bad_arguments_name_themselves(name, value):
+    with pytest.raises(ValueError, match=name):
+        audit_loss(surrogate_loss, **{name: value})
+
+
+def test_fn_must_be_callable():
+    with pytest.raises(ValueError, match="fn"):
+        audit_loss("not a function")
+
+
+def test_committed_doc_matches_a_fresh_run(registry_reports):
+    committed = parse_markdown_verdicts(DOC.read_text())
+    fresh = {name: {p.id: p.verdict for p in report.properties} for name, report in registry_reports.items()}
+    assert committed == fresh, "docs/verl-losses.md is stale: run fiberpo-theory audit-loss --verl-registry --markdown docs/verl-losses.md"
+    import verl
+
+    assert f"verl {verl.__version__}" in DOC.read_text()
+
+
+def _module(tmp_path, monkeypatch):
+    source = Path(__file__).read_text()
+    (tmp_path / "planted_losses.py").write_text(source.split("def test_")[0].replace('pytest.importorskip("verl.trainer.ppo.core_algos")', ""))
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_cli_exit_codes_and_json(tmp_path, monkeypatch, capsys):
+    _module(tmp_path, monkeypatch)
+    out = tmp_path / "report.json"
+    assert main(["audit-loss", "planted_losses:surrogate_loss", "--max-examples", "3", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {"function", "reference", "seed", "passed", "properties"} <= set(data)
+    assert [p["id"] for p in data["properties"]] == list(LOSS_PROPERTY_IDS)
+    assert main(["audit-loss", "planted_losses:detached_at_r1", "--max-examples", "3", "--mode", "token-mean"]) == 1
+    assert "FAILS] on-policy-gradient" in capsys.readouterr().out
+    assert main(["audit-loss", "planted_losses:missing"]) == 2
+    assert main(["audit-loss"]) == 2
+    assert main(["audit-loss", "planted_losses:surrogate_loss", "--verl-registry"]) == 2
+    assert main(["audit-loss", "planted_losses:surrogate_loss", "--markdown", str(tmp_path / "x.md")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len([line for line in err.splitlines() if line]) == 4
+
+
+@pytest.mark.parametrize("argv", [["--seed", "-1"], ["--max-examples", "0"], ["--mode", "nope"]])
+def test_cli_bad_options_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["audit-loss", "planted_losses:surrogate_loss", *argv])
+    assert exit_.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_doc_generator_writes_what_the_parser_reads(registry_reports, tmp_path):
+    from fiberpo_theory.audit_loss import registry_markdown
+
+    text = registry_markdown(registry_reports, command="x")
+    assert parse_markdown_verdicts(text) == {n: {p.id: p.verdict for p in r.properties} for n, r in registry_reports.items()}
+    assert "SPEC" not in text
