@@ -1,0 +1,202 @@
+"""The fused FiberPO gate (closed-form backward) against the autograd reference, and the layout fast paths."""
+
+import pytest
+import torch
+
+from fiberpo_theory import objectives as obj
+from fiberpo_theory.diagnostics import channel_regimes
+from fiberpo_theory.segments import Segments
+
+HYPER = dict(eps=0.1, c_pos=0.12, c_neg=0.2)
+KINK = 1e-4  # finite differences need this much room from every kink of the gate
+
+
+def _batches(n_batches=80, seed=0, zeros=False):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n_batches):
+        n_traj = int(torch.randint(1, 5, (1,), generator=gen))
+        lengths = torch.randint(1, 7, (n_traj,), generator=gen)
+        traj = torch.repeat_interleave(torch.randperm(n_traj, generator=gen) * 11 + 3, lengths)
+        scale = float(torch.empty(1).uniform_(0.02, 0.6, generator=gen))
+        x = torch.randn(traj.numel(), generator=gen, dtype=torch.float64) * scale
+        if zeros:
+            x[torch.rand(traj.numel(), generator=gen) < 0.15] = 0.0
+        yield x, traj
+
+
+def _groups(traj):
+    """Prompt groups of two trajectories, domains of two groups (nested by construction)."""
+    dense = Segments.from_ids(traj).index
+    return dense // 2 + 100, dense // 4
+
+
+def _away_from_kinks(x, parts):
+    k = parts.length
+    s = torch.cat([parts.log_s_pos, parts.log_s_neg])
+    c = torch.cat([torch.full_like(k, HYPER["c_pos"]), torch.full_like(k, HYPER["c_neg"])])
+    zero_at = c * (1 + 1 / torch.cat([k, k]))
+    gaps = [x.abs(), (parts.u.abs() - HYPER["eps"]).abs(), (parts.v.abs() - HYPER["eps"]).abs(),
+            (s - c).abs(), (s - zero_at).abs()]
+    return all(bool((g > KINK).all()) for g in gaps)
+
+
+def test_gradcheck_float64_in_every_regime():
+    reached = {f"{ch}:{r}": 0 for ch in ("pos", "neg") for r in "PRZ"}
+    reached.update({"u-clipped": 0, "u-free": 0, "v-clipped": 0, "v-free": 0})
+    checked = 0
+    for x, traj in _batches(200):
+        parts = obj.fiberpo_parts(x, traj, **HYPER)
+        if not _away_from_kinks(x, parts):
+            continue
+        checked += 1
+        for name, regime in zip(("pos", "neg"), channel_regimes(parts, c_pos=HYPER["c_pos"], c_neg=HYPER["c_neg"])):
+            for code, label in enumerate("PRZ"):
+                reached[f"{name}:{label}"] += int((regime == code).sum())
+        for name, values in (("u", parts.u), ("v", parts.v)):
+            reached[f"{name}-clipped"] += int((values.abs() > HYPER["eps"]).sum())
+            reached[f"{name}-free"] += int((values.abs() <= HYPER["eps"]).sum())
+        leaf = x.clone().requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda z: obj.fiberpo_gated_ratio(z, traj, **HYPER), (leaf,))
+        group, domain = _groups(traj)
+        assert torch.autograd.gradcheck(
+            lambda z: obj.fiberpo_domain_gated_ratio(z, traj, group, domain, **HYPER), (leaf,)
+        )
+    missing = [name for name, count in reached.items() if count == 0]
+    assert checked >= 20 and not missing, (checked, missing)
+
+
+@pytest.mark.parametrize("k", [None, 3.0])
+def test_fused_equals_autograd_reference_with_exact_zeros(k):
+    for x, traj in _batches(60, seed=1, zeros=True):
+        weight = torch.randn(x.numel(), dtype=torch.float64)
+        fused_leaf, ref_leaf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        fused = obj.fiberpo_gated_ratio(fused_leaf, traj, k=k, **HYPER)
+        reference = obj.fiberpo_parts(ref_leaf, traj, k=k, **HYPER).gated_ratio
+        (fused * weight).sum().backward()
+        (reference * weight).sum().backward()
+        assert (fused - reference).abs().max() <= 1e-10
+        assert (fused_leaf.grad - ref_leaf.grad).abs().max() <= 1e-10
+
+
+def test_fused_domain_equals_autograd_reference():
+    for x, traj in _batches(60, seed=2, zeros=True):
+        group, domain = _groups(traj)
+        weight = torch.randn(x.numel(), dtype=torch.float64)
+        fused_leaf, ref_leaf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        fused = obj.fiberpo_domain_gated_ratio(fused_leaf, traj, group, domain, **HYPER)
+        reference = obj.fiberpo_domain_parts(ref_leaf, traj, group, domain, **HYPER).gated_ratio
+        (fused * weight).sum().backward()
+        (reference * weight).sum().backward()
+        assert (fused - reference).abs().max() <= 1e-10
+        assert (fused_leaf.grad - ref_leaf.grad).abs().max() <= 1e-10
+
+
+def test_the_public_gated_ratios_run_the_fused_backward():
+    x = torch.tensor([0.1, -0.2, 0.3], requires_grad=True)
+    traj = torch.tensor([0, 0, 1])
+    assert type(obj.fiberpo_gated_ratio(x, traj, **HYPER).grad_fn).__name__ == "FiberGateBackward"
+    assert type(obj.fiberpo_domain_gated_ratio(x, traj, traj, traj, **HYPER).grad_fn).__name__ == "FiberGateBackward"
+
+
+def test_fused_saves_less_for_backward_than_autograd():
+    def saved(fn):
+        total = [0]
+
+        def pack(tensor):
+            total[0] += tensor.numel() * tensor.element_size()
+            return tensor
+
+        x = (torch.randn(4096) * 0.1).requires_grad_(True)
+        traj = torch.arange(64).repeat_interleave(64)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(x, traj)
+        return total[0]
+
+    fused = saved(lambda x, t: obj.fiberpo_gated_ratio(x, t, **HYPER))
+    reference = saved(lambda x, t: obj.fiberpo_parts(x, t, **HYPER).gated_ratio)
+    # G (4 bytes), the int32 key (4) and a bool flag (1) per token
+    assert fused <= 9 * 4096 + 4096 and fused < reference / 3, (fused, reference)
+
+
+# --- layouts -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        torch.tensor([0, 0, 1, 1, 1, 4]),  # sorted: boundary pass
+        torch.tensor([5, 5, 2, 9, 9, 2]),  # small range, unsorted: bincount ranking
+        torch.tensor([10**12, 3, 3, 10**12, 7]),  # huge range: sort
+        torch.tensor([6]),
+    ],
+)
+def test_segments_from_ids_equals_torch_unique_on_every_path(ids):
+    seg = Segments.from_ids(ids)
+    unique, inverse, count = torch.unique(ids, sorted=True, return_inverse=True, return_counts=True)
+    assert torch.equal(seg.ids, unique) and torch.equal(seg.index, inverse) and torch.equal(seg.count, count)
+    assert seg.contiguous == bool((ids[1:] >= ids[:-1]).all())
+
+
+def test_segments_from_lengths_is_the_padded_layout():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    seg = Segments.from_lengths(mask.sum(1))
+    rows = torch.arange(3).unsqueeze(1).expand_as(mask)[mask]
+    assert torch.equal(seg.index, rows) and seg.contiguous
+    values = torch.arange(8, dtype=torch.float64)
+    assert torch.equal(seg.sum(values), Segments.from_ids(rows * 5 + 1).sum(values))
+    for bad in (torch.tensor([2, 0]), torch.tensor([1.0]), torch.tensor([], dtype=torch.long)):
+        with pytest.raises(ValueError, match="lengths"):
+            Segments.from_lengths(bad)
+
+
+def test_every_layout_gives_the_same_gate_and_gradient():
+    gen = torch.Generator().manual_seed(3)
+    lengths = torch.randint(1, 9, (12,), generator=gen)
+    x = torch.randn(int(lengths.sum()), generator=gen, dtype=torch.float64) * 0.2
+    sorted_ids = torch.arange(12).repeat_interleave(lengths)
+    perm = torch.randperm(x.numel(), generator=gen)
+    layouts = {
+        "lengths": (x, Segments.from_lengths(lengths), None),
+        "sorted": (x, sorted_ids, None),
+        "shuffled": (x[perm], sorted_ids[perm] * 3, perm),
+        "shuffled-large-ids": (x[perm], sorted_ids[perm] + 10**12, perm),
+    }
+    results = {}
+    for name, (values, traj, order) in layouts.items():
+        leaf = values.clone().requires_grad_(True)
+        gated = obj.fiberpo_gated_ratio(leaf, traj, **HYPER)
+        gated.pow(2).sum().backward()
+        back = torch.empty_like(x)
+        if order is None:
+            results[name] = (gated.detach(), leaf.grad)
+        else:
+            back[order] = gated.detach()
+            grad = torch.empty_like(x)
+            grad[order] = leaf.grad
+            results[name] = (back, grad)
+    base = results["lengths"]
+    for name, (gated, grad) in results.items():
+        assert torch.allclose(gated, base[0], atol=1e-12) and torch.allclose(grad, base[1], atol=1e-12), name
+
+
+def test_ready_segments_must_cover_the_log_ratios():
+    with pytest.raises(ValueError, match="traj_id"):
+        obj.fiberpo_gated_ratio(torch.zeros(3), Segments.from_lengths(torch.tensor([2])), **HYPER)
+
+
+def test_non_finite_log_ratio_still_named_with_its_index():
+    x = torch.tensor([0.1, float("nan"), 0.2])
+    with pytest.raises(ValueError, match="log_ratio has a non-finite value at index 1"):
+        obj.fiberpo_gated_ratio(x, torch.tensor([0, 0, 1]), **HYPER)
+    # finite entries whose sum overflows are not mistaken for a non-finite input
+    big = torch.tensor([3e38, 3e38], dtype=torch.float32)
+    assert obj.fiberpo_gated_ratio(big, torch.tensor([0, 1]), **HYPER).isfinite().all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_fused_on_cuda_matches_cpu():
+    x = torch.randn(1000, dtype=torch.float64) * 0.2
+    traj = torch.arange(10).repeat_interleave(100)
+    cpu = obj.fiberpo_gated_ratio(x, traj, **HYPER)
+    gpu = obj.fiberpo_gated_ratio(x.cuda(), traj.cuda(), **HYPER)
+    assert torch.allclose(gpu.cpu(), cpu, atol=1e-12)
