@@ -26,6 +26,7 @@ from fiberpo_theory.gates import g_agg, g_agg_regime, symmetric_clip
 from fiberpo_theory.objectives import fiberpo_domain_gated_ratio, fiberpo_gated_ratio, fiberpo_parts
 from fiberpo_theory.segments import Segments
 
+from ._outcomes import from_search, merged_regimes
 from ._search_tools import Falsified, SearchResult, search
 
 REL = 1e-12  # float64 round-off allowance for quantities of order 1
@@ -225,16 +226,10 @@ def _reflecting_property(kernels_for, operator, tally):
     return prop
 
 
-@claim(
-    id="reflecting",
-    paper_ref="Def. 4.3 item 3, Def. 6.2 condition (i), App. E.5.4, App. E.7",
-    statement=(
-        "The kernels of App. E.5.4 (K = 1/T_τ) and App. E.7 (K0 = |Tj(g)|/|Tj(D)|, K1 = 1/|Tj(g)|, K2 = 1/T_τ), "
-        "and their trajectory-count extension to any depth, satisfy π_* ∘ K = id; hence every residual "
-        "σ_k − K_{k−1} π_k* σ_k pushes forward to 0."
-    ),
-    method="property",
-)
+@claim("reflecting", "Def. 4.3 item 3, Def. 6.2 condition (i), App. E.5.4, App. E.7", "property",
+       "The kernels of App. E.5.4 (K = 1/T_τ) and App. E.7 (K0 = |Tj(g)|/|Tj(D)|, K1 = 1/|Tj(g)|, K2 = 1/T_τ), "
+       "and their trajectory-count extension to any depth, satisfy π_* ∘ K = id; hence every residual "
+       "σ_k − K_{k−1} π_k* σ_k pushes forward to 0.")
 def check_reflecting(profile: Profile, *, kernels_for=_package_kernels, operator=fgh.fgh_operator) -> Outcome:
     tally = {"kernel_gap": 0.0, "reflect_defect": 0.0, "residual_push": 0.0}
     result = _search(profile, fst.fgh_examples(max_tokens=30), _reflecting_property(kernels_for, operator, tally), salt=601)
@@ -243,13 +238,14 @@ def check_reflecting(profile: Profile, *, kernels_for=_package_kernels, operator
         f"{tally['kernel_gap']:.2g}, largest |π_* K − id| {tally['reflect_defect']:.2g}, largest residual "
         f"pushforward {tally['residual_push']:.2g} (relative)"
     )
-    if not result.falsified:
-        return Outcome("holds", result.examples, searched, regimes=result.regimes)
-    witness = dict(result.witness)
-    if "fibre_sum_exact" in witness:
-        # exact rational re-check of the kernel column that failed
-        witness["recheck_fibre_sum_is_one"] = Fraction(witness["fibre_sum_exact"]) == 1
-    return Outcome("fails", result.examples, f"{result.message}; {searched}", counterexample=witness, regimes=result.regimes)
+    return from_search(result, searched, recheck=_recheck_fibre_sum)
+
+
+def _recheck_fibre_sum(witness) -> dict:
+    """Exact rational re-check of the kernel column that failed (when the witness names one)."""
+    if "fibre_sum_exact" not in witness:
+        return {}
+    return {"fibre_sum_is_one": Fraction(witness["fibre_sum_exact"]) == 1}
 
 
 # ---------------------------------------------------------------------------
@@ -322,12 +318,8 @@ def _remark_6_3_property(operator, tally):
     return prop
 
 
-@claim(
-    id="remark-6.3",
-    paper_ref="Remark 6.3, Eq. 4, Eq. 26-28",
-    statement="With n = 1 the FGH gating function (Eq. 26) is the FBG gating function K g_Base(π_*σ) + g_Fiber(σ − K π_*σ) (Eq. 4).",
-    method="property",
-)
+@claim("remark-6.3", "Remark 6.3, Eq. 4, Eq. 26-28", "property",
+       "With n = 1 the FGH gating function (Eq. 26) is the FBG gating function K g_Base(π_*σ) + g_Fiber(σ − K π_*σ) (Eq. 4).")
 def check_remark_6_3(profile: Profile, *, operator=fgh.fgh_operator) -> Outcome:
     tally = {"gap": 0.0}
     result = _search(profile, fbg_instances(), _remark_6_3_property(operator, tally), salt=603)
@@ -336,9 +328,7 @@ def check_remark_6_3(profile: Profile, *, operator=fgh.fgh_operator) -> Outcome:
         f"(FiberPO gates, smooth gates, fiber gates reading the base density); largest relative gap "
         f"to a dense-matrix evaluation of Eq. 4: {tally['gap']:.2g}"
     )
-    if not result.falsified:
-        return Outcome("holds", result.examples, searched, regimes=result.regimes)
-    return Outcome("fails", result.examples, f"{result.message}; {searched}", counterexample=result.witness, regimes=result.regimes)
+    return from_search(result, searched)
 
 
 # ---------------------------------------------------------------------------
@@ -401,15 +391,9 @@ def _recheck_with_python(witness, levels_keys):
     return {"python_reference": ref, "fgh_agrees_with_reference": close(witness["fgh"]), "closed_form_agrees_with_reference": close(witness["closed_form"])}
 
 
-@claim(
-    id="eq-31-fgh",
-    paper_ref="App. E.7, Eq. 30-33, Eq. 26-29",
-    statement=(
-        "The FGH objects of App. E.7 (strata Domain/PromptGroup/Tj/X̄ × {±1}, kernels K0-K2, four atomic gates, F, R) "
-        "reproduce FiberPO-Domain: R∘G∘F(r)_i = w_i^Base · r̃_i^Fiber (Eq. 31 × Eq. 32)."
-    ),
-    method="property",
-)
+@claim("eq-31-fgh", "App. E.7, Eq. 30-33, Eq. 26-29", "property",
+       "The FGH objects of App. E.7 (strata Domain/PromptGroup/Tj/X̄ × {±1}, kernels K0-K2, four atomic gates, F, R) "
+       "reproduce FiberPO-Domain: R∘G∘F(r)_i = w_i^Base · r̃_i^Fiber (Eq. 31 × Eq. 32).")
 def check_eq_31_fgh(profile: Profile, *, gated_ratio=fgh.fiberpo_hierarchy_gated_ratio, closed_form=fiberpo_domain_gated_ratio) -> Outcome:
     tally = {"value": 0.0, "grad": 0.0, "grad_compared": 0}
     strategy = fst.aimed_fgh_examples(min_depth=3, max_depth=3, max_tokens=30, scalar_budgets=True)
@@ -419,10 +403,7 @@ def check_eq_31_fgh(profile: Profile, *, gated_ratio=fgh.fiberpo_hierarchy_gated
         f"largest relative value gap {tally['value']:.2g}; gradients compared on {tally['grad_compared']} "
         f"(away from regime boundaries), largest gap {tally['grad']:.2g}"
     )
-    if not result.falsified:
-        return Outcome("holds", result.examples, searched, regimes=result.regimes)
-    witness = {**result.witness, **_recheck_with_python(result.witness, ("domain_id", "group_id", "traj_id"))}
-    return Outcome("fails", result.examples, f"{result.message}; {searched}", counterexample=witness, regimes=result.regimes)
+    return from_search(result, searched, recheck=lambda w: _recheck_with_python(w, ("domain_id", "group_id", "traj_id")))
 
 
 # ---------------------------------------------------------------------------
@@ -529,16 +510,10 @@ def _recheck_first_order(witness, operator, decompose, recover):
     return float((fd - torch.eye(fd.shape[0], dtype=torch.float64)).abs().max())
 
 
-@claim(
-    id="fgh-first-order",
-    paper_ref="Sec. 6.2 (first-order agreement for FGH), Theorem 4.5, Def. 6.2 Object 3",
-    statement=(
-        "For an FGH of any depth whose atomic gates satisfy the identity conditions at the on-policy density "
-        "(g(ρ*) = ρ*, g'(ρ*) = 1), R∘G∘F has value 1 and identity Jacobian at r = 1, so the FGH surrogate "
-        "agrees with the true objective to first order."
-    ),
-    method="property",
-)
+@claim("fgh-first-order", "Sec. 6.2 (first-order agreement for FGH), Theorem 4.5, Def. 6.2 Object 3", "property",
+       "For an FGH of any depth whose atomic gates satisfy the identity conditions at the on-policy density "
+       "(g(ρ*) = ρ*, g'(ρ*) = 1), R∘G∘F has value 1 and identity Jacobian at r = 1, so the FGH surrogate "
+       "agrees with the true objective to first order.")
 def check_fgh_first_order(profile: Profile, *, operator=fgh.fgh_operator, decompose=fgh.decompose, recover=fgh.recover) -> Outcome:
     tally: dict[str, float] = {}
     prop = _first_order_property(operator, decompose, recover, tally)
@@ -546,9 +521,7 @@ def check_fgh_first_order(profile: Profile, *, operator=fgh.fgh_operator, decomp
     # gates that read p_<k with a non-zero p-derivative: outside the claim's proof, searched separately
     context = _search(profile, on_policy_instances(families=("context",)), prop, salt=642)
     examples = result.examples + context.examples
-    regimes = dict(result.regimes)
-    for key, count in context.regimes.items():
-        regimes[key] = regimes.get(key, 0) + count
+    regimes = merged_regimes(result, context)
     worst = ", ".join(f"{k}: {v:.2g}" for k, v in sorted(tally.items()))
     searched = (
         f"{examples} random hierarchies of depth 1-6 at r = 1 (autograd Jacobian, float64): {result.examples} with "
@@ -556,20 +529,18 @@ def check_fgh_first_order(profile: Profile, *, operator=fgh.fgh_operator, decomp
         f"p-derivative at r = 1; {context.examples} with gates g(ρ; p) = ρ + b·p̄ reading the lower strata "
         f"(Def. 6.2 Object 3); largest |G − 1| or |J − I| per family: {worst}"
     )
-    if result.falsified:
-        witness = dict(result.witness)
-        witness["finite_difference_recheck_max_deviation"] = _recheck_first_order(witness, operator, decompose, recover)
-        return Outcome("fails", examples, f"{result.message}; {searched}", counterexample=witness, regimes=regimes)
-    if context.falsified:
-        witness = dict(context.witness)
-        witness["finite_difference_recheck_max_deviation"] = _recheck_first_order(witness, operator, decompose, recover)
-        return Outcome(
-            "conditional",
-            examples,
+    def recheck(witness):
+        return {"finite_difference_max_deviation": _recheck_first_order(witness, operator, decompose, recover)}
+
+    if result.falsified or not context.falsified:
+        return from_search(result, searched, recheck=recheck, examples=examples, regimes=regimes)
+    return from_search(
+            context,
             "identity value and Jacobian hold for every context-free gate family and for context gates whose "
             "p_<k-derivative vanishes at r = 1; a gate g(ρ; p) = ρ + b·p̄ meets the stated identity conditions "
             f"(value and slope in ρ) yet moves the Jacobian away from I. {searched}",
-            counterexample=witness,
+            recheck=recheck,
+            examples=examples,
             condition=(
                 "the atomic gates either ignore the lower-strata densities p_<k or have zero derivative in p_<k at the "
                 "on-policy point (FiberPO's gates ignore them); the identity conditions of Thm 4.5 constrain only the "
@@ -577,7 +548,6 @@ def check_fgh_first_order(profile: Profile, *, operator=fgh.fgh_operator, decomp
             ),
             regimes=regimes,
         )
-    return Outcome("holds", examples, searched, regimes=regimes)
 
 
 # ---------------------------------------------------------------------------
@@ -655,15 +625,9 @@ def _e54_property(operator, decompose, recover, closed_form, tally, literal=None
     return prop
 
 
-@claim(
-    id="eq-e5-fbg",
-    paper_ref="App. E.5.4 (FBG objects, 'Verification'), Eq. 79, Eq. 80",
-    statement=(
-        "The FBG objects of App. E.5.4 (F, K = 1/T_τ, g_Base = g_agg(·, C^(l), T_τ), g_Fiber = clip(·, ±ε/T_τ), R) "
-        "reproduce the clipping term Eq. 79 as G(σ)_i at i = (s, a, τ, t; l_{s,a}) and the FiberPO gated ratio Eq. 80 as R∘G∘F."
-    ),
-    method="property",
-)
+@claim("eq-e5-fbg", "App. E.5.4 (FBG objects, 'Verification'), Eq. 79, Eq. 80", "property",
+       "The FBG objects of App. E.5.4 (F, K = 1/T_τ, g_Base = g_agg(·, C^(l), T_τ), g_Fiber = clip(·, ±ε/T_τ), R) "
+       "reproduce the clipping term Eq. 79 as G(σ)_i at i = (s, a, τ, t; l_{s,a}) and the FiberPO gated ratio Eq. 80 as R∘G∘F.")
 def check_eq_e5_fbg(
     profile: Profile,
     *,
@@ -680,23 +644,29 @@ def check_eq_e5_fbg(
         f"Eq. 80 {tally['eq80']:.2g}, of T_τ·l_i·G(σ)_(i,l_i) to Eq. 79 {tally['eq79']:.2g}"
     )
     if result.falsified:
-        witness = dict(result.witness)
-        ref = python_fiberpo_chain(witness["log_ratio"], [witness["traj_id"]], witness["eps"], (witness["c_pos"],), (witness["c_neg"],))
-        witness["python_reference_eq80"] = ref
-        return Outcome("fails", result.examples, f"{result.message}; {searched}", counterexample=witness, regimes=result.regimes)
+        return from_search(result, searched, recheck=_recheck_eq80)
     # the verification line read literally (no factor T_τ), searched separately so its witness is shrunk
     literal = _search(profile, strategy, _e54_property(operator, decompose, recover, closed_form, tally, literal=True), salt=652)
     if literal.falsified:
-        witness = dict(literal.witness)
-        witness["recheck_ratio_G_to_eq79"] = [g / e if e else None for g, e in zip(witness["G_own_channel"], witness["l_times_eq79"])]
-        return Outcome(
-            "conditional",
-            result.examples + literal.examples,
+        return from_search(
+            literal,
             "R∘G∘F reproduces Eq. 80 exactly and Eq. 79 is l_i T_τ G(σ)_(i,l_i); the 'Verification' line of App. E.5.4 "
             "equates clip(l log r − log s^(l), ±ε) + g_agg(log s^(l), C^(l), T_τ) (= l_i × Eq. 79) with G(σ)_i itself, "
             f"which is off by the factor T_τ wherever T_τ > 1 and the term is non-zero. {searched}",
-            counterexample=witness,
+            recheck=_ratio_g_to_eq79,
+            examples=result.examples + literal.examples,
             condition="read the E.5.4 verification line as T_τ · l_i · G(σ)_(i,l_i) = Eq. 79 (G's fiber gate is clip(·, ±ε/T_τ) and K = 1/T_τ)",
             regimes=result.regimes,
         )
-    return Outcome("holds", result.examples, searched, regimes=result.regimes)
+    return from_search(result, searched)
+
+
+def _recheck_eq80(witness) -> dict:
+    """Eq. 80 recomputed by the plain-Python FiberPO chain from the witness's numbers."""
+    w = witness
+    return {"python_reference_eq80": python_fiberpo_chain(w["log_ratio"], [w["traj_id"]], w["eps"], (w["c_pos"],), (w["c_neg"],))}
+
+
+def _ratio_g_to_eq79(witness) -> dict:
+    """G's own-channel entry over l_i × Eq. 79, token by token (T_τ where the literal reading is off)."""
+    return {"ratio_G_to_eq79": [g / e if e else None for g, e in zip(witness["G_own_channel"], witness["l_times_eq79"])]}

@@ -31,27 +31,20 @@ from fiberpo_theory.gates import g_agg_regime
 from fiberpo_theory.gates import logclip as _logclip
 from fiberpo_theory.gates import symmetric_clip as _symmetric_clip
 from fiberpo_theory.objectives import fiberpo_gated_ratio, fiberpo_gated_residual_eq11, fiberpo_jacobian, fiberpo_parts
+from fiberpo_theory.strategies import budgets, draw_regime_targeted, flatten, token_values
 
+from ._outcomes import PROOFS, decide, from_search, merged_regimes, proof_note
+from ._outcomes import derivation as _derivation
 from ._search_tools import (
     Falsified,
-    budgets,
-    draw_regime_targeted,
-    flatten,
     length_labels,
     max_abs,
     search,
     secondary_budget,
     single_thread,
-    token_values,
 )
 
 REGIME = ("P", "R", "Z")
-
-
-@lru_cache(maxsize=None)
-def _derivation(module: str):
-    """The derivation of ``proofs.<module>`` (computed once per process)."""
-    return importlib.import_module(f"fiberpo_theory.proofs.{module}").derive()
 
 
 def _rational(v) -> sp.Rational:
@@ -101,8 +94,7 @@ def _channel_labels(parts, c_pos, c_neg) -> list[str]:
 
 
 def _symbolic_status(module: str) -> tuple[bool, str]:
-    d = _derivation(module)
-    return bool(d.verified), f"symbolic derivation proofs/{module}.py {'verified' if d.verified else 'NOT verified'}"
+    return bool(_derivation(module).verified), proof_note(module)
 
 
 # ---------------------------------------------------------------------------
@@ -117,15 +109,9 @@ def _eq16_numeric():
     return S.lambdify(args, log11), S.lambdify(args, log16)
 
 
-@claim(
-    id="eq-16",
-    paper_ref="Sec. 5.2, Eq. 11 and Eq. 16 (with Eq. 12-15)",
-    statement=(
-        "The gated residual written with logclip on ratios (Eq. 11) is the same function as the log-space "
-        "form exp(clip(l u, ±ε) − clip(l v, ±ε)) (Eq. 16)."
-    ),
-    method="symbolic",
-)
+@claim("eq-16", "Sec. 5.2, Eq. 11 and Eq. 16 (with Eq. 12-15)", "symbolic",
+       "The gated residual written with logclip on ratios (Eq. 11) is the same function as the log-space "
+       "form exp(clip(l u, ±ε) − clip(l v, ±ε)) (Eq. 16).")
 def check_eq_16(profile: Profile, *, eq11=fiberpo_gated_residual_eq11, parts=fiberpo_parts) -> Outcome:
     sym_ok, sym_note = _symbolic_status("eq16")
     f11, f16 = _eq16_numeric()
@@ -155,11 +141,7 @@ def check_eq_16(profile: Profile, *, eq11=fiberpo_gated_residual_eq11, parts=fib
     result = search(profile, trajectory_batches(), prop, salt=1601)
     detail = (f"{sym_note}; {result.examples} batches: largest |log Eq. 11 − log Eq. 16| {tally['max_rel_gap']:.1e}, "
               f"largest |SymPy − torch| {tally['max_sym_gap']:.1e}")
-    if result.falsified:
-        return Outcome("fails", result.examples, f"{result.message}; {detail}", counterexample=result.witness, regimes=result.regimes)
-    if not sym_ok:
-        return Outcome("error", result.examples, detail, regimes=result.regimes)
-    return Outcome("holds", result.examples, detail, regimes=result.regimes)
+    return from_search(result, detail, proved=sym_ok)
 
 
 # ---------------------------------------------------------------------------
@@ -195,12 +177,8 @@ def _recheck_decoupling(witness) -> dict:
             "exact_gap": str(gap), "gap_equals_|v_i|-eps": bool(gap == abs(fp["v"][i]) - eps), "reproduced": gap != 0}
 
 
-@claim(
-    id="ratio-decoupling",
-    paper_ref="Sec. 5.2, ratio decoupling and regime L-I (Eq. 14-16)",
-    statement="In regime L-I (every |u_i| < ε) the gated log-residual is log r̃_i = x_i − mean_t x_t.",
-    method="symbolic",
-)
+@claim("ratio-decoupling", "Sec. 5.2, ratio decoupling and regime L-I (Eq. 14-16)", "symbolic",
+       "In regime L-I (every |u_i| < ε) the gated log-residual is log r̃_i = x_i − mean_t x_t.")
 def check_ratio_decoupling(profile: Profile, *, parts=fiberpo_parts) -> Outcome:
     sym_ok, sym_note = _symbolic_status("ratio_decoupling")
 
@@ -230,24 +208,16 @@ def check_ratio_decoupling(profile: Profile, *, parts=fiberpo_parts) -> Outcome:
     li = search(profile, li_batches(), prop_li, salt=1701)
     uv = search(profile, li_batches(), prop_uv, max_examples=secondary_budget(profile), salt=1702)
     examples = li.examples + uv.examples
-    regimes = {**li.regimes, **{k: v + li.regimes.get(k, 0) for k, v in uv.regimes.items()}}
+    regimes = merged_regimes(li, uv)
     detail = f"{sym_note}; {li.examples} trajectories in L-I (ε just above max|u|), {uv.examples} with |u|, |v| <= ε"
     if uv.falsified:
-        return Outcome("fails", examples, f"{uv.message}; {detail}", counterexample=uv.witness, regimes=regimes)
+        return from_search(uv, detail, examples=examples, regimes=regimes)
     if li.falsified:
-        recheck = _recheck_decoupling(li.witness)
-        if not recheck["reproduced"]:
-            return Outcome("error", examples, f"did not reproduce exactly: {li.message}", counterexample={**li.witness, "recheck": recheck})
-        return Outcome(
-            "conditional", examples,
-            f"{li.message}; {detail}. The decoupling needs |v_i| <= ε as well; the exact gap is |v_i| − ε.",
-            counterexample={**li.witness, "recheck": recheck},
-            condition="|u_i| <= ε and |v_i| <= ε for the token (both fiber clips inactive), as stated with the formula; L-I's max|u| < ε alone is not enough",
-            regimes=regimes,
-        )
-    if not sym_ok:
-        return Outcome("error", examples, detail, regimes=regimes)
-    return Outcome("holds", examples, detail, regimes=regimes)
+        detail += ". The decoupling needs |v_i| <= ε as well; the exact gap is |v_i| − ε."
+        condition = ("|u_i| <= ε and |v_i| <= ε for the token (both fiber clips inactive), as stated with the formula; "
+                     "L-I's max|u| < ε alone is not enough")
+        return from_search(li, detail, recheck=_recheck_decoupling, condition=condition, examples=examples, regimes=regimes)
+    return decide(examples, detail, regimes=regimes, proved=sym_ok)
 
 
 # ---------------------------------------------------------------------------
@@ -268,15 +238,9 @@ def _global_name(rp: int, rn: int) -> str:
     return "G-III" if z == 2 else "G-II" if z == 1 else "G-III,r" if r == 2 else "G-II,r" if r == 1 else "G-I"
 
 
-@claim(
-    id="g-regimes",
-    paper_ref="Sec. 5.1, regime analysis of the base weight (G-I ... G-III), Eq. 8, 10",
-    statement=(
-        "In G-I the base weight is exp(log s⁺ − log s⁻); in G-III it is 1; in G-II (one channel zeroed) "
-        "|log w| peaks at about the surviving channel's budget C^(l)."
-    ),
-    method="symbolic",
-)
+@claim("g-regimes", "Sec. 5.1, regime analysis of the base weight (G-I ... G-III), Eq. 8, 10", "symbolic",
+       "In G-I the base weight is exp(log s⁺ − log s⁻); in G-III it is 1; in G-II (one channel zeroed) "
+       "|log w| peaks at about the surviving channel's budget C^(l).")
 def check_g_regimes(profile: Profile, *, parts=fiberpo_parts) -> Outcome:
     sym_ok, sym_note = _symbolic_status("g_regimes")
     d = _derivation("g_regimes")
@@ -318,11 +282,7 @@ def check_g_regimes(profile: Profile, *, parts=fiberpo_parts) -> Outcome:
     detail = (f"{sym_note} (sup |log w| on G-II = C^(l) exactly: {peak_exact}; over all regions max(C⁺, C⁻)); "
               f"{result.examples} batches, largest |log w|/C^(l) seen in G-II {tally['peak_ratio']:.6f}, "
               f"|SymPy − torch| <= {tally['sym_gap']:.1e}")
-    if result.falsified:
-        return Outcome("fails", result.examples, f"{result.message}; {detail}", counterexample=result.witness, regimes=result.regimes)
-    if not (sym_ok and peak_exact):
-        return Outcome("error", result.examples, detail, regimes=result.regimes)
-    return Outcome("holds", result.examples, detail, regimes=result.regimes)
+    return from_search(result, detail, proved=sym_ok and peak_exact)
 
 
 # ---------------------------------------------------------------------------
@@ -330,12 +290,8 @@ def check_g_regimes(profile: Profile, *, parts=fiberpo_parts) -> Outcome:
 # ---------------------------------------------------------------------------
 
 
-@claim(
-    id="logclip-asymmetry",
-    paper_ref="Sec. 5.2, log-clipping paragraph (Eq. 12); App. E.5.2",
-    statement="A symmetric clip in log space is asymmetric in ratio space: the upper room e^ε − 1 exceeds the lower room 1 − e^−ε.",
-    method="symbolic",
-)
+@claim("logclip-asymmetry", "Sec. 5.2, log-clipping paragraph (Eq. 12); App. E.5.2", "symbolic",
+       "A symmetric clip in log space is asymmetric in ratio space: the upper room e^ε − 1 exceeds the lower room 1 − e^−ε.")
 def check_logclip_asymmetry(profile: Profile, *, logclip=_logclip) -> Outcome:
     sym_ok, sym_note = _symbolic_status("logclip_asymmetry")
     d = _derivation("logclip_asymmetry")
@@ -360,11 +316,7 @@ def check_logclip_asymmetry(profile: Profile, *, logclip=_logclip) -> Outcome:
     eps_values = st.one_of(st.sampled_from((1e-4, 1e-3, 0.02, 0.04, 0.2, 1.0, 5.0)), st.floats(1e-4, 5.0))
     result = search(profile, eps_values, prop, salt=3301)
     detail = f"{sym_note} (difference = 4 sinh²(ε/2), quotient = e^ε); {result.examples} values of ε in [1e-4, 5] through the implementation"
-    if result.falsified:
-        return Outcome("fails", result.examples, f"{result.message}; {detail}", counterexample=result.witness, regimes=result.regimes)
-    if not sym_ok:
-        return Outcome("error", result.examples, detail, regimes=result.regimes)
-    return Outcome("holds", result.examples, detail, regimes=result.regimes)
+    return from_search(result, detail, proved=sym_ok)
 
 
 # ---------------------------------------------------------------------------
@@ -399,15 +351,9 @@ def _g_agg_symbolic():
                 limit_beyond=beyond, clip_beyond=clip_beyond, mid_window=mid)
 
 
-@claim(
-    id="eq-10",
-    paper_ref="Sec. 5.1, Eq. 10 (= Eq. 78); Fig. 2(a)",
-    statement=(
-        "g_agg is continuous and piecewise linear with three regimes (slopes 1, −k, 0), the rollback regime has "
-        "width C/k, and g_agg tends to a hard clip at ±C as k → ∞."
-    ),
-    method="symbolic",
-)
+@claim("eq-10", "Sec. 5.1, Eq. 10 (= Eq. 78); Fig. 2(a)", "symbolic",
+       "g_agg is continuous and piecewise linear with three regimes (slopes 1, −k, 0), the rollback regime has "
+       "width C/k, and g_agg tends to a hard clip at ±C as k → ∞.")
 def check_eq_10(profile: Profile, *, g_agg=_g_agg) -> Outcome:
     sym = _g_agg_symbolic()
     f_sym = S.lambdify((_X, _C, _K), S.g_agg(_X, _C, _K))
@@ -459,12 +405,13 @@ def check_eq_10(profile: Profile, *, g_agg=_g_agg) -> Outcome:
               f"symbolic: continuity {sym['continuity']}, slopes 1/−k/0 {sym['slopes_ok']}, rollback width {sym['width']}; "
               f"limit k→∞ for |x| > C is {sym['limit_beyond']} (clip(x, ±C) would give C); at x = C(1 + 1/(2k)) g_agg = {sym['mid_window']} for every k")
     if result.falsified:
-        return Outcome("fails", result.examples, f"{result.message}; {detail}", counterexample=result.witness, regimes=result.regimes)
+        return from_search(result, detail)
     if not (sym["continuity"] and sym["slopes_ok"] and sp.simplify(sym["width"] - _C / _K) == 0 and sym["limit_inside"] == 0):
-        return Outcome("fails", result.examples, f"symbolic shape properties fail: {detail}", regimes=result.regimes)
+        shape = {k: str(v) for k, v in sym.items()}  # the symbolic results themselves are the re-checkable witness
+        return decide(result.examples, f"symbolic shape properties fail: {detail}", counterexample=shape, regimes=result.regimes)
     if sym["limit_beyond"] != sym["clip_beyond"] or any(v != c for _, v in limit_rows):
-        return Outcome(
-            "conditional", result.examples + len(limit_rows) + len(mid_rows),
+        return decide(
+            result.examples + len(limit_rows) + len(mid_rows),
             f"continuity, three linear regimes and width C/k hold; {detail}",
             counterexample={"C": c, "x": x, "g_agg at k": limit_rows, "hard clip clip(x, ±C)": min(max(x, -c), c),
                             "g_agg at x = C(1 + 1/(2k))": mid_rows},
@@ -472,7 +419,7 @@ def check_eq_10(profile: Profile, *, g_agg=_g_agg) -> Outcome:
                        "clip(x, ±C) almost everywhere); the limit is pointwise, not uniform, and its value beyond C is 0, not ±C"),
             regimes=result.regimes,
         )
-    return Outcome("holds", result.examples, detail, regimes=result.regimes)
+    return decide(result.examples, detail, regimes=result.regimes)
 
 
 # ---------------------------------------------------------------------------
@@ -480,25 +427,23 @@ def check_eq_10(profile: Profile, *, g_agg=_g_agg) -> Outcome:
 # ---------------------------------------------------------------------------
 
 
-@claim(
-    id="eq-77-identity",
-    paper_ref="App. E.5.4, Derivation IV, Eq. 77-78",
-    statement="For s >= 0, clip(s, ±((k+1)C − k s)) = g_agg(s, C, k), with clip(a, B) := clip(a, ±B⁺).",
-    method="symbolic",
-)
+@st.composite
+def eq77_points(draw):
+    """(s, C, k) at the edges of g_agg's regimes, C of either sign, the narrow rollback window drawn twice."""
+    c = draw(st.one_of(budgets(), budgets().map(lambda v: -v), st.just(0.0)))
+    k = draw(st.one_of(st.sampled_from((1.0, 2.0, 7.0, 256.0)), st.floats(0.25, 2048.0)))
+    star = (1 + 1 / k) * abs(c)
+    theta = draw(st.floats(0.05, 0.95))
+    where = draw(st.sampled_from(("R", "0", "C", "C*", "P", "R", "Z", "free")))
+    s = {"0": 0.0, "C": abs(c), "C*": star, "P": theta * abs(c), "R": abs(c) + theta * (star - abs(c)),
+         "Z": star * (1 + theta), "free": draw(st.floats(0.0, 5.0))}[where]
+    return dict(s=s, c=c, k=k, where=where + (" C<0" if c < 0 else ""))
+
+
+@claim("eq-77-identity", "App. E.5.4, Derivation IV, Eq. 77-78", "symbolic",
+       "For s >= 0, clip(s, ±((k+1)C − k s)) = g_agg(s, C, k), with clip(a, B) := clip(a, ±B⁺).")
 def check_eq_77_identity(profile: Profile, *, g_agg=_g_agg, budget_clip=_budget_clip) -> Outcome:
     sym_ok, sym_note = _symbolic_status("eq77_rewriting")
-
-    @st.composite
-    def cases(draw):
-        c = draw(st.one_of(budgets(), budgets().map(lambda v: -v), st.just(0.0)))
-        k = draw(st.one_of(st.sampled_from((1.0, 2.0, 7.0, 256.0)), st.floats(0.25, 2048.0)))
-        star = (1 + 1 / k) * abs(c)
-        theta = draw(st.floats(0.05, 0.95))
-        where = draw(st.sampled_from(("R", "0", "C", "C*", "P", "R", "Z", "free")))  # the narrow rollback window twice
-        s = {"0": 0.0, "C": abs(c), "C*": star, "P": theta * abs(c), "R": abs(c) + theta * (star - abs(c)),
-             "Z": star * (1 + theta), "free": draw(st.floats(0.0, 5.0))}[where]
-        return dict(s=s, c=c, k=k, where=where + (" C<0" if c < 0 else ""))
 
     def prop(case):
         s, c, k = case["s"], case["c"], case["k"]
@@ -509,13 +454,9 @@ def check_eq_77_identity(profile: Profile, *, g_agg=_g_agg, budget_clip=_budget_
             raise Falsified(f"clip form {lhs} != g_agg {rhs} at s = {s}, C = {c}, k = {k}", {**case, "clip_form": lhs, "g_agg": rhs})
         return [case["where"]]
 
-    result = search(profile, cases(), prop, salt=7701)
+    result = search(profile, eq77_points(), prop, salt=7701)
     detail = f"{sym_note} (every region of s >= 0, C of either sign); {result.examples} points through the implementation"
-    if result.falsified:
-        return Outcome("fails", result.examples, f"{result.message}; {detail}", counterexample=result.witness, regimes=result.regimes)
-    if not sym_ok:
-        return Outcome("error", result.examples, detail, regimes=result.regimes)
-    return Outcome("holds", result.examples, detail, regimes=result.regimes)
+    return from_search(result, detail, proved=sym_ok)
 
 
 # ---------------------------------------------------------------------------
@@ -542,20 +483,14 @@ def _clip_terms(x, traj_id, eps, c, label_channel, *, g_agg, budget_clip, symmet
 
 def _exact_clip_terms(xs, eps, c, i) -> dict:
     """A and D for token i recomputed in exact rationals by the derivation's SymPy formulas."""
-    m = importlib.import_module("fiberpo_theory.proofs.eq77_stricter")
+    m = importlib.import_module(f"{PROOFS}.eq77_stricter")
     _, A, D = m.instance([_rational(v) for v in xs], _rational(c), _rational(eps), i)
     return {"A": str(A), "D": str(D), "|D| < |A|": bool(abs(D) < abs(A)), "|D| <= |A|": bool(abs(D) <= abs(A))}
 
 
-@claim(
-    id="eq-77-stricter",
-    paper_ref="App. E.5.4, Derivation IV (the decomposition before Eq. 77)",
-    statement=(
-        "Decomposing the channel-split clip into a per-token ε-clip plus an aggregate clip gives a stricter clip: "
-        "its absolute value is strictly less than the channel-split one."
-    ),
-    method="property",
-)
+@claim("eq-77-stricter", "App. E.5.4, Derivation IV (the decomposition before Eq. 77)", "property",
+       "Decomposing the channel-split clip into a per-token ε-clip plus an aggregate clip gives a stricter clip: "
+       "its absolute value is strictly less than the channel-split one.")
 def check_eq_77_stricter(profile: Profile, *, g_agg=_g_agg, budget_clip=_budget_clip, symmetric_clip=_symmetric_clip) -> Outcome:
     @st.composite
     def cases(draw):
@@ -588,7 +523,7 @@ def check_eq_77_stricter(profile: Profile, *, g_agg=_g_agg, budget_clip=_budget_
         regimes[k] = regimes.get(k, 0) + v
     sym_ok, sym_note = _symbolic_status("eq77_stricter")
     if not strict.falsified:
-        return Outcome("holds", examples, f"{examples} trajectories: |decomposed| < |channel-split| for every token", regimes=regimes)
+        return decide(examples, f"{examples} trajectories: |decomposed| < |channel-split| for every token", regimes=regimes)
     cex = {"strict": {**strict.witness, "exact": _exact_clip_terms(strict.witness["log_ratio"], strict.witness["eps"],
                                                                     strict.witness["C"], strict.witness["token"])}}
     if weak.falsified:
@@ -600,7 +535,7 @@ def check_eq_77_stricter(profile: Profile, *, g_agg=_g_agg, budget_clip=_budget_
               + f"strict < fails ({strict.message})"
               + f"; re-checked in exact rationals; {sym_note} (equality on the open no-clip region; exact reversal "
               + "x = {log_ratio}, C = {C}, ε = {eps}: |D| = {D} > |A| = {A})".format(**_derivation("eq77_stricter").results["reversal"]))
-    return Outcome("fails" if reproduced else "error", examples, detail, counterexample=cex, regimes=regimes)
+    return decide(examples, detail, counterexample=cex, reproduced=reproduced, regimes=regimes)
 
 
 # ---------------------------------------------------------------------------
@@ -619,14 +554,8 @@ def _sup_delta(g_agg, C, eps, ax, T):
     return float(delta[i]), float(pts[i]), Ct
 
 
-@claim(
-    id="eq-79-approx",
-    paper_ref="App. E.5.4, Derivation IV, Eq. 77 to Eq. 79",
-    statement=(
-        "Dropping ε/(T+1) and replacing TC/(T+1) by C inside g_agg (Eq. 77 → Eq. 79) changes the clipping term by O(1/T)."
-    ),
-    method="symbolic",
-)
+@claim("eq-79-approx", "App. E.5.4, Derivation IV, Eq. 77 to Eq. 79", "symbolic",
+       "Dropping ε/(T+1) and replacing TC/(T+1) by C inside g_agg (Eq. 77 → Eq. 79) changes the clipping term by O(1/T).")
 def check_eq_79_approx(profile: Profile, *, g_agg=_g_agg, parts=fiberpo_parts) -> Outcome:
     sym_ok, sym_note = _symbolic_status("eq79_approx")
 
@@ -670,10 +599,10 @@ def check_eq_79_approx(profile: Profile, *, g_agg=_g_agg, parts=fiberpo_parts) -
     examples = result.examples + outside.examples
     regimes = {**result.regimes, **outside.regimes}
     if not result.falsified:
-        return Outcome("holds" if sym_ok else "error", examples, f"{sym_note}; sup |Δ| decayed with T in {result.examples} cases", regimes=regimes)
+        return decide(examples, f"{sym_note}; sup |Δ| decayed with T in {result.examples} cases", regimes=regimes, proved=sym_ok)
     if outside.falsified:
-        return Outcome("fails", examples, f"{result.message}; and outside the window: {outside.message}",
-                       counterexample={"no_decay": result.witness, "outside": outside.witness}, regimes=regimes)
+        return decide(examples, f"{result.message}; and outside the window: {outside.message}",
+                      counterexample={"no_decay": result.witness, "outside": outside.witness}, regimes=regimes)
     # a concrete trajectory realising the worst s at T = 1000, re-checked in exact rationals
     w = result.witness
     T = 1000
@@ -692,8 +621,8 @@ def check_eq_79_approx(profile: Profile, *, g_agg=_g_agg, parts=fiberpo_parts) -
     Cq, eq, aq = _rational(w["C"]), _rational(w["eps"]), _rational(w["absx"])
     Ct_q = (T * Cq - (eq - aq)) / (T + 1)
     exact = {str(sv): str(S.g_agg(sv, Ct_q, T) - S.g_agg(sv, Cq, T)) for sv in (Cq, (1 + sp.Rational(1, T)) * Ct_q, Ct_q, (1 + sp.Rational(1, T)) * Cq)}
-    return Outcome(
-        "conditional", examples,
+    return decide(
+        examples,
         f"{sym_note}; {result.message}: the budget moves by d/(T+1) but the gate moves by up to |d| = ||x| − ε − C| "
         f"inside a window of width O(1/T) at every T; outside the window the two agree exactly ({tally['outside_checked']} points)",
         counterexample={**w, "at T=1000": {"sup_delta": sup, "s": s_star, "C_tilde": Ct, "realised_by": realised,
@@ -712,7 +641,7 @@ SYMBOLIC_MAX_T = 3  # region proof and derived Jacobian inside the check; ``deri
 
 @lru_cache(maxsize=None)
 def _prop52_symbolic():
-    m = importlib.import_module("fiberpo_theory.proofs.prop52_jacobian")
+    m = importlib.import_module(f"{PROOFS}.prop52_jacobian")
     mismatches, rows = 0, 0
     for T in range(1, SYMBOLIC_MAX_T + 1):
         for row in m.region_table(T):
@@ -727,12 +656,8 @@ def _sym_log_jacobian(m, x, p, hyper) -> torch.Tensor:
     return torch.tensor([[float(e) for e in row] for row in rows], dtype=torch.float64)
 
 
-@claim(
-    id="prop-5.2",
-    paper_ref="Sec. 5.4, Proposition 5.2, Eq. 20",
-    statement="The Jacobian ∂G_i/∂r_j of the FiberPO gating map is the expression of Eq. 20.",
-    method="symbolic",
-)
+@claim("prop-5.2", "Sec. 5.4, Proposition 5.2, Eq. 20", "symbolic",
+       "The Jacobian ∂G_i/∂r_j of the FiberPO gating map is the expression of Eq. 20.")
 def check_prop_5_2(profile: Profile, *, gated_ratio=fiberpo_gated_ratio, jacobian=fiberpo_jacobian) -> Outcome:
     rows, mismatches, m = _prop52_symbolic()
     tally = {"max_gap": 0.0, "sym_compared": 0}
@@ -779,8 +704,7 @@ def check_prop_5_2(profile: Profile, *, gated_ratio=fiberpo_gated_ratio, jacobia
     detail = (f"symbolic: {rows} (row, region) pairs for T = 1..{SYMBOLIC_MAX_T}, {mismatches} mismatches with Eq. 20; "
               f"{result.examples} batches: autograd vs Eq. 20 relative gap <= {tally['max_gap']:.1e}, "
               f"derived region Jacobian compared on {tally['sym_compared']} short trajectories")
-    if result.falsified:
-        return Outcome("fails", result.examples, f"{result.message}; {detail}", counterexample=result.witness, regimes=result.regimes)
-    if mismatches:
-        return Outcome("fails", result.examples, detail, regimes=result.regimes)
-    return Outcome("holds", result.examples, detail, regimes=result.regimes)
+    if result.falsified or not mismatches:
+        return from_search(result, detail)
+    return decide(result.examples, detail, counterexample={"symbolic_rows": rows, "mismatches_with_eq20": mismatches},
+                  regimes=result.regimes)

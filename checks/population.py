@@ -26,19 +26,16 @@ from hypothesis import target
 
 from fiberpo_theory.claims import Outcome, Profile, claim
 from fiberpo_theory.objectives import fiberpo_parts, gspo_gated_ratio
+from fiberpo_theory.strategies import budgets, flatten, float_lists, int_lists, trajectory
 
+from ._outcomes import decide, from_search, proof_note
 from ._search_tools import (
     Falsified,
     budget_labels,
-    budgets,
-    flatten,
-    float_lists,
-    int_lists,
     length_labels,
     max_abs,
     search,
     secondary_budget,
-    trajectory,
 )
 
 # ---------------------------------------------------------------------------
@@ -117,13 +114,10 @@ def _is_fixed_length(flat: Flat) -> bool:
 
 def _symbolic_evidence(module_name: str) -> str:
     """The verified flag of the SymPy derivation in ``proofs/`` (evidence, never the verdict's source alone)."""
-    import importlib
-
     try:
-        derivation = importlib.import_module(f"fiberpo_theory.proofs.{module_name}").derive()
+        return proof_note(module_name)
     except Exception as err:  # the symbolic side is someone else's module; its absence must not hide ours
         return f"symbolic proofs/{module_name}.py unavailable ({type(err).__name__})"
-    return f"symbolic proofs/{module_name}.py verified={derivation.verified}"
 
 
 # ---------------------------------------------------------------------------
@@ -222,20 +216,14 @@ def _mp_expected_bias(episode) -> dict[str, Any]:
             "reproduced": bool(total < 0)}
 
 
-@claim(
-    id="kl-bias",
-    paper_ref="App. E.5.4 (Eq. 9, 49; Sec. 5.1 per-channel budgets)",
-    statement=(
-        "log s⁻_τ − log s⁺_τ equals −(1/T_τ) Σ_t log r_t exactly, and its expectation over trajectories "
-        "sampled from π_old is a reverse-KL estimate, hence nonnegative."
-    ),
-    method="exact-expectation",
-)
+@claim("kl-bias", "App. E.5.4 (Eq. 9, 49; Sec. 5.1 per-channel budgets)", "exact-expectation",
+       "log s⁻_τ − log s⁺_τ equals −(1/T_τ) Σ_t log r_t exactly, and its expectation over trajectories "
+       "sampled from π_old is a reverse-KL estimate, hence nonnegative.")
 def check_kl_bias(profile: Profile, *, parts=fiberpo_parts) -> Outcome:
     tally = {"max_gap": 0.0, "min_bias": math.inf}
     identity = search(profile, identity_batches(), _identity_property(parts, tally), salt=71, max_examples=secondary_budget(profile))
     if identity.falsified:
-        return Outcome("fails", identity.examples, identity.message, counterexample=identity.witness, regimes=identity.regimes)
+        return from_search(identity, "the identity fails on this batch")
     general = search(profile, kl_instances(), _expectation_property(parts, tally), salt=72)
     examples = identity.examples + general.examples
     regimes = {**identity.regimes, **general.regimes}
@@ -245,10 +233,11 @@ def check_kl_bias(profile: Profile, *, parts=fiberpo_parts) -> Outcome:
         f"{general.examples} tabular episodes (H <= 4, fixed and variable length), smallest E[log s⁻ − log s⁺] {tally['min_bias']:.3g}"
     )
     if not general.falsified:
-        return Outcome("holds", examples, searched, regimes=regimes)
+        return decide(examples, searched, regimes=regimes)
     witness = {**general.witness, "recheck": _mp_expected_bias(general.witness["episode"])}
     if not witness["recheck"]["reproduced"]:
-        return Outcome("error", examples, f"negative expectation did not reproduce in mpmath: {general.message}")
+        return decide(examples, f"negative expectation, re-checked in mpmath: {general.message}", counterexample=witness,
+                      reproduced=False, regimes=regimes)
     fixed = search(profile, kl_instances(fixed_length=True), _expectation_property(parts, tally), salt=73, max_examples=secondary_budget(profile))
     examples += fixed.examples
     regimes.update({f"restricted: {k}": v for k, v in fixed.regimes.items()})
@@ -259,9 +248,8 @@ def check_kl_bias(profile: Profile, *, parts=fiberpo_parts) -> Outcome:
         f"property behind Eq. 50 fails. Restricted to fixed-length episodes: {fixed.examples} more searched. {searched}"
     )
     if fixed.falsified:
-        return Outcome("fails", examples, detail, counterexample=fixed.witness, regimes=regimes)
-    return Outcome(
-        "conditional",
+        return decide(examples, detail, counterexample=fixed.witness, regimes=regimes)
+    return decide(
         examples,
         detail,
         counterexample=witness,
@@ -425,15 +413,9 @@ def _mp_recheck_tv(witness, gspo) -> dict[str, Any]:
     }
 
 
-@claim(
-    id="claim-3.5",
-    paper_ref="Claim 3.5, Remark 3.6, App. C.6 (Eq. 45, 49, 50)",
-    statement=(
-        "While GSPO's sequence-ratio clip is inactive on every trajectory (|s_τ − 1| <= ε), the trajectory-level "
-        "average TV between π_old and π_θ is at most about sqrt(ε/2); with ε = 4·10⁻⁴ that is ≈ 0.014."
-    ),
-    method="exact-expectation",
-)
+@claim("claim-3.5", "Claim 3.5, Remark 3.6, App. C.6 (Eq. 45, 49, 50)", "exact-expectation",
+       "While GSPO's sequence-ratio clip is inactive on every trajectory (|s_τ − 1| <= ε), the trajectory-level "
+       "average TV between π_old and π_θ is at most about sqrt(ε/2); with ε = 4·10⁻⁴ that is ≈ 0.014.")
 def check_claim_3_5(profile: Profile, *, gspo=gspo_gated_ratio) -> Outcome:
     arithmetic = _remark_3_6_arithmetic()
     tally = {"max_ratio": 0.0, "max_ratio_linear": 0.0, "max_eq50_gap": 0.0}
@@ -446,13 +428,11 @@ def check_claim_3_5(profile: Profile, *, gspo=gspo_gated_ratio) -> Outcome:
         f"{arithmetic['delta']:.6f}. {_symbolic_evidence('claim35')} (the inequality chain of App. C.6)."
     )
     if not arithmetic["agrees_to_quoted_digits"]:
-        return Outcome("fails", result.examples, f"Remark 3.6 arithmetic: {arithmetic}. {searched}", counterexample=arithmetic, regimes=result.regimes)
+        return decide(result.examples, f"Remark 3.6 arithmetic: {arithmetic}. {searched}", counterexample=arithmetic, regimes=result.regimes)
     if not result.falsified:
-        return Outcome("holds", result.examples, searched, regimes=result.regimes)
+        return from_search(result, searched)
     recheck = _mp_recheck_tv(result.witness, gspo)
-    witness = {**result.witness, "recheck": recheck}
     note = "" if recheck["inside_1_pm_eps"] else (
         " The implementation's clip stays inactive although some |s_τ − 1| exceeds ε: its clip range is not 1 ± ε."
     )
-    verdict = "fails" if recheck["reproduced"] else "error"
-    return Outcome(verdict, result.examples, f"{result.message}.{note} {searched}", counterexample=witness, regimes=result.regimes)
+    return from_search(result, f"{note} {searched}".strip(), recheck=lambda w: recheck)

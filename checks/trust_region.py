@@ -30,17 +30,9 @@ from fiberpo_theory import objectives
 from fiberpo_theory import trust_region as tr
 from fiberpo_theory.claims import Outcome, Profile, claim
 from fiberpo_theory.symbolic import lambdify
-from fiberpo_theory.proofs import (
-    tr_bound_m,
-    tr_lemma_d11,
-    tr_lemma_d12,
-    tr_maximizer,
-    tr_objective_equivalence,
-    tr_regimes,
-    tr_state_lp,
-    tr_vanishing,
-)
 
+from ._outcomes import decide, from_search, proof_note
+from ._outcomes import derivation as load_derivation
 from ._search_tools import Falsified, search
 
 RTOL = 1e-9  # relative tolerance for LP values (solve_state_lp runs HiGHS at 1e-10 tolerances)
@@ -54,13 +46,6 @@ def _rng(profile: Profile, salt: int) -> np.random.Generator:
 
 def _json(array) -> list:
     return [float(v) + 0.0 for v in np.asarray(array, dtype=np.float64).reshape(-1)]  # + 0.0 turns -0.0 into 0.0
-
-
-def _search_outcome(result, details: str, *, symbolic_ok: bool = True) -> Outcome:
-    """``fails`` with the search's witness, ``fails`` if the symbolic part did not verify, else ``holds``."""
-    if result.falsified:
-        return Outcome("fails", result.examples, details + " " + result.message, result.witness, regimes=result.regimes)
-    return Outcome("holds" if symbolic_ok else "fails", result.examples, details, regimes=result.regimes)
 
 
 def _regimes(counter: Counter) -> dict[str, int]:
@@ -219,17 +204,11 @@ def _dyadic_delta(draw, consumed: int, count: int, denominator: int) -> tuple[in
 # ---------------------------------------------------------------------------
 
 
-@claim(
-    id="thm-2.1",
-    paper_ref="Thm 2.1, Thm B.3, Lemma B.2, Eq. 76",
-    statement=(
-        "The TV radius that TRPO's surrogate-gap bound allows, (1-γ)/(8γ), tends to 0 as γ → 1 and is 0 at γ = 1, "
-        "where a TV (or KL) ball of radius 0 holds only the old policy: undiscounted TRPO permits no update."
-    ),
-    method="symbolic",
-)
+@claim("thm-2.1", "Thm 2.1, Thm B.3, Lemma B.2, Eq. 76", "symbolic",
+       "The TV radius that TRPO's surrogate-gap bound allows, (1-γ)/(8γ), tends to 0 as γ → 1 and is 0 at γ = 1, "
+       "where a TV (or KL) ball of radius 0 holds only the old policy: undiscounted TRPO permits no update.")
 def check_thm_2_1(profile: Profile, *, delta_trpo: Callable[[float], float] = tr.delta_trpo) -> Outcome:
-    derivation = tr_vanishing.derive()
+    derivation = load_derivation("tr_vanishing")
     symbolic = lambdify(derivation.results["gamma"], derivation.results["delta_trpo"])
     rng = _rng(profile, 21)
     approach = 1 - 10.0 ** -np.arange(1, 16)  # γ → 1⁻
@@ -239,21 +218,21 @@ def check_thm_2_1(profile: Profile, *, delta_trpo: Callable[[float], float] = tr
         got, want = float(delta_trpo(float(gamma))), float(symbolic(gamma))
         regimes["γ=1" if gamma == 1 else ("1-γ<1e-6" if 1 - gamma < 1e-6 else "γ in (0,1)")] += 1
         if not np.isclose(got, want, rtol=1e-12, atol=1e-300):
-            return Outcome("fails", len(gammas), "implementation disagrees with Eq. 76", {"gamma": float(gamma), "implementation": got, "eq_76": want}, regimes=_regimes(regimes))
+            return decide(len(gammas), "implementation disagrees with Eq. 76", regimes=_regimes(regimes),
+                          counterexample={"gamma": float(gamma), "implementation": got, "eq_76": want})
     along = np.array([float(delta_trpo(float(g))) for g in approach])
     decreasing = bool(np.all(np.diff(along) < 0))
     slope = along / (1 - approach)  # → 1/8 as γ → 1
     at_one = float(delta_trpo(1.0))
     details = (
-        f"symbolic derivation verified={derivation.verified} (limit, value at γ=1, derivative -1/(8γ²), "
+        f"{proof_note('tr_vanishing')} (limit, value at γ=1, derivative -1/(8γ²), "
         f"first-order (1-γ)/8, Pinsker for the KL ball); {len(gammas)} values of γ compared with the "
         f"lambdified Eq. 76; δ(1) = {at_one}; δ(1-1e-15)/(1e-15) = {slope[-1]:.6f} (1/8 expected from the series)."
     )
-    ok = derivation.verified and decreasing and at_one == 0.0 and abs(slope[-1] - 0.125) < 1e-3
-    if ok:
-        return Outcome("holds", len(gammas), details, regimes=_regimes(regimes))
-    witness = {"derivation_verified": derivation.verified, "decreasing": decreasing, "delta_at_1": at_one, "slope_near_1": float(slope[-1])}
-    return Outcome("fails", len(gammas), details, witness, regimes=_regimes(regimes))
+    witness = None
+    if not (decreasing and at_one == 0.0 and abs(slope[-1] - 0.125) < 1e-3):
+        witness = {"decreasing": decreasing, "delta_at_1": at_one, "slope_near_1": float(slope[-1])}
+    return decide(len(gammas), details, counterexample=witness, proved=derivation.verified, regimes=_regimes(regimes))
 
 
 # ---------------------------------------------------------------------------
@@ -263,7 +242,7 @@ def check_thm_2_1(profile: Profile, *, delta_trpo: Callable[[float], float] = tr
 
 @functools.lru_cache(maxsize=1)
 def _state_value_formula():
-    derivation = tr_state_lp.derive()
+    derivation = load_derivation("tr_state_lp")
     sym = derivation.results["symbols"]
     return lambdify((sym["T_s"], sym["A_max"], sym["A_min"]), derivation.results["state_value"])
 
@@ -275,17 +254,11 @@ def _closed_form_state_values(inst: tr.TabularInstance) -> np.ndarray:
     return np.asarray(value(inst.state_count.astype(float), top, bottom), dtype=float)
 
 
-@claim(
-    id="lemma-d.2",
-    paper_ref="Lemma D.2",
-    statement=(
-        "The discount-weighted average M of the per-sample unit-TV LP values M(s)/T_s never exceeds the largest "
-        "absolute advantage ‖Â‖∞."
-    ),
-    method="property",
-)
+@claim("lemma-d.2", "Lemma D.2", "property",
+       "The discount-weighted average M of the per-sample unit-TV LP values M(s)/T_s never exceeds the largest "
+       "absolute advantage ‖Â‖∞.")
 def check_lemma_d2(profile: Profile, *, state_values: Callable = tr.state_values) -> Outcome:
-    derivation = tr_bound_m.derive()
+    derivation = load_derivation("tr_bound_m")
     worst = [0.0]
 
     def prop(example):
@@ -306,10 +279,8 @@ def check_lemma_d2(profile: Profile, *, state_values: Callable = tr.state_values
         return labels
 
     result = search(profile, hypothesis_instances(), prop, salt=2)
-    details = f"symbolic derivation verified={derivation.verified}; {result.examples} Hypothesis instances; largest M/‖Â‖∞ seen {worst[0]:.12g}."
-    if result.falsified or not derivation.verified:
-        return Outcome("fails", result.examples, details + " " + result.message, result.witness, regimes=result.regimes)
-    return Outcome("holds", result.examples, details, regimes=result.regimes)
+    details = f"{proof_note('tr_bound_m')}; {result.examples} Hypothesis instances; largest M/‖Â‖∞ seen {worst[0]:.12g}."
+    return from_search(result, details, proved=derivation.verified)
 
 
 # ---------------------------------------------------------------------------
@@ -325,15 +296,9 @@ def _unique_optimum(inst: tr.TabularInstance) -> np.ndarray:
     return (top > bottom) & (n_top == 1) & (n_bottom == 1)
 
 
-@claim(
-    id="eq-70",
-    paper_ref="Eq. 70, Eq. 71",
-    statement=(
-        "Scaling the TV radius of the per-state LP by c >= 0 scales its maximizer and its value M(s) by c, and the "
-        "maximizer under the relaxed constraint D̂TV <= c is again c times the unit-radius maximizer."
-    ),
-    method="lp",
-)
+@claim("eq-70", "Eq. 70, Eq. 71", "lp",
+       "Scaling the TV radius of the per-state LP by c >= 0 scales its maximizer and its value M(s) by c, and the "
+       "maximizer under the relaxed constraint D̂TV <= c is again c times the unit-radius maximizer.")
 def check_eq_70(profile: Profile, *, solve: Callable = tr.solve_state_lp) -> Outcome:
     rng = _rng(profile, 70)
     regimes: Counter = Counter()
@@ -386,7 +351,7 @@ def check_eq_70(profile: Profile, *, solve: Callable = tr.solve_state_lp) -> Out
         f"{', '.join(INSTANCE_KINDS)}; vertices compared where the optimum is unique."
     )
     if scaling_failure is not None:
-        return Outcome("fails", examples, details + " Scaling broke.", scaling_failure, regimes=_regimes(regimes))
+        return decide(examples, details + " Scaling broke.", counterexample=scaling_failure, regimes=_regimes(regimes))
     if relaxed_witness is not None:
         condition = (
             "M(s) > 0, i.e. the advantages at s are not all equal; at a single-action state the equality form "
@@ -397,8 +362,8 @@ def check_eq_70(profile: Profile, *, solve: Callable = tr.solve_state_lp) -> Out
             "D̂TV <= c had a maximizer with D̂TV < c — exactly the states whose optimum is 0, where every feasible Δ "
             "is optimal and the step 'attained at c* = c' of Eq. 71 fails."
         )
-        return Outcome("conditional", examples, details, relaxed_witness, condition=condition, regimes=_regimes(regimes))
-    return Outcome("holds", examples, details, regimes=_regimes(regimes))
+        return decide(examples, details, counterexample=relaxed_witness, condition=condition, regimes=_regimes(regimes))
+    return decide(examples, details, regimes=_regimes(regimes))
 
 
 # ---------------------------------------------------------------------------
@@ -438,17 +403,11 @@ def _search_better(objective: Callable, inst, center: np.ndarray, reference: flo
     return best_point, best_value, best_value > reference + tol
 
 
-@claim(
-    id="thm-d.3",
-    paper_ref="Thm D.3, Eq. 68-70",
-    statement=(
-        "The reduced sample-based TV-TRPO objective is maximized by scaling each state's unit-TV LP maximizer by one "
-        "common factor t* = (1-γ)M/(8γ‖Â‖∞), so every state ends at the same sample TV t*."
-    ),
-    method="lp",
-)
+@claim("thm-d.3", "Thm D.3, Eq. 68-70", "lp",
+       "The reduced sample-based TV-TRPO objective is maximized by scaling each state's unit-TV LP maximizer by one "
+       "common factor t* = (1-γ)M/(8γ‖Â‖∞), so every state ends at the same sample TV t*.")
 def check_thm_d3(profile: Profile, *, maximizer: Callable = tr.tv_trpo_maximizer) -> Outcome:
-    sym = tr_maximizer.derive()
+    sym = load_derivation("tr_maximizer")
     peak = lambdify((sym.results["M"], sym.results["A"], sym.results["gamma"]), sym.results["peak"])
     rng = _rng(profile, 3)
     regimes: Counter = Counter()
@@ -531,21 +490,20 @@ def check_thm_d3(profile: Profile, *, maximizer: Callable = tr.tv_trpo_maximizer
         else:
             regimes["all states at TV t*"] += 1
     details = (
-        f"symbolic derivation verified={sym.verified}; {examples} instances (γ from 0.05 to 0.999, kinds "
+        f"{proof_note('tr_maximizer')}; {examples} instances (γ from 0.05 to 0.999, kinds "
         f"{', '.join(INSTANCE_KINDS)}): closed-form peak, LP certificate at 3 TV caps (t*, t*(1 ± 1e-3); concavity in the cap makes it global to 1e-3), {full_solves} full numeric "
         f"TV-TRPO solves (LP + bounded scalar search), and a random/local search of 7×64 points each. "
         f"In {invalid_ratio} instances the maximizer has a ratio 1 + Δ <= 0 (Eq. 68 does not impose r >= 0; see thm-d.10)."
     )
-    if failure is not None or not sym.verified:
-        return Outcome("fails", examples, details, failure, regimes=_regimes(regimes))
-    if equalization is not None:
+    condition = None
+    if failure is None and equalization is not None:
         condition = "every sampled state has two distinct advantage values (M(s) > 0)"
         details += (
             " Value and maximizer agree everywhere; but at states with M(s) = 0 the maximizer is not unique and the "
             "least-norm one (Def. D.1's tie-break) has D̂TV = 0, not t*: the equalization and Δ*_s = t*Δ̂*_s hold only where M(s) > 0."
         )
-        return Outcome("conditional", examples, details, equalization, condition=condition, regimes=_regimes(regimes))
-    return Outcome("holds", examples, details, regimes=_regimes(regimes))
+    return decide(examples, details, counterexample=failure if failure is not None else equalization,
+                  condition=condition, proved=sym.verified, regimes=_regimes(regimes))
 
 
 # ---------------------------------------------------------------------------
@@ -592,17 +550,11 @@ def _instance_with_deviation(draw):
     return inst, kinds, deviation, delta, delta_mode
 
 
-@claim(
-    id="lemma-d.6",
-    paper_ref="Lemma D.6, Remark D.7, Eq. 57, 72-74",
-    statement=(
-        "Regrouping APC-Obj's token terms by state-action pair and subtracting the centring correction C(Δ)_s "
-        "(Eq. 73-74) leaves the objective unchanged when advantages are centred per state."
-    ),
-    method="symbolic",
-)
+@claim("lemma-d.6", "Lemma D.6, Remark D.7, Eq. 57, 72-74", "symbolic",
+       "Regrouping APC-Obj's token terms by state-action pair and subtracting the centring correction C(Δ)_s "
+       "(Eq. 73-74) leaves the objective unchanged when advantages are centred per state.")
 def check_lemma_d6(profile: Profile, *, surrogate: Callable = tr.apc_obj_surrogate, gate: Callable = objectives.apc_obj_gated_ratio) -> Outcome:
-    derivation = tr_objective_equivalence.derive()
+    derivation = load_derivation("tr_objective_equivalence")
     largest = [0.0]
 
     def prop(example):
@@ -621,11 +573,11 @@ def check_lemma_d6(profile: Profile, *, surrogate: Callable = tr.apc_obj_surroga
 
     result = search(profile, _instance_with_deviation(), prop, salt=6)
     details = (
-        f"symbolic derivation verified={derivation.verified} (difference -C(Δ)_s Σ n Â, zero under Eq. 66); "
+        f"{proof_note('tr_objective_equivalence')} (difference -C(Δ)_s Σ n Â, zero under Eq. 66); "
         f"{result.examples} Hypothesis cases compared Eq. 73 with the token-level Eq. 57 built from the core gate and "
         f"rgf_objective; largest relative gap {largest[0]:.3g}."
     )
-    return _search_outcome(result, details, symbolic_ok=derivation.verified)
+    return from_search(result, details, proved=derivation.verified)
 
 
 # ---------------------------------------------------------------------------
@@ -655,18 +607,12 @@ def _gate_case(draw):
     return state, counts, z, denominator, m, label
 
 
-@claim(
-    id="eq-61-63",
-    paper_ref="Eq. 60-63 (App. C.2), Eq. 59",
-    statement=(
-        "Each APC-Obj token falls in exactly one regime: pass-through when its state's sample TV is within δ, "
-        "zeroed when the other tokens alone use up the budget (|Δ|/T_s <= D̂TV - δ), and rolled back to a smaller "
-        "non-zero deviation otherwise."
-    ),
-    method="property",
-)
+@claim("eq-61-63", "Eq. 60-63 (App. C.2), Eq. 59", "property",
+       "Each APC-Obj token falls in exactly one regime: pass-through when its state's sample TV is within δ, "
+       "zeroed when the other tokens alone use up the budget (|Δ|/T_s <= D̂TV - δ), and rolled back to a smaller "
+       "non-zero deviation otherwise.")
 def check_eq_61_63(profile: Profile, *, gate: Callable = objectives.apc_obj_gated_ratio) -> Outcome:
-    derivation = tr_regimes.derive()
+    derivation = load_derivation("tr_regimes")
 
     def prop(case):
         state, counts, z, denominator, m, label = case
@@ -708,12 +654,12 @@ def check_eq_61_63(profile: Profile, *, gate: Callable = objectives.apc_obj_gate
 
     result = search(profile, _gate_case(), prop, salt=61)
     details = (
-        f"symbolic derivation verified={derivation.verified} (P: D̂TV <= δ; R: δ < D̂TV < δ + |Δ|/T_s; Z: D̂TV >= δ + |Δ|/T_s; "
+        f"{proof_note('tr_regimes')} (P: D̂TV <= δ; R: δ < D̂TV < δ + |Δ|/T_s; Z: D̂TV >= δ + |Δ|/T_s; "
         f"a partition for Δ ≠ 0); {result.examples} Hypothesis cases with dyadic ratios (exact float64), every token's "
         "gate output checked against the regime its conditions predict, including the rolled-back size (B) - (C1). "
         "At Δ = 0 a token of an over-budget state is put in Z by the conditions; its output 0 is also the identity."
     )
-    return _search_outcome(result, details, symbolic_ok=derivation.verified)
+    return from_search(result, details, proved=derivation.verified)
 
 
 # ---------------------------------------------------------------------------
@@ -728,15 +674,9 @@ def _retraction_case(draw):
     return state, counts, z, denominator, m, label
 
 
-@claim(
-    id="lemma-d.9",
-    paper_ref="Lemma D.9, Def. D.8",
-    statement=(
-        "Clipping every deviation by the budget left at its state and re-centring (Def. D.8) brings each state's "
-        "sample TV to at most δ, and strictly below δ at every state that started above δ."
-    ),
-    method="property",
-)
+@claim("lemma-d.9", "Lemma D.9, Def. D.8", "property",
+       "Clipping every deviation by the budget left at its state and re-centring (Def. D.8) brings each state's "
+       "sample TV to at most δ, and strictly below δ at every state that started above δ.")
 def check_lemma_d9(profile: Profile, *, retraction: Callable = tr.retraction) -> Outcome:
     smallest_margin = [np.inf]
 
@@ -778,7 +718,7 @@ def check_lemma_d9(profile: Profile, *, retraction: Callable = tr.retraction) ->
         f"{result.examples} Hypothesis cases with dyadic centred u (exact float64), δ at and around each state's TV; "
         f"smallest (δ - D̂TV after)/(D̂TV before - δ) over states above δ with a non-zero image: {margin:.6g} (the proof's chain of inequalities implies >= 1)."
     )
-    return _search_outcome(result, details)
+    return from_search(result, details)
 
 
 # ---------------------------------------------------------------------------
@@ -794,15 +734,9 @@ def _identity_eq75(inst, deviation, delta, surrogate) -> float:
     return float(np.max(np.abs(np.asarray(surrogate(inst, deviation, delta)) - linear)))
 
 
-@claim(
-    id="thm-d.10",
-    paper_ref="Thm D.10, Thm 3.3, Def. D.4 (Eq. 72), Def. 3.2, Def. C.1",
-    statement=(
-        "Over ratio deviations that satisfy the probability constraint, the surrogated APC-Obj objective with "
-        "δ = δ^(APC-Obj) and the reduced TV-TRPO objective have the same maximizer."
-    ),
-    method="lp",
-)
+@claim("thm-d.10", "Thm D.10, Thm 3.3, Def. D.4 (Eq. 72), Def. 3.2, Def. C.1", "lp",
+       "Over ratio deviations that satisfy the probability constraint, the surrogated APC-Obj objective with "
+       "δ = δ^(APC-Obj) and the reduced TV-TRPO objective have the same maximizer.")
 def check_thm_d10(
     profile: Profile,
     *,
@@ -883,17 +817,16 @@ def check_thm_d10(
         "of 7×64 valid centred points, and Eq. 75 (surrogate = linear objective at proj(G(Δ))) was checked. "
         "B: the δ printed in Def. 3.2/C.1. C: instances where t*Δ̂* has a ratio <= 0, re-solved over valid ratios."
     )
-    if failure is not None:
-        return Outcome("fails", examples, details, failure, regimes=_regimes(regimes))
-    if witnesses:
+    condition = None
+    if failure is None and witnesses:
         condition = (
             "δ^(APC-Obj) is Eq. 72's (1-γ)M/(8γ‖Â‖∞) = t* (not the (1-γ)²M/(8γ‖Â‖∞T) printed in Def. 3.2 and Def. C.1), "
             "and the claimed update t*Δ̂* is a valid policy (every ratio 1 + t*Δ̂* > 0), or ratio positivity is ignored as Eq. 68 does"
         )
         found = " and ".join(sorted(witnesses))
         details += f" No counterexample in the paper's model; witnesses outside it: {found}."
-        return Outcome("conditional", examples, details, witnesses, condition=condition, regimes=_regimes(regimes))
-    return Outcome("holds", examples, details, regimes=_regimes(regimes))
+    return decide(examples, details, counterexample=failure if failure is not None else (witnesses or None),
+                  condition=condition, regimes=_regimes(regimes))
 
 
 # ---------------------------------------------------------------------------
@@ -901,14 +834,10 @@ def check_thm_d10(
 # ---------------------------------------------------------------------------
 
 
-@claim(
-    id="lemma-d.11",
-    paper_ref="Lemma D.11, Eq. 72, Eq. 76",
-    statement="The APC-Obj clipping radius never exceeds the TRPO radius (1-γ)/(8γ).",
-    method="symbolic",
-)
+@claim("lemma-d.11", "Lemma D.11, Eq. 72, Eq. 76", "symbolic",
+       "The APC-Obj clipping radius never exceeds the TRPO radius (1-γ)/(8γ).")
 def check_lemma_d11(profile: Profile, *, delta_apc: Callable = tr.delta_apc_obj, delta_trpo: Callable = tr.delta_trpo) -> Outcome:
-    derivation = tr_lemma_d11.derive()
+    derivation = load_derivation("tr_lemma_d11")
     sym = derivation.results["symbols"]
     t_star = lambdify((sym["M"], sym["adv_norm"], sym["gamma"]), derivation.results["delta_apc"])
 
@@ -932,21 +861,17 @@ def check_lemma_d11(profile: Profile, *, delta_apc: Callable = tr.delta_apc_obj,
 
     result = search(profile, hypothesis_instances(), prop, salt=11)
     details = (
-        f"symbolic derivation verified={derivation.verified} (δ^(TRPO) - δ^(APC-Obj) = (1-γ)(‖Â‖∞ - M)/(8γ‖Â‖∞); the printed "
+        f"{proof_note('tr_lemma_d11')} (δ^(TRPO) - δ^(APC-Obj) = (1-γ)(‖Â‖∞ - M)/(8γ‖Â‖∞); the printed "
         f"Def. 3.2 radius is Eq. 72's times (1-γ)/T); {result.examples} Hypothesis instances compared both radii "
         "(LP values of M) with δ^(TRPO)."
     )
-    return _search_outcome(result, details, symbolic_ok=derivation.verified)
+    return from_search(result, details, proved=derivation.verified)
 
 
-@claim(
-    id="lemma-d.12",
-    paper_ref="Lemma D.12, Lemma B.2",
-    statement="The TV-TRPO and APC-Obj updates keep every sampled state's TV within the TRPO radius (1-γ)/(8γ).",
-    method="lp",
-)
+@claim("lemma-d.12", "Lemma D.12, Lemma B.2", "lp",
+       "The TV-TRPO and APC-Obj updates keep every sampled state's TV within the TRPO radius (1-γ)/(8γ).")
 def check_lemma_d12(profile: Profile, *, trpo_maximizer: Callable = tr.tv_trpo_maximizer, apc_maximizer: Callable = tr.apc_obj_maximizer) -> Outcome:
-    derivation = tr_lemma_d12.derive()
+    derivation = load_derivation("tr_lemma_d12")
     subset = [0]
     ratios: list[float] = []  # Eq. 34's TV over Eq. 39's D̂TV, with π_old(a|s) read off as n_{s,a}/T_s
 
@@ -976,7 +901,7 @@ def check_lemma_d12(profile: Profile, *, trpo_maximizer: Callable = tr.tv_trpo_m
 
     result = search(profile, hypothesis_instances(), prop, salt=12)
     details = (
-        f"symbolic derivation verified={derivation.verified}; {result.examples} Hypothesis instances: the closed-form "
+        f"{proof_note('tr_lemma_d12')}; {result.examples} Hypothesis instances: the closed-form "
         f"TV-TRPO and APC-Obj maximizers, and on {subset[0]} of them the numeric TV-TRPO maximizer over valid ratios "
         "(r >= 1e-6), compared with δ^(TRPO). The paper's D^max_TV over all states equals this sample max only "
         "under App. D.1's assumption that the sample estimates are exact; unsampled states are not constrained."
@@ -987,5 +912,5 @@ def check_lemma_d12(profile: Profile, *, trpo_maximizer: Callable = tr.tv_trpo_m
             f"[{min(ratios):.6g}, {max(ratios):.6g}] on {len(ratios)} states: Eq. 39 omits the ½ of Eq. 34/37, so D̂TV "
             "is twice the TV it estimates and the bound holds with room to spare (true TV = t*/2)."
         )
-    return _search_outcome(result, details, symbolic_ok=derivation.verified)
+    return from_search(result, details, proved=derivation.verified)
 

@@ -1,4 +1,4 @@
-"""The claim registry: every audited claim of SPEC §5 with its check.
+"""The claim registry: every audited claim of the paper (Fibration Policy Optimization, arXiv:2603.08239) with its check.
 
 A check is a plain function ``check(profile) -> Outcome``.  It searches for
 evidence and reports what it found; it never decides the verdict in advance.
@@ -88,8 +88,12 @@ class ClaimReport:
 _REGISTRY: dict[str, Claim] = {}
 
 
-def claim(*, id: str, paper_ref: str, statement: str, method: str):
-    """Decorator registering ``check(profile) -> Outcome`` under a claim id (`fiberpo-theory verify --list` prints them)."""
+def claim(id: str, paper_ref: str, method: str, statement: str):
+    """Decorator registering ``check(profile) -> Outcome`` under a claim id (`fiberpo-theory verify --list` prints them).
+
+    ``paper_ref`` cites the paper; ``method`` is one of :data:`METHODS`;
+    ``statement`` is the claim in our own words.
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 

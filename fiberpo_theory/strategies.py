@@ -13,13 +13,14 @@ the one named by the environment variable ``HYPOTHESIS_PROFILE`` (default
 ``"ci"``).  The test suite's conftest calls it; importing the module alone
 leaves a user's own Hypothesis settings untouched.
 
-Claim checks run these strategies through ``checks._search_tools.search``.
+Claim checks (``fiberpo_theory.checks``) run these strategies through their seeded search helper.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -40,6 +41,13 @@ __all__ = [
     "fgh_examples",
     "aimed_fgh_examples",
     "flat_batches",
+    "token_values",
+    "budgets",
+    "trajectory",
+    "float_lists",
+    "int_lists",
+    "draw_regime_targeted",
+    "flatten",
 ]
 
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
@@ -338,3 +346,106 @@ def flat_batches(draw, *, max_tokens: int = 40, styles=None) -> FlatBatch:
     c_neg, t_neg = _aimed_budget(draw, agg_neg, length, draw(st.sampled_from("PRZ")))
     eps = draw(_budget(0.005, 1.5))
     return FlatBatch(x, sample.traj_id, eps, max(c_pos, 1e-6), max(c_neg, 1e-6), (t_pos, t_neg), style)
+
+
+# ---------------------------------------------------------------------------
+# Trajectories aimed at the edges of the FiberPO claims (used by the claim checks)
+# ---------------------------------------------------------------------------
+
+# These aim at where FiberPO-type claims break: x = 0 exactly, repeated values,
+# T = 1 and long T, budgets near zero, and the narrow rollback window of g_agg
+# (width C/T, Eq. 10).
+
+# Values where gates switch or degenerate; the exact zero matters most (the gates' kinks sit at x = 0, Eq. 10, 12).
+EDGE_VALUES = (0.0, 0.0, 1e-12, -1e-12, 1e-6, -1e-6, 0.04, -0.04, 0.5, -0.5, 3.0, -3.0)
+BUDGETS = (1e-6, 1e-4, 1e-3, 0.04, 0.05, 0.12, 0.2, 1.0)
+LONG_LENGTHS = (64, 256, 1024)
+
+
+# Strategies are built once: constructing them inside every draw (validation, recursion
+# checks) cost more than the checks themselves.
+
+
+@lru_cache(maxsize=None)
+def token_values(bound: float = 3.0) -> st.SearchStrategy[float]:
+    return st.one_of(
+        st.just(0.0),
+        st.sampled_from(EDGE_VALUES),
+        st.floats(-bound, bound, allow_nan=False, allow_infinity=False, allow_subnormal=False),
+    )
+
+
+@lru_cache(maxsize=None)
+def budgets() -> st.SearchStrategy[float]:
+    return st.one_of(st.sampled_from(BUDGETS), st.floats(1e-6, 2.0, allow_subnormal=False))
+
+
+@lru_cache(maxsize=None)
+def trajectory(*, max_short: int = 12, long_lengths=LONG_LENGTHS) -> st.SearchStrategy[list[float]]:
+    """One trajectory's log-ratios: short, or a short pattern tiled to a long length."""
+    pattern = st.lists(token_values(), min_size=1, max_size=max_short)
+    if not long_lengths:
+        return pattern
+    tiled = st.tuples(pattern, st.sampled_from(long_lengths)).map(lambda p: (p[0] * (p[1] // len(p[0]) + 1))[: p[1]])
+    # one draw in six is long; the short branch comes first so shrinking heads toward it
+    return st.one_of(pattern, pattern, pattern, pattern, pattern, tiled)
+
+
+@lru_cache(maxsize=None)
+def float_lists(size: int, low: float, high: float) -> st.SearchStrategy[list[float]]:
+    """Exactly ``size`` finite floats in [low, high] (cached: sizes repeat)."""
+    return st.lists(st.floats(low, high, allow_subnormal=False), min_size=size, max_size=size)
+
+
+@lru_cache(maxsize=None)
+def int_lists(size: int, low: int, high: int) -> st.SearchStrategy[list[int]]:
+    return st.lists(st.integers(low, high), min_size=size, max_size=size)
+
+
+_REGIMES = st.sampled_from(("free", "P", "P-edge", "R", "Z-edge", "Z"))
+_THETA = st.floats(0.05, 0.95)
+
+
+def draw_regime_targeted(draw, c_pos: float, c_neg: float, *, long_lengths=LONG_LENGTHS) -> tuple[list[float], dict]:
+    """Draw a trajectory whose channel aggregates log s^± land in a chosen g_agg regime.
+
+    The positive and negative parts of a random pattern are rescaled so that
+    log s⁺ (resp. log s⁻) hits a target: pass (< C), the pass edge (= C),
+    rollback (C, (1 + 1/T) C), the zero edge ((1 + 1/T) C), or beyond.  The
+    rollback window has width C/T, so random log-ratios almost never hit it.
+    """
+    pattern = draw(trajectory(long_lengths=long_lengths))
+    length = len(pattern)
+    targets = {}
+    values = torch.tensor(pattern, dtype=torch.float64)
+    for name, budget, part_sign in (("pos", c_pos, 1.0), ("neg", c_neg, -1.0)):
+        part = torch.clamp(part_sign * values, min=0)
+        mean = float(part.mean())
+        if mean <= 0:
+            targets[name] = "empty"
+            continue
+        regime, theta = draw(_REGIMES), draw(_THETA)
+        target = {
+            "free": mean,
+            "P": budget * theta,
+            "P-edge": budget,
+            "R": budget * (1 + theta / length),
+            "Z-edge": budget * (1 + 1 / length),
+            "Z": budget * (1 + 1 / length) * (1 + 4 * theta),
+        }[regime]
+        # part / mean first: with tiny tokens tiled long the mean is subnormal and target / mean overflows
+        values = torch.where(part > 0, part_sign * (part / mean) * target, values)
+        targets[name] = regime
+    return values.tolist(), targets
+
+
+def flatten(trajectories: list[list[float]], *, shuffle_key: int = 0, dtype=torch.float64):
+    """Flat log-ratios and trajectory ids; ids are non-contiguous and, with a key, interleaved."""
+    values = [v for traj in trajectories for v in traj]
+    ids = [7 * (len(trajectories) - t) + 3 for t, traj in enumerate(trajectories) for _ in traj]
+    x = torch.tensor(values, dtype=dtype)
+    traj_id = torch.tensor(ids, dtype=torch.long)
+    if shuffle_key:
+        order = torch.randperm(x.numel(), generator=torch.Generator().manual_seed(shuffle_key))
+        x, traj_id = x[order], traj_id[order]
+    return x, traj_id

@@ -53,6 +53,18 @@ def case_table(d_value):
     return pts, values
 
 
+def _exact_instance() -> tuple[dict, Step]:
+    """An exact instance at T = 1000 where the gate moves by the whole of d."""
+    inst = dict(T=sp.Integer(1000), C=sp.Rational(1, 5), eps=sp.Rational(1, 20), absx=sp.Rational(3, 20))
+    d_i = inst["absx"] - inst["eps"] - inst["C"]
+    Ct_i = inst["C"] + d_i / (inst["T"] + 1)
+    s_i = (1 + sp.Integer(1) / inst["T"]) * Ct_i
+    g77, g79 = S.g_agg(s_i, Ct_i, inst["T"]), S.g_agg(s_i, inst["C"], inst["T"])
+    step = Step(S.Tex(r"g^{agg}(s, \tilde C, T) - g^{agg}(s, C, T)"),
+                g77 - g79, f"exact instance T = 1000, C = 1/5, ε = 1/20, |x| = 3/20, s = (1 + 1/T)C̃: Eq. 77 gives {g77}, Eq. 79 gives {g79}; the change equals d = {d_i}")
+    return dict(inst, d=d_i, s=s_i, eq77=g77, eq79=g79), step
+
+
 def derive() -> Derivation:
     steps = []
     C0, Ct = budgets()
@@ -84,15 +96,9 @@ def derive() -> Derivation:
     pts = break_points(d_neg)
     width = sp.simplify(pts[-1] - pts[0])
     steps.append(Step(S.Tex(r"\text{width of the window where } \Delta \ne 0"), width, "O(1/T): outside it Δ = 0 exactly"))
-    # an exact instance at T = 1000
-    inst = dict(T=sp.Integer(1000), C=sp.Rational(1, 5), eps=sp.Rational(1, 20), absx=sp.Rational(3, 20))
-    d_i = inst["absx"] - inst["eps"] - inst["C"]
-    Ct_i = inst["C"] + d_i / (inst["T"] + 1)
-    s_i = (1 + sp.Integer(1) / inst["T"]) * Ct_i
-    g77, g79 = S.g_agg(s_i, Ct_i, inst["T"]), S.g_agg(s_i, inst["C"], inst["T"])
-    steps.append(Step(S.Tex(r"g^{agg}(s, \tilde C, T) - g^{agg}(s, C, T)"),
-                      g77 - g79, f"exact instance T = 1000, C = 1/5, ε = 1/20, |x| = 3/20, s = (1 + 1/T)C̃: Eq. 77 gives {g77}, Eq. 79 gives {g79}; the change equals d = {d_i}"))
-    ok &= (g77 - g79) == d_i
+    instance, instance_step = _exact_instance()
+    steps.append(instance_step)
+    ok &= instance["eq77"] - instance["eq79"] == instance["d"]
     return Derivation(
         id="eq-79-approx",
         title="Eq. 79: the budget approximation is O(1/T), the gate change is not",
@@ -114,5 +120,5 @@ def derive() -> Derivation:
             "not uniformly in the gate value: the claim holds only for s outside the window (or when |x| = ε + C)."
         ),
         verified=bool(ok),
-        results={"cases": results, "delta": delta, "instance": dict(inst, d=d_i, s=s_i, eq77=g77, eq79=g79)},
+        results={"cases": results, "delta": delta, "instance": instance},
     )

@@ -108,40 +108,41 @@ def _coupling(row):
     return local, [sp.expand(d - (local if j == i else 0)) for j, d in enumerate(row["derived"])]
 
 
-def derive() -> Derivation:
-    steps: list[Step] = []
-    mismatches = []
-    counts = {}
-    on_policy_identity = True
-    separation_ok, separation_bad = 0, 0
-    worst_rollback = None
+def _survey_regions() -> dict:
+    """Every (row, region) pair for T = 1..MAX_T: Eq. 20 mismatches, Property 5.4's region, Property 5.5's coupling."""
+    survey = {"counts": {}, "mismatches": [], "on_policy_identity": True, "separation_ok": 0, "separation_bad": 0,
+              "worst_rollback": None}
     for T in range(1, MAX_T + 1):
         table = region_table(T)
-        counts[T] = len(table)
+        survey["counts"][T] = len(table)
         for row in table:
             if any(sp.expand(a - b) != 0 for a, b in zip(row["derived"], row["eq20"])):
-                mismatches.append((T, row))
+                survey["mismatches"].append((T, row))
             # Property 5.4's region: both channels pass through, both clips inactive.
             if row["pos"] == "P" and row["neg"] == "P" and row["u"] == "in" and row["v"] == "in":
                 expected = [1 if j == row["i"] else 0 for j in range(T)]
-                on_policy_identity &= all(sp.expand(d - e) == 0 for d, e in zip(row["derived"], expected))
+                survey["on_policy_identity"] &= all(sp.expand(d - e) == 0 for d, e in zip(row["derived"], expected))
             # Property 5.5: size of the coupling term (b).
             _, coupling = _coupling(row)
             big = max(abs(c.subs(K, T)) for c in coupling)
             if "R+" in (row["pos"], row["neg"]):
-                worst_rollback = big if worst_rollback is None else max(worst_rollback, big)
+                worst = survey["worst_rollback"]
+                survey["worst_rollback"] = big if worst is None else max(worst, big)
             elif big <= sp.Rational(1, T):
-                separation_ok += 1
+                survey["separation_ok"] += 1
             else:
-                separation_bad += 1
+                survey["separation_bad"] += 1
+    return survey
 
-    # Worked region for the printout: T = 2, signs (+, -), positive channel rolling back.
+
+def _worked_region_steps() -> list[Step]:
+    """The printout's worked region: T = 2, signs (+, -), positive channel rolling back."""
     xs2 = token_symbols(2)
     region = {"sign": ("+", "-"), "pos": "R+", "neg": "P", "u": ["in", "low"], "v": ["in", "in"]}
     fp = S.fiberpo_trajectory(xs2, eps=EPS, c_pos=C_POS, c_neg=C_NEG, k=K, region=region)
     row0 = [sp.diff(fp["log_gated"][0], x) for x in xs2]
     gamma = {"+": -K, "-": sp.Integer(1)}
-    steps += [
+    return [
         Step(S.Tex(r"\log s^{+}"), fp["log_s_pos"], "Eq. 9 on the worked region (T = 2, $x_1 \\ge 0 > x_2$)"),
         Step(S.Tex(r"\log s^{-}"), fp["log_s_neg"], "Eq. 9"),
         Step(S.Tex(r"\log G_1"), fp["log_gated"][0],
@@ -153,37 +154,30 @@ def derive() -> Derivation:
         Step(S.Tex(r"\text{Eq. 20}_{12}"), eq20_log_entry(0, 1, ("+", "-"), 2, gamma, True, True),
              "Eq. 20 with $γ^{-} = 1$, opposite signs, $1[|v_1| \\le ε] = 1$"),
     ]
-    total = sum(counts.values())
-    steps.append(Step(S.Tex(r"\#\{\text{(row, region) pairs checked}\}"), sp.Integer(total),
-                      "T = 1..4, every sign pattern, channel branches P/R+/Z each, every clip branch of $l_i u_i$ and the sign-allowed ones of $l_i v_i$"))
-    steps.append(Step(S.Tex(r"\#\{\text{pairs where derivative} \ne \text{Eq. 20}\}"), sp.Integer(len(mismatches)),
-                      "exact comparison of the expanded expressions (k symbolic)"))
 
-    # Property 5.3: a token's gated log-ratio does not contain another trajectory's tokens.
+
+def _block_diagonal() -> bool:
+    """Property 5.3: a token's gated log-ratio does not contain another trajectory's tokens."""
+    xs2 = token_symbols(2)
     ys = sp.symbols("y_1:3", real=True)
     fp_a = S.fiberpo_trajectory(list(xs2), eps=EPS, c_pos=C_POS, c_neg=C_NEG)
     fp_b = S.fiberpo_trajectory(list(ys), eps=EPS, c_pos=C_POS, c_neg=C_NEG)
     cross = [sp.diff(e, y) for e in fp_a["log_gated"] for y in ys] + [sp.diff(e, x) for e in fp_b["log_gated"] for x in xs2]
-    block_diagonal = all(c == 0 for c in cross)
-    steps.append(Step(S.Tex(r"\partial \log G_i/\partial y_j \;(i \in \tau_1,\ j \in \tau_2)"), sp.Integer(0) if block_diagonal else S.Tex(r"\ne 0"),
-                      "Property 5.3: the full Piecewise expression of one trajectory has no other trajectory's token among its symbols"))
+    return all(c == 0 for c in cross)
 
-    # Property 5.4 at exactly r = 1 on the full domain (sign label +1 at 0).
+
+def _identity_at_zero() -> bool:
+    """Property 5.4 at exactly r = 1 on the full domain (sign label +1 at 0)."""
     at_zero = True
     for T in range(1, FULL_DOMAIN_MAX_T + 1):
         xs, _, jac = full_domain_log_jacobian(T, eps=EPS, c_pos=C_POS, c_neg=C_NEG)
         zero = {x: 0 for x in xs}
         at_zero &= all(sp.simplify(jac[i][j].subs(zero)) == (1 if i == j else 0) for i in range(T) for j in range(T))
-    steps.append(Step(S.Tex(r"\left.\partial \log G_i/\partial x_j\right|_{x = 0}"), S.Tex(r"\delta_{ij}") if at_zero else S.Tex(r"\text{not the identity}"),
-                      "Property 5.4: full-domain Piecewise derivative at x = 0 for T = 1..3 (label +1 at 0)"))
+    return at_zero
 
-    steps.append(Step(S.Tex(r"|(b)|\ \text{outside rollback}"), S.Tex(r"\le 1/T_\tau"),
-                      f"Property 5.5 holds in {separation_ok} of {separation_ok + separation_bad} non-rollback (row, region) pairs"))
-    steps.append(Step(S.Tex(r"\max |(b)|\ \text{in rollback}, k = T"), worst_rollback,
-                      "Property 5.5 fails there: γ = −k makes (b) = (−k − …)/T of order 1 (k/T in general)"))
 
-    verified = not mismatches and block_diagonal and at_zero and on_policy_identity
-    conclusion = (
+def _conclusion(total: int, mismatches: list, worst_rollback) -> str:
+    return (
         f"Eq. 20 equals the derivative of the gated log-ratio in all {total} (row, region) pairs for T = 1..4 "
         f"({'no' if not mismatches else len(mismatches)} mismatches), with the paper's boundary conventions "
         "(pass-through closed at |log s| = C, zeroed from (1 + 1/k)C on, clips closed, label +1 at x = 0), "
@@ -194,6 +188,29 @@ def derive() -> Derivation:
         "Property 5.5 is conditional: |(b)| <= 1/T when neither channel is in rollback, but in rollback γ = −k "
         f"gives |(b)| up to {worst_rollback} at k = T (k/T in general), an O(1) coupling."
     )
+
+
+def derive() -> Derivation:
+    survey = _survey_regions()
+    mismatches, worst_rollback = survey["mismatches"], survey["worst_rollback"]
+    separation_ok, separation_bad = survey["separation_ok"], survey["separation_bad"]
+    total = sum(survey["counts"].values())
+    block_diagonal, at_zero = _block_diagonal(), _identity_at_zero()
+    steps = _worked_region_steps() + [
+        Step(S.Tex(r"\#\{\text{(row, region) pairs checked}\}"), sp.Integer(total),
+             "T = 1..4, every sign pattern, channel branches P/R+/Z each, every clip branch of $l_i u_i$ and the sign-allowed ones of $l_i v_i$"),
+        Step(S.Tex(r"\#\{\text{pairs where derivative} \ne \text{Eq. 20}\}"), sp.Integer(len(mismatches)),
+             "exact comparison of the expanded expressions (k symbolic)"),
+        Step(S.Tex(r"\partial \log G_i/\partial y_j \;(i \in \tau_1,\ j \in \tau_2)"), sp.Integer(0) if block_diagonal else S.Tex(r"\ne 0"),
+             "Property 5.3: the full Piecewise expression of one trajectory has no other trajectory's token among its symbols"),
+        Step(S.Tex(r"\left.\partial \log G_i/\partial x_j\right|_{x = 0}"), S.Tex(r"\delta_{ij}") if at_zero else S.Tex(r"\text{not the identity}"),
+             "Property 5.4: full-domain Piecewise derivative at x = 0 for T = 1..3 (label +1 at 0)"),
+        Step(S.Tex(r"|(b)|\ \text{outside rollback}"), S.Tex(r"\le 1/T_\tau"),
+             f"Property 5.5 holds in {separation_ok} of {separation_ok + separation_bad} non-rollback (row, region) pairs"),
+        Step(S.Tex(r"\max |(b)|\ \text{in rollback}, k = T"), worst_rollback,
+             "Property 5.5 fails there: γ = −k makes (b) = (−k − …)/T of order 1 (k/T in general)"),
+    ]
+    verified = not mismatches and block_diagonal and at_zero and survey["on_policy_identity"]
     return Derivation(
         id="prop-5.2",
         title="Proposition 5.2: the FiberPO Ratio Gating Jacobian, region by region (with Properties 5.3-5.5)",
@@ -209,14 +226,14 @@ def derive() -> Derivation:
             "this is the convention Eq. 20's indicators (<=) and the torch gates use.",
         ],
         steps=steps,
-        conclusion=conclusion,
+        conclusion=_conclusion(total, mismatches, worst_rollback),
         verified=bool(verified),
         results={
-            "region_counts": counts,
+            "region_counts": survey["counts"],
             "mismatches": mismatches,
             "block_diagonal": block_diagonal,
             "identity_at_r1": at_zero,
-            "identity_on_LI_GI": on_policy_identity,
+            "identity_on_LI_GI": survey["on_policy_identity"],
             "rollback_coupling_max": worst_rollback,
             "symbols": {"eps": EPS, "c_pos": C_POS, "c_neg": C_NEG, "k": K},
         },

@@ -49,7 +49,7 @@ def test_first_order_is_conditional_on_context_free_gates():
     assert witness["value_minus_one_max"] == 0.0
     # autograd and finite differences agree that the Jacobian is not the identity
     assert witness["jacobian_minus_identity_max"] > 0.1
-    assert witness["finite_difference_recheck_max_deviation"] == pytest.approx(witness["jacobian_minus_identity_max"], rel=1e-6)
+    assert witness["recheck"]["finite_difference_max_deviation"] == pytest.approx(witness["jacobian_minus_identity_max"], rel=1e-6)
     assert {"gates:fiberpo", "gates:smooth", "gates:context-vanishing"} <= set(outcome.regimes)
 
 
@@ -57,8 +57,8 @@ def test_e54_verification_line_needs_the_factor_t():
     outcome = cf.check_eq_e5_fbg(PROFILE)
     assert outcome.verdict == "conditional", outcome.details
     w = outcome.counterexample
-    ratios = [r for r in w["recheck_ratio_G_to_eq79"] if r is not None]
-    lengths = [t for t, r in zip(w["T"], w["recheck_ratio_G_to_eq79"]) if r is not None]
+    ratios = [r for r in w["recheck"]["ratio_G_to_eq79"] if r is not None]
+    lengths = [t for t, r in zip(w["T"], w["recheck"]["ratio_G_to_eq79"]) if r is not None]
     assert ratios and all(math.isclose(r * t, 1.0, rel_tol=1e-12) for r, t in zip(ratios, lengths))
     assert any(t > 1 for t in lengths)
 
@@ -97,7 +97,7 @@ def test_reflecting_catches_wrong_kernels(kernels_for):
 
 def test_reflecting_catches_a_leaky_kernel_with_exact_recheck():
     outcome = cf.check_reflecting(PROFILE, kernels_for=_leaky_kernels)
-    assert outcome.counterexample["recheck_fibre_sum_is_one"] is False
+    assert outcome.counterexample["recheck"]["fibre_sum_is_one"] is False
 
 
 def _flipped_base_operator(sigma, h, kernels, gates):
@@ -124,7 +124,7 @@ def test_eq31_catches_uniform_domain_kernel_and_rechecks_with_python():
     outcome = cf.check_eq_31_fgh(Profile(name="test", max_examples=150, seed=0), gated_ratio=_uniform_kernel_ratio)
     assert outcome.verdict == "fails", outcome.details
     w = outcome.counterexample
-    assert w["closed_form_agrees_with_reference"] and not w["fgh_agrees_with_reference"]
+    assert w["recheck"]["closed_form_agrees_with_reference"] and not w["recheck"]["fgh_agrees_with_reference"]
 
 
 def _relu_decompose(log_ratio, length):
@@ -136,7 +136,7 @@ def test_first_order_catches_relu_decomposition():
     outcome = cf.check_fgh_first_order(PROFILE, decompose=_relu_decompose)
     assert outcome.verdict == "fails"
     assert outcome.counterexample["gate_family"] != "context"
-    assert outcome.counterexample["finite_difference_recheck_max_deviation"] < 1e-6  # the function itself is fine...
+    assert outcome.counterexample["recheck"]["finite_difference_max_deviation"] < 1e-6  # the function itself is fine...
     assert outcome.counterexample["jacobian_minus_identity_max"] > 0.5  # ...its autograd derivative is not
 
 
@@ -148,5 +148,5 @@ def test_e54_catches_recovery_without_t():
     outcome = cf.check_eq_e5_fbg(PROFILE, recover=_recover_without_length)
     assert outcome.verdict == "fails"
     w = outcome.counterexample
-    assert w["python_reference_eq80"] == pytest.approx(w["closed_form"], rel=1e-9)
+    assert w["recheck"]["python_reference_eq80"] == pytest.approx(w["closed_form"], rel=1e-9)
     assert w["fgh"] != pytest.approx(w["closed_form"], rel=1e-9)
