@@ -1,15 +1,25 @@
-"""``fiberpo-theory bench``: forward+backward time and memory of every objective.
+"""``fiberpo-theory bench``: forward+backward time and memory of every objective against the losses users run.
 
-Each method is timed on the same ragged batch as the full RGF loss
-``-Σ μ_i G(r)_i Â_i`` (Eq. 2) from raw log-ratios and ids to gradients, so
-segment indexing (``torch.unique``) is inside every timing, GRPO's included;
-FiberPO and FiberPO-Domain reuse their trajectory indexing for μ, as the
-loss registry does.
-Results are ratios to GRPO measured in the same run, with the repeats of all
-methods interleaved; absolute numbers depend on the machine.  Memory is the
-bytes autograd saves for backward (any device) and, on CUDA, the peak
-allocated during the step.  Throughput is also given as tokens/s and as a
-fraction of the device's measured copy bandwidth (issue 6's GPU goal).
+Every case is one step from a fresh leaf to gradients: the scalar loss
+``-Σ μ_i G(r)_i Â_i`` (Eq. 2) of the method, including whatever id
+indexing, flattening and validation that method's path does.  The same
+tokens are laid out three ways:
+
+* ``padded``: ``(B, L)`` log-probs with a response mask, rows are
+  trajectories (what verl and TRL hand to a loss);
+* ``sorted``: flat tokens with sorted trajectory ids (packed batches);
+* ``shuffled``: the same flat tokens in a random order (arbitrary ids).
+
+Baselines: the bare elementwise clip ``clamp(exp(x), 1±ε)·Â`` summed (no
+ids, no weights); the package's GRPO objective on flat ids; the package's
+GRPO registry loss on the padded batch; and, when verl is installed, verl's
+own ``compute_policy_loss_vanilla`` with ``agg_loss`` in
+``seq-mean-token-mean`` mode (dual-clip PPO plus its clip-fraction and KL
+metrics) on the padded batch.  Ratios are measured in one run with the
+repeats of all cases interleaved, so load bursts hit every case alike.
+Memory is the bytes autograd saves for backward (any device) and, on CUDA,
+the peak allocated during the step.  Throughput is tokens/s and a floor on
+the fraction of the measured copy bandwidth.
 """
 
 from __future__ import annotations
@@ -30,78 +40,193 @@ from rich.table import Table
 from . import objectives as obj
 from .cli_types import positive_int, torch_device
 from .fgh import fiberpo_hierarchy_gated_ratio
+from .losses import POLICY_LOSSES
+from .segments import Segments, segments_for
 
-# Goals of issue 2 (ratio to GRPO, forward+backward) and issue 3 (operator vs closed form).
-GOALS = {"fiberpo": 3.0, "fiberpo_domain": 4.0, "apc_obj": 4.0}
-HIERARCHY_GOAL = 2.0
+EPS, C_POS, C_NEG, DELTA = 0.2, 0.12, 0.05, 0.1
+FIBER = dict(eps=EPS, c_pos=C_POS, c_neg=C_NEG)
+
+# Goals of issue 11: (case, baseline case, largest ratio).
+GOALS = (
+    ("fiberpo/padded", "verl/padded", 2.0),
+    ("fiberpo_domain/padded", "verl/padded", 2.5),
+    ("fiberpo/sorted", "clip/sorted", 3.0),
+    ("fiberpo/shuffled", "clip/sorted", 5.0),
+    ("apc_obj/shuffled", "clip/sorted", 3.0),
+    ("fgh_4level/sorted", "fiberpo_domain/sorted", 1.5),
+)
+STRETCH = ("fiberpo/sorted", "clip/sorted", 1.5)
+MEMORY_GOAL = ("fiberpo/padded", "verl/padded", 2.0)
+SCALING_CASES = ("clip/sorted", "verl/padded", "fiberpo/padded", "fiberpo/sorted", "fiberpo_domain/sorted")
+SCALING_TOLERANCE = 0.2  # cost per token within ±20% of its value at the main table's size
+
+
+def verl_loss():
+    """verl's ``compute_policy_loss_vanilla`` (with ``agg_loss``) and an actor config, or ``None`` without verl."""
+    try:
+        from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
+        from verl.workers.config.actor import ActorConfig
+    except Exception:  # verl is optional; any import failure means "not available"
+        return None
+    config = ActorConfig(strategy="fsdp", clip_ratio=EPS, ppo_micro_batch_size_per_gpu=1, use_dynamic_bsz=False,
+                         rollout_n=1)
+    return compute_policy_loss_vanilla, config
 
 
 @dataclass
 class Batch:
-    log_ratio: torch.Tensor
+    """The same tokens in the flat sorted, flat shuffled and padded layouts (ids per token or per row)."""
+
+    log_ratio: torch.Tensor  # (N,) sorted layout
     advantages: torch.Tensor
-    traj_id: torch.Tensor
+    traj_id: torch.Tensor  # sorted trajectory ids
     group_id: torch.Tensor
     domain_id: torch.Tensor
     state_id: torch.Tensor
+    lengths: torch.Tensor  # (B,)
+    perm: torch.Tensor  # (N,) the shuffled layout is log_ratio[perm]
+    names: torch.Tensor  # (B,) arbitrary trajectory names used by the shuffled layout
+    padded_log_prob: torch.Tensor  # (B, L); old log-probs are zero, so log_prob - old = log_ratio
+    padded_old: torch.Tensor
+    padded_advantages: torch.Tensor
+    mask: torch.Tensor  # (B, L) bool
 
 
 def make_batch(n_tokens: int, n_traj: int, *, seed: int = 0, device="cpu", dtype=torch.float32) -> Batch:
-    """A ragged batch: lengths vary ×4, 8 trajectories per prompt group, 4 domains, ids shuffled."""
+    """Ragged trajectories (lengths vary ×4), 8 per prompt group, 4 domains, random state ids."""
     gen = torch.Generator().manual_seed(seed)
     weights = torch.rand(n_traj, generator=gen) * 3 + 1
     lengths = torch.clamp((weights / weights.sum() * n_tokens).round().long(), min=1)
     lengths[-1] += n_tokens - int(lengths.sum())
-    traj_names = torch.randperm(n_traj * 10, generator=gen)[:n_traj]
-    traj = torch.repeat_interleave(traj_names, lengths)
-    group = torch.repeat_interleave(torch.arange(n_traj) // 8 * 3 + 5, lengths)
-    domain = torch.repeat_interleave(torch.arange(n_traj) // 8 % 4 + 100, lengths)
+    traj = torch.repeat_interleave(torch.arange(n_traj), lengths)
+    rows = torch.arange(n_traj)
+    group = torch.repeat_interleave(rows // 8 * 3 + 5, lengths)
+    domain = torch.repeat_interleave(rows // 8 % 4 + 100, lengths)
     log_ratio = torch.randn(n_tokens, generator=gen) * 0.05
     advantages = torch.repeat_interleave(torch.randn(n_traj, generator=gen), lengths)
     state = torch.randint(0, max(n_tokens // 4, 1), (n_tokens,), generator=gen)
+    perm = torch.randperm(n_tokens, generator=gen)
+    names = torch.randperm(n_traj * 10, generator=gen)[:n_traj]
+    mask = torch.arange(int(lengths.max())).unsqueeze(0) < lengths.unsqueeze(1)
+    padded = torch.zeros(mask.shape).masked_scatter(mask, log_ratio)
+    padded_adv = torch.zeros(mask.shape).masked_scatter(mask, advantages)
     to = dict(device=device)
+    fl = dict(device=device, dtype=dtype)
     return Batch(
-        log_ratio.to(device=device, dtype=dtype),
-        advantages.to(device=device, dtype=dtype),
-        traj.to(**to),
-        group.to(**to),
-        domain.to(**to),
-        state.to(**to),
+        log_ratio.to(**fl), advantages.to(**fl), traj.to(**to), group.to(**to), domain.to(**to), state.to(**to),
+        lengths.to(**to), perm.to(**to), names.to(**to), padded.to(**fl), torch.zeros(mask.shape, **fl),
+        padded_adv.to(**fl), mask.to(**to),
     )
 
 
-def method_losses(eps=0.2, c_pos=0.12, c_neg=0.05, delta=0.1) -> dict[str, Callable[[Batch, torch.Tensor], torch.Tensor]]:
-    """Loss builders: each maps (batch, log_ratio leaf) to the scalar RGF loss."""
+@dataclass
+class Case:
+    """One timed step: ``loss(leaf)`` from a fresh leaf copied from ``start``."""
 
-    def loss(method, gated, b, traj=None):
-        weights = obj.aggregation_weights(method, gated, b.traj_id if traj is None else traj)
-        return -obj.rgf_objective(gated, b.advantages, weights)
+    name: str  # "method/layout"
+    includes: str
+    start: torch.Tensor
+    loss: Callable[[torch.Tensor], torch.Tensor]
 
-    def parts_loss(method, parts, b):
-        # μ reuses the trajectory indexing the objective built, as the loss registry does
-        return loss(method, parts.gated_ratio, b, parts.traj)
+    @property
+    def method(self) -> str:
+        return self.name.split("/")[0]
 
-    losses = {
-        "grpo": lambda b, x: loss("grpo", obj.grpo_gated_ratio(torch.exp(x), eps=eps), b),
-        "ppo": lambda b, x: loss("ppo", obj.ppo_gated_ratio(torch.exp(x), eps=eps), b),
-        "gspo": lambda b, x: loss("gspo", obj.gspo_gated_ratio(x, b.traj_id, eps=eps), b),
-        "apc_obj": lambda b, x: loss("apc_obj", obj.apc_obj_gated_ratio(torch.exp(x), b.state_id, delta=delta), b),
-        "fiberpo": lambda b, x: parts_loss(
-            "fiberpo", obj.fiberpo_parts(x, b.traj_id, eps=eps, c_pos=c_pos, c_neg=c_neg), b
-        ),
-        "fiberpo_domain": lambda b, x: parts_loss(
-            "fiberpo_domain",
-            obj.fiberpo_domain_parts(x, b.traj_id, b.group_id, b.domain_id, eps=eps, c_pos=c_pos, c_neg=c_neg),
-            b,
-        ),
-        # the general FGH operator on domain -> group -> trajectory -> token (issue 3's 4-level goal)
-        "fgh_4level": lambda b, x: loss(
-            "fiberpo_domain",
-            fiberpo_hierarchy_gated_ratio(x, [b.domain_id, b.group_id, b.traj_id], eps=eps, c_pos=c_pos, c_neg=c_neg),
-            b,
-        ),
-    }
-    return losses
+
+def _objective(method, gated, advantages, traj):
+    return -obj.rgf_objective(gated, advantages, obj.aggregation_weights(method, gated, traj))
+
+
+def _padded_cases(b: Batch) -> list[Case]:
+    mask, old, adv = b.mask, b.padded_old, b.padded_advantages
+    row_group, row_domain = b.group_id[b.lengths.cumsum(0) - 1], b.domain_id[b.lengths.cumsum(0) - 1]
+
+    def flat(lp):
+        traj = Segments.from_lengths(mask.sum(1))  # rows are trajectories: no sort
+        return (lp - old)[mask], adv[mask], traj
+
+    def fiberpo(lp):
+        x, a, traj = flat(lp)
+        return _objective("fiberpo", obj.fiberpo_gated_ratio(x, traj, **FIBER), a, traj)
+
+    def fiberpo_domain(lp):
+        x, a, traj = flat(lp)
+        group, domain = row_group.index_select(0, traj.index), row_domain.index_select(0, traj.index)
+        return _objective("fiberpo_domain", obj.fiberpo_domain_gated_ratio(x, traj, group, domain, **FIBER), a, traj)
+
+    def registry(name, **extra):
+        return lambda lp: POLICY_LOSSES[name](old, lp, adv, mask, "seq-mean-token-mean", **extra)[0]
+
+    cases = [
+        Case("grpo_loss/padded", "package registry GRPO: validation, flattening, metrics", b.padded_log_prob,
+             registry("grpo", eps=EPS)),
+        Case("fiberpo/padded", "(lp - old)[mask], Segments.from_lengths, fused gate, μ, Eq. 2", b.padded_log_prob,
+             fiberpo),
+        Case("fiberpo_domain/padded", "as fiberpo/padded plus row group/domain ids per token", b.padded_log_prob,
+             fiberpo_domain),
+        Case("fiberpo_loss/padded", "package registry FiberPO: autograd reference path and its metrics",
+             b.padded_log_prob, registry("fiberpo", **FIBER)),
+    ]
+    verl = verl_loss()
+    if verl is not None:
+        vanilla, config = verl
+        mask_float = mask.to(old.dtype)
+        cases.insert(0, Case("verl/padded", "verl compute_policy_loss_vanilla + agg_loss seq-mean-token-mean",
+                             b.padded_log_prob,
+                             lambda lp: vanilla(old, lp, adv, mask_float, "seq-mean-token-mean", config)[0]))
+    return cases
+
+
+def _flat_cases(b: Batch) -> list[Case]:
+    x, adv = b.log_ratio, b.advantages
+    sx, sadv, straj = x[b.perm], adv[b.perm], b.names[b.traj_id][b.perm]
+    sgroup, sdomain = b.group_id[b.perm], b.domain_id[b.perm]
+
+    def clip(z):
+        return -(torch.clamp(torch.exp(z), 1 - EPS, 1 + EPS) * adv).sum()
+
+    return [
+        Case("clip/sorted", "clamp(exp(x), 1±ε)·Â summed: no ids, no weights", x, clip),
+        Case("grpo/sorted", "package GRPO objective: trajectory ids indexed for μ", x,
+             lambda z: _objective("grpo", obj.grpo_gated_ratio(torch.exp(z), eps=EPS), adv, b.traj_id)),
+        Case("ppo/sorted", "package PPO objective, token-mean", x,
+             lambda z: _objective("ppo", obj.ppo_gated_ratio(torch.exp(z), eps=EPS), adv, None)),
+        Case("gspo/sorted", "package GSPO objective", x,
+             lambda z: _objective("gspo", obj.gspo_gated_ratio(z, b.traj_id, eps=0.04), adv, b.traj_id)),
+        Case("fiberpo/sorted", "ids checked, sorted detected, fused gate, μ", x,
+             lambda z: _fiber_objective(z, b.traj_id, adv)),
+        Case("fiberpo/shuffled", "arbitrary ids ranked, fused gate, μ", sx, lambda z: _fiber_objective(z, straj, sadv)),
+        Case("fiberpo_domain/sorted", "fused gate, group/domain carried per trajectory", x,
+             lambda z: _domain_objective(z, b.traj_id, b.group_id, b.domain_id, adv)),
+        Case("fiberpo_domain/shuffled", "as above on shuffled tokens", sx,
+             lambda z: _domain_objective(z, straj, sgroup, sdomain, sadv)),
+        Case("apc_obj/shuffled", "random state ids (T/4 states), token-mean", x,
+             lambda z: _objective("apc_obj", obj.apc_obj_gated_ratio(torch.exp(z), b.state_id, delta=DELTA), adv, None)),
+        Case("fgh_4level/sorted", "general FGH operator, domain→group→trajectory→token", x,
+             lambda z: _objective("fiberpo_domain", fiberpo_hierarchy_gated_ratio(
+                 z, [b.domain_id, b.group_id, b.traj_id], **FIBER), adv, b.traj_id)),
+    ]
+
+
+def _fiber_objective(x, traj_id, adv):
+    traj = segments_for("traj_id", traj_id, x)  # indexed once, reused for μ
+    return _objective("fiberpo", obj.fiberpo_gated_ratio(x, traj, **FIBER), adv, traj)
+
+
+def _domain_objective(x, traj_id, group_id, domain_id, adv):
+    traj = segments_for("traj_id", traj_id, x)
+    return _objective("fiberpo_domain", obj.fiberpo_domain_gated_ratio(x, traj, group_id, domain_id, **FIBER),
+                      adv, traj)
+
+
+def all_cases(b: Batch) -> list[Case]:
+    return _flat_cases(b) + _padded_cases(b)
+
+
+def method_names() -> list[str]:
+    """Every method a case can be selected by (``--methods``)."""
+    return ["clip", "grpo", "ppo", "gspo", "apc_obj", "fiberpo", "fiberpo_domain", "fgh_4level", "grpo_loss",
+            "fiberpo_loss", "verl"]
 
 
 def _sync(device):
@@ -109,44 +234,44 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _step(fn, batch: Batch, saved: list[int]) -> float:
+def _step(case: Case, saved: list[int]) -> float:
     """One forward+backward from a fresh leaf; adds the bytes autograd saves to ``saved``; returns seconds."""
-    device = batch.log_ratio.device
+    device = case.start.device
 
     def pack(tensor):
         saved[0] += tensor.numel() * tensor.element_size()
         return tensor
 
-    x = batch.log_ratio.detach().requires_grad_(True)
+    leaf = case.start.detach().clone().requires_grad_(True)
     _sync(device)
     start = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = fn(batch, x)
+        loss = case.loss(leaf)
     loss.backward()
     _sync(device)
     return time.perf_counter() - start
 
 
-def measure_all(fns: dict[str, Callable], batch: Batch, repeats: int) -> dict[str, tuple[float, int, int]]:
-    """Per method: median seconds of forward+backward, bytes saved for backward, peak CUDA bytes (0 on CPU).
+def measure_all(cases: list[Case], repeats: int) -> dict[str, tuple[float, int, int]]:
+    """Per case: median seconds of forward+backward, bytes saved for backward, peak CUDA bytes (0 on CPU).
 
-    Repeats are interleaved (every method once, then again), so a burst of
-    load on a shared machine lands on all methods alike and the ratios stay
-    comparable.  A first untimed step per method warms allocators and kernels.
+    Repeats are interleaved (every case once, then again), so a burst of
+    load on a shared machine lands on all cases alike and the ratios stay
+    comparable.  A first untimed step per case warms allocators and kernels.
     """
-    device = batch.log_ratio.device
-    saved, peak, times = {}, {}, {name: [] for name in fns}
-    for name, fn in fns.items():
+    saved, peak, times = {}, {}, {case.name: [] for case in cases}
+    for case in cases:
+        device = case.start.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         counter = [0]
-        _step(fn, batch, counter)
-        saved[name] = counter[0]
-        peak[name] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+        _step(case, counter)
+        saved[case.name] = counter[0]
+        peak[case.name] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(_step(fn, batch, [0]))
-    return {name: (statistics.median(times[name]), saved[name], peak[name]) for name in fns}
+        for case in cases:
+            times[case.name].append(_step(case, [0]))
+    return {name: (statistics.median(times[name]), saved[name], peak[name]) for name in times}
 
 
 def copy_bandwidth(device, n_bytes: int = 1 << 28, repeats: int = 5) -> float:
@@ -166,12 +291,13 @@ def copy_bandwidth(device, n_bytes: int = 1 << 28, repeats: int = 5) -> float:
 
 @dataclass
 class Row:
-    method: str
+    method: str  # the case name, "method/layout"
     tokens: int
     seconds: float
     saved_bytes: int
     peak_bytes: int
-    time_ratio: float = 0.0
+    includes: str = ""
+    time_ratio: float = 0.0  # to grpo/sorted, the package's GRPO objective
     memory_ratio: float = 0.0
     value_bytes: int = 4
 
@@ -185,16 +311,25 @@ class Row:
         return 2 * self.saved_bytes + 2 * self.tokens * self.value_bytes
 
 
-def run_table(batch: Batch, repeats: int, methods: list[str], progress=None) -> list[Row]:
-    losses = method_losses()
-    names = ["grpo"] + [m for m in methods if m in losses and m != "grpo"]
+def _selected(cases: list[Case], methods) -> list[Case]:
+    """The chosen methods plus every baseline a goal compares with."""
+    if not methods:
+        return cases
+    keep = set(methods) | {"clip", "grpo", "verl"}
+    keep |= {"fiberpo_domain"} if "fgh_4level" in keep else set()
+    return [case for case in cases if case.method in keep]
+
+
+def run_table(batch: Batch, repeats: int, methods=None, progress=None) -> list[Row]:
+    cases = _selected(all_cases(batch), methods)
     task = progress.add_task("objectives", total=1) if progress else None
-    measured = measure_all({name: losses[name] for name in names}, batch, repeats)
+    measured = measure_all(cases, repeats)
     if progress:
         progress.advance(task)
     size = batch.log_ratio.element_size()
-    rows = [Row(name, batch.log_ratio.numel(), *measured[name], value_bytes=size) for name in names]
-    base = rows[0]
+    rows = [Row(c.name, batch.log_ratio.numel(), *measured[c.name], includes=c.includes, value_bytes=size)
+            for c in cases]
+    base = next(row for row in rows if row.method == "grpo/sorted")
     for row in rows:
         row.time_ratio = row.seconds / base.seconds
         row.memory_ratio = row.saved_bytes / max(base.saved_bytes, 1)
@@ -202,59 +337,77 @@ def run_table(batch: Batch, repeats: int, methods: list[str], progress=None) -> 
 
 
 def run_scaling(sizes: list[int], repeats: int, device, dtype, progress=None) -> list[Row]:
-    losses = method_losses()
-    names = ("grpo", "fiberpo", "fiberpo_domain")
     rows = []
     task = progress.add_task("scaling", total=len(sizes)) if progress else None
     for n in sizes:
         batch = make_batch(n, max(n // 1024, 1), device=device, dtype=dtype)
-        measured = measure_all({name: losses[name] for name in names}, batch, repeats)
-        rows += [Row(name, n, *measured[name], value_bytes=batch.log_ratio.element_size()) for name in names]
+        cases = [case for case in all_cases(batch) if case.name in SCALING_CASES]
+        measured = measure_all(cases, repeats)
+        rows += [Row(c.name, n, *measured[c.name], value_bytes=batch.log_ratio.element_size()) for c in cases]
         if progress:
             progress.advance(task)
     return rows
 
 
+def goal_lines(rows: list[Row], scaling: list[Row], main_tokens: int) -> list[str]:
+    """Each goal of issue 11 as one line: the ratio measured in this run and whether it is met."""
+    by = {row.method: row for row in rows}
+    lines = []
+
+    def ratio_line(case, base, limit, what="time", label=""):
+        if case not in by or base not in by:
+            return f"{label}{case} vs {base}: not measured (baseline unavailable)"
+        pick = (lambda r: r.seconds) if what == "time" else (lambda r: r.saved_bytes)
+        ratio = pick(by[case]) / max(pick(by[base]), 1e-12)
+        return f"{label}{case} {what} = {ratio:.2f}× {base} (goal ≤ {limit}×: {'met' if ratio <= limit else 'MISSED'})"
+
+    lines += [ratio_line(*goal) for goal in GOALS]
+    lines.append(ratio_line(*STRETCH, label="stretch: "))
+    lines.append(ratio_line(*MEMORY_GOAL, what="saved bytes"))
+    lines.append(ratio_line("fiberpo/padded", "grpo_loss/padded", 2.0, what="saved bytes"))
+    sizes = sorted({row.tokens for row in scaling})
+    for case in ("fiberpo/sorted", "fiberpo/padded"):
+        per_token = {row.tokens: row.seconds / row.tokens for row in scaling if row.method == case}
+        if len(per_token) < 2:
+            continue
+        ref = per_token.get(main_tokens, statistics.median(per_token.values()))
+        spread = max(abs(v / ref - 1) for v in per_token.values())
+        ok = spread <= SCALING_TOLERANCE
+        lines.append(f"{case} cost per token from {sizes[0]:,} to {sizes[-1]:,} tokens: within ±{100 * spread:.0f}% "
+                     f"(goal ±{100 * SCALING_TOLERANCE:.0f}%: {'met' if ok else 'MISSED'})")
+    return lines
+
+
 def _ratio_table(rows: list[Row], device: str, bandwidth: float) -> Table:
-    table = Table(title=f"forward+backward at {rows[0].tokens:,} tokens on {device} (ratios to GRPO, same run)")
-    columns = ("method", "ms", "× GRPO time", "saved MB", "× GRPO saved", "Mtok/s", "% copy BW", "goal")
+    table = Table(title=f"forward+backward at {rows[0].tokens:,} tokens on {device} (same run)")
+    columns = ("case", "ms", "× clip", "× verl", "× GRPO time", "saved MB", "× GRPO saved", "Mtok/s", "% copy BW",
+               "includes")
     for col in columns:
-        table.add_column(col, justify="right" if col != "method" else "left")
-    by_name = {row.method: row for row in rows}
+        table.add_column(col, justify="left" if col in ("case", "includes") else "right")
+    by = {row.method: row for row in rows}
     for row in rows:
-        goal = ""
-        if row.method in GOALS:
-            ok = row.time_ratio <= GOALS[row.method]
-            goal = f"≤ {GOALS[row.method]:.0f}× {'met' if ok else 'MISSED'}"
-        if row.method == "fgh_4level" and "fiberpo_domain" in by_name:
-            ratio = row.seconds / by_name["fiberpo_domain"].seconds
-            goal = f"{ratio:.2f}× closed form (≤ {HIERARCHY_GOAL:.0f}× {'met' if ratio <= HIERARCHY_GOAL else 'MISSED'})"
+        ratio = {base: f"{row.seconds / by[base].seconds:.2f}" if base in by else "-"
+                 for base in ("clip/sorted", "verl/padded")}
         table.add_row(
-            row.method,
-            f"{row.seconds * 1e3:.1f}",
-            f"{row.time_ratio:.2f}",
-            f"{row.saved_bytes / 2**20:.1f}",
-            f"{row.memory_ratio:.2f}",
-            f"{row.tokens_per_second / 1e6:.2f}",
-            f"{100 * row.bytes_moved / row.seconds / bandwidth:.1f}",
-            goal,
+            row.method, f"{row.seconds * 1e3:.1f}", ratio["clip/sorted"], ratio["verl/padded"],
+            f"{row.time_ratio:.2f}", f"{row.saved_bytes / 2**20:.1f}", f"{row.memory_ratio:.2f}",
+            f"{row.tokens_per_second / 1e6:.2f}", f"{100 * row.bytes_moved / row.seconds / bandwidth:.1f}",
+            row.includes,
         )
     return table
 
 
 def _scaling_table(rows: list[Row], bandwidth: float) -> Table:
+    cases = [c for c in SCALING_CASES if any(row.method == c for row in rows)]
     table = Table(title="scaling: ms per million tokens (constant ⇔ linear cost)")
-    for col in ("tokens", "grpo", "fiberpo", "fiberpo_domain", "fiberpo × grpo", "fiberpo Mtok/s", "fiberpo % copy BW"):
+    for col in ("tokens", *cases, "fiberpo/sorted × clip", "fiberpo/sorted % copy BW"):
         table.add_column(col, justify="right")
-    sizes = sorted({row.tokens for row in rows})
-    for n in sizes:
+    for n in sorted({row.tokens for row in rows}):
         at = {row.method: row for row in rows if row.tokens == n}
-        per_m = {m: at[m].seconds * 1e3 / (n / 1e6) for m in at}
-        fiberpo = at["fiberpo"]
+        fiberpo, clip = at["fiberpo/sorted"], at["clip/sorted"]
         table.add_row(
-            f"{n:,}", *(f"{per_m[m]:.1f}" for m in ("grpo", "fiberpo", "fiberpo_domain")),
-            f"{fiberpo.seconds / at['grpo'].seconds:.2f}",
-            f"{fiberpo.tokens_per_second / 1e6:.2f}",
+            f"{n:,}", *(f"{at[c].seconds * 1e3 / (n / 1e6):.1f}" for c in cases),
+            f"{fiberpo.seconds / clip.seconds:.2f}",
             f"{100 * fiberpo.bytes_moved / fiberpo.seconds / bandwidth:.1f}",
         )
     return table
@@ -265,29 +418,64 @@ def _json_row(row: Row, bandwidth: float) -> dict:
             "copy_bandwidth_fraction": row.bytes_moved / row.seconds / bandwidth}
 
 
+MARKDOWN_HEAD = """# Benchmarks
+
+Generated by `{command}`; everything below the command line is that run's output, unedited.
+
+Every case is one forward+backward step of a loss from a fresh leaf to its gradient, including all id
+indexing, flattening and validation its path does.  The same tokens come in three layouts: `padded`
+(`(B, L)` log-probs and a response mask, rows are trajectories, as verl and TRL pass them), `sorted` (flat
+tokens, sorted trajectory ids, as in packed batches) and `shuffled` (the flat tokens in random order).
+What each baseline includes:
+
+* `clip/sorted`: the bare elementwise clip `clamp(exp(x), 1±ε)·Â` summed; no ids, no weights.
+* `grpo/sorted`: the package's GRPO objective on flat tokens; its μ indexes the trajectory ids.
+* `grpo_loss/padded`: the package's registry GRPO loss on the padded batch (validation, flattening,
+  metrics).
+* `verl/padded`: the installed verl's own `compute_policy_loss_vanilla` (dual-clip PPO with its KL and
+  clip-fraction metrics) and `agg_loss` in `seq-mean-token-mean` mode on the padded batch.
+* `fiberpo/padded` and `fiberpo_domain/padded`: flatten with the mask, index the rows by their lengths (no
+  sort), the fused gate, μ and Eq. 2.  `fiberpo_loss/padded` is the registry loss, which computes every
+  intermediate quantity for its metrics through the autograd reference.
+
+`saved MB` is what autograd keeps for backward; `% copy BW` divides a floor on the bytes a step moves
+(saved tensors written and read back, plus the leaf's value and gradient) by the step time and by the copy
+bandwidth measured in the same run.  Ratios are from one run with all cases' repeats interleaved; on a shared
+machine the absolute times are noisy, the ratios much less so.
+
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=positive_int, default=1 << 20,
                         help="tokens in the main table (default %(default)s)")
     parser.add_argument("--trajectories", type=positive_int, default=1024,
                         help="ragged trajectories the tokens are split into (default %(default)s)")
     parser.add_argument("--repeats", type=positive_int, default=5,
-                        help="timed forward+backward passes per method; the median is reported (default %(default)s)")
+                        help="timed forward+backward passes per case; the median is reported (default %(default)s)")
     parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device: cpu or cuda[:N] (default %(default)s)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="dtype of the log-ratios (default %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch intra-op threads (default: torch's own choice)")
     parser.add_argument(
         "--scaling", type=positive_int, nargs="*", default=[1 << 16, 1 << 18, 1 << 20, 1 << 22],
         help="token counts of the scaling table; give none to skip it (default %(default)s)",
     )
-    parser.add_argument("--methods", nargs="*", default=None, choices=list(method_losses()), metavar="METHOD",
-                        help="subset of methods, from: " + ", ".join(method_losses()) + " (GRPO is always run)")
+    parser.add_argument("--methods", nargs="*", default=None, choices=method_names(), metavar="METHOD",
+                        help="subset of methods, from: " + ", ".join(method_names())
+                        + " (the clip, GRPO and verl baselines always run)")
     parser.add_argument("--json", type=str, default=None, metavar="PATH", help="write all rows as JSON")
+    parser.add_argument("--markdown", type=str, default=None, metavar="PATH",
+                        help="write the printed report as a markdown page (docs/benchmarks.md is made this way)")
 
 
 def run(args) -> int:
-    console = Console()
-    console = console if console.is_terminal else Console(width=150)  # logs and pipes: one line per row
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    console = Console(record=True)
+    console = console if console.is_terminal else Console(width=190, record=True)  # logs and pipes: one line per row
     dtype = getattr(torch, args.dtype)
     device = str(args.device)
     if args.trajectories > args.tokens:
@@ -296,21 +484,38 @@ def run(args) -> int:
         return 2
     torch.manual_seed(0)
     batch = make_batch(args.tokens, args.trajectories, device=device, dtype=dtype)
-    methods = args.methods or list(method_losses())
     bandwidth = copy_bandwidth(device)
-    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {args.dtype}; "
-                  f"measured copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    verl = "verl not installed" if verl_loss() is None else f"verl {_verl_version()}"
+    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {args.dtype}, "
+                  f"{verl}; measured copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     with Progress(console=console, transient=True) as progress:
-        rows = run_table(batch, args.repeats, methods, progress)
+        rows = run_table(batch, args.repeats, args.methods, progress)
         scaling = run_scaling(args.scaling, max(args.repeats // 2, 1), device, dtype, progress) if args.scaling else []
     console.print(_ratio_table(rows, device, bandwidth))
     if scaling:
         console.print(_scaling_table(scaling, bandwidth))
-    console.print("% copy BW: (2 × bytes saved for backward + value and gradient of the log-ratios) / time, "
+    console.print("% copy BW: (2 × bytes saved for backward + value and gradient of the leaf) / time, "
                   "over the measured copy bandwidth; a floor on the traffic, so a floor on the fraction.")
+    console.print("goals (issue 11), ratios from this run:")
+    for line in goal_lines(rows, scaling, args.tokens):
+        console.print(f"  {line}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": device, "copy_bandwidth": bandwidth,
                        "main": [_json_row(r, bandwidth) for r in rows],
                        "scaling": [_json_row(r, bandwidth) for r in scaling]}, handle, indent=1)
+    if args.markdown:
+        command = "fiberpo-theory bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "fiberpo-theory bench"
+        with open(args.markdown, "w") as handle:
+            handle.write(MARKDOWN_HEAD.format(command=command))
+            handle.write("```text\n" + console.export_text() + "```\n")
     return 0
+
+
+def _verl_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("verl")
+    except PackageNotFoundError:
+        return "(version unknown)"
