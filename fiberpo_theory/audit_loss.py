@@ -30,6 +30,7 @@ gets ``error`` on every property with the exception as the reason: nothing is sk
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -61,6 +62,33 @@ def default_verl_config():
 
     # rollout_n and a micro-batch size are required by ActorConfig's checks but play no part in a loss
     return ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1)
+
+
+def verl_config(overrides: list[str] | tuple[str, ...] = ()):
+    """:func:`default_verl_config` with ``KEY=VALUE`` overrides, dotted for nested keys (``policy_loss.dro_beta=0.1``).
+
+    Values are typed the way omegaconf types a command-line override; a key the config does not have is a ValueError
+    naming it (never a silent extra attribute).
+    """
+    from omegaconf import OmegaConf
+
+    for item in overrides:
+        if "=" not in item or not item.partition("=")[0].strip():
+            raise ValueError(f"config override must look like KEY=VALUE, got {item!r}")
+    tree = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides))) if overrides else {}
+    return _replace(default_verl_config(), tree, "")
+
+
+def _replace(obj, changes: dict, prefix: str):
+    names = {f.name for f in dataclasses.fields(obj)}
+    kwargs = {}
+    for key, value in changes.items():
+        if key not in names:
+            raise ValueError(f"config override {prefix}{key}: {type(obj).__name__} has no key {key!r}")
+        current = getattr(obj, key)
+        nested = isinstance(value, dict) and dataclasses.is_dataclass(current)
+        kwargs[key] = _replace(current, value, f"{prefix}{key}.") if nested else value
+    return dataclasses.replace(obj, **kwargs)
 
 
 def verl_registry() -> dict[str, Callable]:
@@ -305,7 +333,7 @@ def audit_loss(
     modes = tuple(loss_agg_modes)
     if not modes or any(mode not in AGG_MODES for mode in modes):
         raise ValueError(f"loss_agg_modes must be a non-empty selection of {AGG_MODES}, got {loss_agg_modes!r}")
-    config = default_verl_config() if config is None else config
+    config = verl_config() if config is None else config
     loss = _Loss(fn, config, seed)
     report = AuditReport(name or getattr(fn, "__qualname__", repr(fn)), {"config": type(config).__name__, "loss_agg_modes": list(modes)}, seed, kind="policy-loss audit")
     with single_thread():
@@ -376,7 +404,8 @@ def registry_markdown(reports: dict[str, AuditReport], *, command: str) -> str:
         "  multiplies A by log_prob instead of by a ratio has that log-prob as its G (hence G = −1 at r = 1 there).",
         "",
         "A verdict of `fails` is a property the loss does not have, not necessarily a bug: several losses are",
-        "designed to differ from the plain surrogate. `error` means the loss could not run with the default config.",
+        "designed to differ from the plain surrogate. `error` means the loss could not run with the default config;",
+        "give it the keys it needs with `--set KEY=VALUE` (e.g. `--set policy_loss.dro_beta=0.1`) to audit it.",
         "",
         "| loss | " + " | ".join(LOSS_PROPERTY_IDS) + " |",
         "| --- | " + " | ".join("---" for _ in LOSS_PROPERTY_IDS) + " |",
@@ -429,6 +458,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verl-registry", action="store_true", help="audit every loss in the installed verl's POLICY_LOSS_REGISTRY instead")
     parser.add_argument("--mode", dest="modes", action="append", choices=AGG_MODES, metavar="MODE",
                         help=f"loss_agg_mode to check, repeatable (default: all of {', '.join(AGG_MODES)})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of verl's default ActorConfig, repeatable (e.g. policy_loss.dro_beta=0.1)")
     parser.add_argument("--json", type=output_file, metavar="PATH", help="also write the report(s) as JSON to PATH")
     parser.add_argument("--markdown", type=output_file, metavar="PATH", help="with --verl-registry: also write the verdict document to PATH")
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the random batches, >= 0 (default: %(default)s)")
@@ -447,6 +478,10 @@ def run(args: argparse.Namespace) -> int:
         return _refuse("--markdown needs --verl-registry")
     kwargs = dict(seed=args.seed, max_examples=args.max_examples, loss_agg_modes=tuple(args.modes or AGG_MODES))
     try:
+        kwargs["config"] = verl_config(args.overrides)
+    except (ValueError, TypeError, ImportError) as err:
+        return _refuse(str(err).splitlines()[0])
+    try:
         if args.verl_registry:
             reports = audit_verl_registry(**kwargs)
         else:
@@ -458,7 +493,7 @@ def run(args: argparse.Namespace) -> int:
         data = {name: report.to_json() for name, report in reports.items()}
         _write(args.json, json.dumps(data if args.verl_registry else data[args.target], indent=2, ensure_ascii=False, default=str) + "\n")
     if args.markdown:
-        flags = "" if (args.seed, args.max_examples, args.modes) == (0, 12, None) else " (non-default options)"
+        flags = "" if (args.seed, args.max_examples, args.modes, args.overrides) == (0, 12, None, []) else " (non-default options)"
         _write(args.markdown, registry_markdown(reports, command=f"fiberpo-theory audit-loss --verl-registry --markdown {args.markdown}{flags}"))
     return 0 if all(report.passed for report in reports.values()) else 1
 

@@ -190,3 +190,19 @@ def test_doc_generator_writes_what_the_parser_reads(registry_reports, tmp_path):
     text = registry_markdown(registry_reports, command="x")
     assert parse_markdown_verdicts(text) == {n: {p.id: p.verdict for p in r.properties} for n, r in registry_reports.items()}
     assert "SPEC" not in text
+
+
+def test_config_overrides_let_dro_run_and_its_penalty_shows_in_implied_gating():
+    from fiberpo_theory.audit_loss import verl_config
+
+    report = audit_loss(POLICY_LOSS_REGISTRY["dro"], config=verl_config(["policy_loss.dro_beta=0.1"]), max_examples=3)
+    assert "error" not in {p.verdict for p in report.properties}
+    # the quadratic log-ratio penalty does not scale with A, so the loss is not -agg(A G) off-policy
+    assert report["implied-gating"].verdict == "fails"
+
+
+@pytest.mark.parametrize("override, named", [("policy_loss.nope=1", "nope"), ("no_equals_sign", "KEY=VALUE"), ("clip_ratio_x=0.1", "clip_ratio_x")])
+def test_bad_config_overrides_exit_2_naming_the_key(override, named, capsys):
+    assert main(["audit-loss", "--verl-registry", "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert named in err and len(err.strip().splitlines()) == 1
