@@ -25,6 +25,11 @@ def as_float(name: str, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def _all_finite(value: torch.Tensor) -> bool:
+    """Whether every entry is finite: a finite sum proves it in one reduction; only an inf/NaN sum needs the full scan."""
+    return bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())
+
+
 def flat_values(name: str, value: torch.Tensor, *, allow_empty: bool = False) -> torch.Tensor:
     """A finite, one-dimensional float tensor."""
     value = as_float(name, value)
@@ -32,8 +37,7 @@ def flat_values(name: str, value: torch.Tensor, *, allow_empty: bool = False) ->
         raise ValueError(f"{name} must be 1-D (flat token layout), got shape {tuple(value.shape)}")
     if value.numel() == 0 and not allow_empty:
         raise ValueError(f"{name} is empty: at least one token is needed")
-    # a finite sum proves every entry finite in one reduction; only an inf/NaN sum needs the full scan
-    if not bool(torch.isfinite(value.sum())) and not bool(torch.isfinite(value).all()):
+    if not _all_finite(value):
         bad = int((~torch.isfinite(value)).nonzero()[0, 0])
         raise ValueError(f"{name} has a non-finite value at index {bad}: {value[bad].item()}")
     return value
@@ -72,7 +76,7 @@ def same_shape(name: str, value: torch.Tensor, like: torch.Tensor) -> torch.Tens
         raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(like.shape)}")
     if value.device != like.device:
         raise ValueError(f"{name} is on {value.device}, expected {like.device}")
-    if not bool(torch.isfinite(value).all()):
+    if not _all_finite(value):
         raise ValueError(f"{name} has non-finite values")
     return value
 
