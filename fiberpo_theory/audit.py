@@ -475,9 +475,14 @@ def load_target(target: str) -> Callable:
         raise ValueError(f"target must look like MODULE:FUNCTION, got {target!r}")
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # a syntax error or a failing import inside the target is the user's input, not ours
+        raise ValueError(f"cannot import {module_name!r}: {type(err).__name__}: {err}") from None
     fn = module
     for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise ValueError(f"{target!r}: {getattr(fn, '__name__', module_name)!r} has no attribute {part!r}")
         fn = getattr(fn, part)
     if not callable(fn):
         raise ValueError(f"target {target!r} is not callable")

@@ -29,12 +29,13 @@ def _load(module_name: str):
         raise
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with ``only``, just that subcommand's module is imported (the others stay bare)."""
     parser = argparse.ArgumentParser(prog="fiberpo-theory", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         command = sub.add_parser(name, help=help_text)
-        module = _load(module_name)
+        module = _load(module_name) if only in (None, name) else None
         if module is not None:
             module.add_arguments(command)
         else:
@@ -43,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # import only the subcommand asked for: faster, and one module's import cost or defect never reaches another
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(only=chosen if chosen in SUBCOMMANDS else None).parse_args(argv)
     module = _load(SUBCOMMANDS[args.command][0])
     if module is None:
         print(f"fiberpo-theory {args.command}: not built yet", file=sys.stderr)

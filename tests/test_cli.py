@@ -5,6 +5,7 @@ Every case is refused by argparse before any work starts, so none of these rende
 
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -106,3 +107,27 @@ def test_audit_doc_stands_on_its_own():
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "audit.md").read_text()
     assert "SPEC" not in text
+
+
+def test_a_target_that_fails_to_import_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "broken_target.py").write_text("raise RuntimeError('import-time failure')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out = _run(["audit", "broken_target:fn"], capsys)
+    assert code == 2 and "import-time failure" in out.err and "Traceback" not in out.err
+    assert len(out.err.strip().splitlines()) == 1
+
+
+def test_only_the_chosen_subcommand_is_imported():
+    code = textwrap.dedent("""
+        import contextlib, io, sys
+        from fiberpo_theory.cli import main
+        with contextlib.redirect_stderr(io.StringIO()):
+            try:
+                main(["figures", "--dpi", "0"])
+            except SystemExit:
+                pass
+        print(sorted(m for m in ("fiberpo_theory.bench", "fiberpo_theory.verify", "fiberpo_theory.audit_loss") if m in sys.modules))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
