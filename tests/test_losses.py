@@ -1,6 +1,5 @@
-"""Padded ⇄ flat layout, the verl-style loss registry, diagnostics, and the bench command."""
+"""Padded ⇄ flat layout, the verl-style loss registry and diagnostics (the bench command: tests/test_bench.py)."""
 
-import json
 
 import pytest
 import torch
@@ -148,27 +147,3 @@ def test_global_regime_covers_all_nine_channel_pairs():
     neg = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
     names = [diagnostics.GLOBAL_REGIMES[i] for i in diagnostics.global_regime(pos, neg)]
     assert names == ["G-I", "G-II,r", "G-II", "G-II,r", "G-III,r", "G-III,r", "G-II", "G-III,r", "G-III"]
-
-
-# --- bench ----------------------------------------------------------------------------------
-
-
-def test_bench_command_prints_ratios_and_writes_json(tmp_path, capsys):
-    from fiberpo_theory.cli import main
-
-    out = tmp_path / "bench.json"
-    code = main(["bench", "--tokens", "4096", "--trajectories", "16", "--repeats", "1",
-                 "--scaling", "2048", "4096", "--json", str(out)])
-    assert code == 0
-    text = capsys.readouterr().out
-    assert "× GRPO time" in text and "fiberpo_domain" in text and "scaling" in text
-    report = json.loads(out.read_text())
-    by_name = {row["method"]: row for row in report["main"]}
-    assert by_name["grpo"]["time_ratio"] == 1.0
-    assert by_name["fiberpo"]["seconds"] > 0 and by_name["fiberpo"]["saved_bytes"] > by_name["grpo"]["saved_bytes"]
-    assert {row["tokens"] for row in report["scaling"]} == {2048, 4096}
-    assert report["copy_bandwidth"] > 0
-    fib = by_name["fiberpo"]
-    assert fib["tokens_per_second"] == pytest.approx(4096 / fib["seconds"])
-    assert fib["bytes_moved"] == 2 * fib["saved_bytes"] + 2 * 4096 * 4  # float32 leaf: value and gradient
-    assert 0 < fib["copy_bandwidth_fraction"] == pytest.approx(fib["bytes_moved"] / fib["seconds"] / report["copy_bandwidth"])

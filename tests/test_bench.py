@@ -1,0 +1,106 @@
+"""The bench command: cases, baselines, goal lines, JSON and markdown output, argument errors."""
+
+import json
+
+import pytest
+import torch
+
+from fiberpo_theory import bench, objectives as obj
+from fiberpo_theory.cli import main
+
+
+def test_layouts_hold_the_same_tokens():
+    b = bench.make_batch(2000, 13)
+    assert torch.equal(b.padded_log_prob[b.mask], b.log_ratio)
+    assert torch.equal(b.padded_advantages[b.mask], b.advantages)
+    assert torch.equal(b.mask.sum(1), b.lengths)
+    assert bool((b.traj_id[1:] >= b.traj_id[:-1]).all())
+
+
+def test_every_case_computes_the_same_fiberpo_loss_in_every_layout():
+    b = bench.make_batch(3000, 20, dtype=torch.float64)
+    cases = {c.name: c for c in bench.all_cases(b)}
+    losses = {name: float(cases[name].loss(cases[name].start.clone())) for name in
+              ("fiberpo/sorted", "fiberpo/shuffled", "fiberpo/padded", "fiberpo_loss/padded")}
+    assert max(losses.values()) - min(losses.values()) < 1e-10, losses
+    domain = [float(cases[n].loss(cases[n].start.clone())) for n in
+              ("fiberpo_domain/sorted", "fiberpo_domain/shuffled", "fiberpo_domain/padded")]
+    assert max(domain) - min(domain) < 1e-10
+
+
+def test_verl_baseline_is_verls_own_loss():
+    pytest.importorskip("verl")
+    from verl.trainer.ppo.core_algos import agg_loss
+
+    b = bench.make_batch(2000, 10, dtype=torch.float64)
+    case = next(c for c in bench.all_cases(b) if c.name == "verl/padded")
+    # log_prob - old = log_ratio, advantages per row: verl's dual clip equals the plain min-form clip here
+    ratio = torch.exp(b.padded_log_prob)
+    adv = b.padded_advantages
+    clipped = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - bench.EPS, 1 + bench.EPS))
+    dual = torch.where(adv < 0, torch.minimum(clipped, -adv * 3.0), clipped)
+    want = agg_loss(dual, b.mask.double(), "seq-mean-token-mean")
+    assert torch.allclose(case.loss(b.padded_log_prob.clone()), want, atol=1e-12)
+
+
+def test_bench_command_prints_goals_and_writes_json_and_markdown(tmp_path, capsys):
+    out, page = tmp_path / "bench.json", tmp_path / "bench.md"
+    code = main(["bench", "--tokens", "4096", "--trajectories", "16", "--repeats", "1", "--threads", "1",
+                 "--scaling", "2048", "4096", "--json", str(out), "--markdown", str(page)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "× clip" in text and "× verl" in text and "scaling" in text
+    assert "fiberpo/padded time =" in text and "(goal ≤ 2.0×:" in text
+    report = json.loads(out.read_text())
+    by_name = {row["method"]: row for row in report["main"]}
+    assert by_name["grpo/sorted"]["time_ratio"] == 1.0
+    assert {"clip/sorted", "fiberpo/padded", "fiberpo/shuffled", "apc_obj/shuffled"} <= set(by_name)
+    assert {row["tokens"] for row in report["scaling"]} == {2048, 4096}
+    fib = by_name["fiberpo/sorted"]
+    assert fib["tokens_per_second"] == pytest.approx(4096 / fib["seconds"])
+    assert fib["bytes_moved"] == 2 * fib["saved_bytes"] + 2 * 4096 * 4  # float32 leaf: value and gradient
+    markdown = page.read_text()
+    assert markdown.startswith("# Benchmarks") and "fiberpo/padded time =" in markdown
+    assert "verl/padded" in markdown and "```text" in markdown
+
+
+def test_goal_lines_say_met_or_missed_from_the_measured_ratio():
+    rows = [bench.Row("fiberpo/padded", 10, 3.0, 10, 0), bench.Row("verl/padded", 10, 1.0, 10, 0)]
+    lines = bench.goal_lines(rows, [], 10)
+    assert "fiberpo/padded time = 3.00× verl/padded (goal ≤ 2.0×: MISSED)" in lines
+    rows[0].seconds = 1.5
+    assert "fiberpo/padded time = 1.50× verl/padded (goal ≤ 2.0×: met)" in bench.goal_lines(rows, [], 10)
+
+
+def test_fused_fiberpo_saves_less_than_the_package_grpo_objective():
+    b = bench.make_batch(1 << 14, 16)
+    cases = {c.name: c for c in bench.all_cases(b)}
+    measured = bench.measure_all([cases["grpo/sorted"], cases["fiberpo/sorted"]], repeats=1)
+    assert measured["fiberpo/sorted"][1] <= 2 * measured["grpo/sorted"][1]
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["bench", "--repeats", "0"], "--repeats"),
+    (["bench", "--threads", "0"], "--threads"),
+    (["bench", "--methods", "nope"], "--methods"),
+])
+def test_bad_arguments_are_one_line_errors_with_exit_2(argv, option, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and option in err and "Traceback" not in err
+
+
+def test_cuda_on_a_cpu_only_torch_is_refused(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--device", "cuda"])
+    assert exit_info.value.code == 2 and "CUDA" in capsys.readouterr().err
+
+
+def test_segments_objective_paths_agree_with_aggregation_weights():
+    b = bench.make_batch(1000, 7, dtype=torch.float64)
+    seg = obj.segments_for("traj_id", b.traj_id, b.log_ratio)
+    assert torch.equal(obj.aggregation_weights("fiberpo", b.log_ratio, seg),
+                       obj.aggregation_weights("fiberpo", b.log_ratio, b.names[b.traj_id]))
