@@ -1,6 +1,5 @@
 """Padded ⇄ flat layout, the verl-style loss registry and diagnostics (the bench command: tests/test_bench.py)."""
 
-
 import pytest
 import torch
 
