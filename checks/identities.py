@@ -351,6 +351,20 @@ def _g_agg_symbolic():
                 limit_beyond=beyond, clip_beyond=clip_beyond, mid_window=mid)
 
 
+@st.composite
+def eq10_points(draw):
+    """x at the edges ±C, ±(1+1/k)C, 0 and inside each regime of g_agg, with C and k."""
+    c = draw(budgets())
+    k = draw(st.one_of(st.sampled_from((1.0, 2.0, 3.0, 32.0, 1024.0)), st.floats(0.5, 4096.0)))
+    star = (1 + 1 / k) * c
+    where = draw(st.sampled_from(("C", "C*", "0", "R", "P", "Z", "free")))
+    sign = draw(st.sampled_from((1.0, -1.0)))
+    theta = draw(st.floats(0.01, 0.99))
+    x = {"C": c, "C*": star, "0": 0.0, "R": c + theta * (star - c), "P": theta * c, "Z": star * (1 + theta),
+         "free": draw(st.floats(-3 * c - 1, 3 * c + 1))}[where]
+    return dict(x=sign * x, c=c, k=k, where=where)
+
+
 @claim("eq-10", "Sec. 5.1, Eq. 10 (= Eq. 78); Fig. 2(a)", "symbolic",
        "g_agg is continuous and piecewise linear with three regimes (slopes 1, −k, 0), the rollback regime has "
        "width C/k, and g_agg tends to a hard clip at ±C as k → ∞.")
@@ -358,18 +372,6 @@ def check_eq_10(profile: Profile, *, g_agg=_g_agg) -> Outcome:
     sym = _g_agg_symbolic()
     f_sym = S.lambdify((_X, _C, _K), S.g_agg(_X, _C, _K))
     tally = {"max_jump": 0.0}
-
-    @st.composite
-    def cases(draw):
-        c = draw(budgets())
-        k = draw(st.one_of(st.sampled_from((1.0, 2.0, 3.0, 32.0, 1024.0)), st.floats(0.5, 4096.0)))
-        star = (1 + 1 / k) * c
-        where = draw(st.sampled_from(("C", "C*", "0", "R", "P", "Z", "free")))
-        sign = draw(st.sampled_from((1.0, -1.0)))
-        theta = draw(st.floats(0.01, 0.99))
-        x = {"C": c, "C*": star, "0": 0.0, "R": c + theta * (star - c), "P": theta * c, "Z": star * (1 + theta),
-             "free": draw(st.floats(-3 * c - 1, 3 * c + 1))}[where]
-        return dict(x=sign * x, c=c, k=k, where=where)
 
     def prop(case):
         x, c, k = case["x"], case["c"], case["k"]
@@ -396,7 +398,7 @@ def check_eq_10(profile: Profile, *, g_agg=_g_agg) -> Outcome:
             raise Falsified(f"jump {jump} across x = {x} (step {h})", {**info, "jump": jump, "step": h})
         return [case["where"]]
 
-    result = search(profile, cases(), prop, salt=1001)
+    result = search(profile, eq10_points(), prop, salt=1001)
     # the k → ∞ part, through the implementation: x = 2C beyond the budget, k large
     c, x = 0.2, 0.4
     limit_rows = [(k, float(g_agg(torch.tensor([x], dtype=torch.float64), c, k))) for k in (1e2, 1e4, 1e6)]
@@ -554,57 +556,17 @@ def _sup_delta(g_agg, C, eps, ax, T):
     return float(delta[i]), float(pts[i]), Ct
 
 
-@claim("eq-79-approx", "App. E.5.4, Derivation IV, Eq. 77 to Eq. 79", "symbolic",
-       "Dropping ε/(T+1) and replacing TC/(T+1) by C inside g_agg (Eq. 77 → Eq. 79) changes the clipping term by O(1/T).")
-def check_eq_79_approx(profile: Profile, *, g_agg=_g_agg, parts=fiberpo_parts) -> Outcome:
-    sym_ok, sym_note = _symbolic_status("eq79_approx")
+@st.composite
+def eq79_cases(draw):
+    """A budget C, a clip ε and a token size |x| for the Eq. 77 → Eq. 79 comparison."""
+    C = draw(st.floats(0.01, 1.0))
+    eps = draw(st.floats(1e-3, 0.5))
+    ax = draw(st.floats(0.0, 2.0))
+    return dict(C=C, eps=eps, absx=ax)
 
-    @st.composite
-    def cases(draw):
-        C = draw(st.floats(0.01, 1.0))
-        eps = draw(st.floats(1e-3, 0.5))
-        ax = draw(st.floats(0.0, 2.0))
-        return dict(C=C, eps=eps, absx=ax)
 
-    tally = {"outside_checked": 0}
-
-    def prop(case):
-        C, eps, ax = case["C"], case["eps"], case["absx"]
-        d = ax - eps - C
-        sups = [_sup_delta(g_agg, C, eps, ax, T)[0] for T in T_LADDER]
-        labels = ["|d| small" if abs(d) < C else "|d| >= C"]
-        # O(1/T): from T = 10 to T = 10^4 the change must shrink ~1000-fold; require at least 10-fold
-        if sups[0] > 1e-12 and sups[-1] > sups[0] / 10:
-            raise Falsified(f"sup_s |Δ| = {sups[-1]:.6g} at T = {T_LADDER[-1]} vs {sups[0]:.6g} at T = {T_LADDER[0]}",
-                            {**case, "d": d, "T": list(T_LADDER), "sup_delta": sups})
-        return labels
-
-    result = search(profile, cases(), prop, salt=7901)
-
-    # the condition: outside the window between min(C, C̃) and max((1+1/T)C, (1+1/T)C̃) the two agree exactly
-    def outside_prop(case):
-        C, eps, ax = case["C"], case["eps"], case["absx"]
-        for T in T_LADDER:
-            Ct = (T * C - (eps - ax)) / (T + 1)
-            lo, hi = min(C, Ct), max((1 + 1 / T) * C, (1 + 1 / T) * Ct)
-            s = torch.tensor([0.0, lo * 0.5, max(lo, 0.0), hi, hi * 1.5 + 0.1], dtype=torch.float64)
-            s = s[(s <= lo) | (s >= hi)]
-            delta = (g_agg(s, Ct, float(T)) - g_agg(s, C, float(T))).abs()
-            tally["outside_checked"] += int(s.numel())
-            if max_abs(delta) > 1e-12:
-                raise Falsified("Eq. 77 and Eq. 79 differ outside the rollback window", {**case, "T": T, "s": s.tolist(), "delta": delta.tolist()})
-        return ["outside window"]
-
-    outside = search(profile, cases(), outside_prop, max_examples=secondary_budget(profile), salt=7902)
-    examples = result.examples + outside.examples
-    regimes = {**result.regimes, **outside.regimes}
-    if not result.falsified:
-        return decide(examples, f"{sym_note}; sup |Δ| decayed with T in {result.examples} cases", regimes=regimes, proved=sym_ok)
-    if outside.falsified:
-        return decide(examples, f"{result.message}; and outside the window: {outside.message}",
-                      counterexample={"no_decay": result.witness, "outside": outside.witness}, regimes=regimes)
-    # a concrete trajectory realising the worst s at T = 1000, re-checked in exact rationals
-    w = result.witness
+def _worst_case_at_T1000(w, g_agg, parts) -> dict:
+    """The worst s at T = 1000 for the witness, a trajectory that realises it, and the exact Δ at the break points."""
     T = 1000
     sup, s_star, Ct = _sup_delta(g_agg, w["C"], w["eps"], w["absx"], T)
     filler = (T * s_star - w["absx"]) / (T - 1)
@@ -621,12 +583,58 @@ def check_eq_79_approx(profile: Profile, *, g_agg=_g_agg, parts=fiberpo_parts) -
     Cq, eq, aq = _rational(w["C"]), _rational(w["eps"]), _rational(w["absx"])
     Ct_q = (T * Cq - (eq - aq)) / (T + 1)
     exact = {str(sv): str(S.g_agg(sv, Ct_q, T) - S.g_agg(sv, Cq, T)) for sv in (Cq, (1 + sp.Rational(1, T)) * Ct_q, Ct_q, (1 + sp.Rational(1, T)) * Cq)}
+    return {"sup_delta": sup, "s": s_star, "C_tilde": Ct, "realised_by": realised, "exact Δ at the break points": exact}
+
+
+@claim("eq-79-approx", "App. E.5.4, Derivation IV, Eq. 77 to Eq. 79", "symbolic",
+       "Dropping ε/(T+1) and replacing TC/(T+1) by C inside g_agg (Eq. 77 → Eq. 79) changes the clipping term by O(1/T).")
+def check_eq_79_approx(profile: Profile, *, g_agg=_g_agg, parts=fiberpo_parts) -> Outcome:
+    sym_ok, sym_note = _symbolic_status("eq79_approx")
+
+    tally = {"outside_checked": 0}
+
+    def prop(case):
+        C, eps, ax = case["C"], case["eps"], case["absx"]
+        d = ax - eps - C
+        sups = [_sup_delta(g_agg, C, eps, ax, T)[0] for T in T_LADDER]
+        labels = ["|d| small" if abs(d) < C else "|d| >= C"]
+        # O(1/T): from T = 10 to T = 10^4 the change must shrink ~1000-fold; require at least 10-fold
+        if sups[0] > 1e-12 and sups[-1] > sups[0] / 10:
+            raise Falsified(f"sup_s |Δ| = {sups[-1]:.6g} at T = {T_LADDER[-1]} vs {sups[0]:.6g} at T = {T_LADDER[0]}",
+                            {**case, "d": d, "T": list(T_LADDER), "sup_delta": sups})
+        return labels
+
+    result = search(profile, eq79_cases(), prop, salt=7901)
+
+    # the condition: outside the window between min(C, C̃) and max((1+1/T)C, (1+1/T)C̃) the two agree exactly
+    def outside_prop(case):
+        C, eps, ax = case["C"], case["eps"], case["absx"]
+        for T in T_LADDER:
+            Ct = (T * C - (eps - ax)) / (T + 1)
+            lo, hi = min(C, Ct), max((1 + 1 / T) * C, (1 + 1 / T) * Ct)
+            s = torch.tensor([0.0, lo * 0.5, max(lo, 0.0), hi, hi * 1.5 + 0.1], dtype=torch.float64)
+            s = s[(s <= lo) | (s >= hi)]
+            delta = (g_agg(s, Ct, float(T)) - g_agg(s, C, float(T))).abs()
+            tally["outside_checked"] += int(s.numel())
+            if max_abs(delta) > 1e-12:
+                raise Falsified("Eq. 77 and Eq. 79 differ outside the rollback window", {**case, "T": T, "s": s.tolist(), "delta": delta.tolist()})
+        return ["outside window"]
+
+    outside = search(profile, eq79_cases(), outside_prop, max_examples=secondary_budget(profile), salt=7902)
+    examples = result.examples + outside.examples
+    regimes = {**result.regimes, **outside.regimes}
+    if not result.falsified:
+        return decide(examples, f"{sym_note}; sup |Δ| decayed with T in {result.examples} cases", regimes=regimes, proved=sym_ok)
+    if outside.falsified:
+        return decide(examples, f"{result.message}; and outside the window: {outside.message}",
+                      counterexample={"no_decay": result.witness, "outside": outside.witness}, regimes=regimes)
+    w = result.witness
+    at_1000 = _worst_case_at_T1000(w, g_agg, parts)
     return decide(
         examples,
         f"{sym_note}; {result.message}: the budget moves by d/(T+1) but the gate moves by up to |d| = ||x| − ε − C| "
         f"inside a window of width O(1/T) at every T; outside the window the two agree exactly ({tally['outside_checked']} points)",
-        counterexample={**w, "at T=1000": {"sup_delta": sup, "s": s_star, "C_tilde": Ct, "realised_by": realised,
-                                           "exact Δ at the break points": exact}},
+        counterexample={**w, "at T=1000": at_1000},
         condition="log s^(l) outside the window (min(C, C̃), max((1+1/T)C, (1+1/T)C̃)) of width O(1/T), or |x| = ε + C; the budget itself changes by O(1/T) for bounded |x|",
         regimes=regimes,
     )
