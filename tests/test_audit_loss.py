@@ -206,3 +206,15 @@ def test_bad_config_overrides_exit_2_naming_the_key(override, named, capsys):
     assert main(["audit-loss", "--verl-registry", "--set", override]) == 2
     err = capsys.readouterr().err
     assert named in err and len(err.strip().splitlines()) == 1
+
+
+def ignores_the_mode(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None):
+    """Planted defect: always aggregates by token-mean, whatever loss_agg_mode the trainer asks for."""
+    return surrogate_loss(old_log_prob, log_prob, advantages, response_mask, "token-mean")
+
+
+def test_a_loss_that_ignores_loss_agg_mode_fails_in_the_other_modes_only():
+    result = audit_loss(ignores_the_mode, max_examples=6)["on-policy-gradient"]
+    assert result.verdict == "fails"
+    for kind, modes in result.witness["failing_modes"].items():
+        assert "token-mean" not in modes and modes, kind
