@@ -153,25 +153,19 @@ def test_committed_doc_matches_a_fresh_run(registry_reports):
     assert f"verl {verl.__version__}" in DOC.read_text()
 
 
-def _module(tmp_path, monkeypatch):
-    source = Path(__file__).read_text()
-    (tmp_path / "planted_losses.py").write_text(source.split("def test_")[0].replace('pytest.importorskip("verl.trainer.ppo.core_algos")', ""))
-    monkeypatch.syspath_prepend(str(tmp_path))
-
-
 def test_cli_exit_codes_and_json(tmp_path, monkeypatch, capsys):
-    _module(tmp_path, monkeypatch)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # the planted losses above, as MODULE:FUNCTION
     out = tmp_path / "report.json"
-    assert main(["audit-loss", "planted_losses:surrogate_loss", "--max-examples", "3", "--json", str(out)]) == 0
+    assert main(["audit-loss", "test_audit_loss:surrogate_loss", "--max-examples", "3", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert {"function", "reference", "seed", "passed", "properties"} <= set(data)
     assert [p["id"] for p in data["properties"]] == list(LOSS_PROPERTY_IDS)
-    assert main(["audit-loss", "planted_losses:detached_at_r1", "--max-examples", "3", "--mode", "token-mean"]) == 1
+    assert main(["audit-loss", "test_audit_loss:detached_at_r1", "--max-examples", "3", "--mode", "token-mean"]) == 1
     assert "FAILS] on-policy-gradient" in capsys.readouterr().out
-    assert main(["audit-loss", "planted_losses:missing"]) == 2
+    assert main(["audit-loss", "test_audit_loss:missing"]) == 2
     assert main(["audit-loss"]) == 2
-    assert main(["audit-loss", "planted_losses:surrogate_loss", "--verl-registry"]) == 2
-    assert main(["audit-loss", "planted_losses:surrogate_loss", "--markdown", str(tmp_path / "x.md")]) == 2
+    assert main(["audit-loss", "test_audit_loss:surrogate_loss", "--verl-registry"]) == 2
+    assert main(["audit-loss", "test_audit_loss:surrogate_loss", "--markdown", str(tmp_path / "x.md")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len([line for line in err.splitlines() if line]) == 4
 
@@ -179,7 +173,7 @@ def test_cli_exit_codes_and_json(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("argv", [["--seed", "-1"], ["--max-examples", "0"], ["--mode", "nope"]])
 def test_cli_bad_options_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["audit-loss", "planted_losses:surrogate_loss", *argv])
+        main(["audit-loss", "test_audit_loss:surrogate_loss", *argv])
     assert exit_.value.code == 2
     assert "Traceback" not in capsys.readouterr().err
 
