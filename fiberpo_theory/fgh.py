@@ -36,7 +36,7 @@ import torch
 from . import _validate
 from . import hierarchy as hier
 from .distributed import global_segment_sums
-from .gates import g_agg, g_agg_regime, sign_channel, symmetric_clip
+from .gates import g_agg, g_agg_regime, g_agg_thresholds, sign_split, symmetric_clip
 from .hierarchy import CompiledHierarchy, reflect, sum_children
 from .objectives import rgf_objective
 
@@ -228,17 +228,12 @@ class FGH:
 def decompose(log_ratio: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
     """F(r)_{i,l} = 1[l_i = l] l_i log r_i / T_τ (App. E.7 item 4), as an ``(N, 2)`` density.
 
-    ``l_i`` is :func:`~fiberpo_theory.gates.sign_channel` (``+1`` at 0) and the
-    split uses ``where`` rather than ``relu``: a token at exactly ``r = 1``
-    then carries derivative ``1/T_τ`` in its positive channel, which is what
-    makes ``R ∘ G ∘ F`` have identity Jacobian there.  (App. E.5.4 writes the
-    same values as ``max(l log r, 0)/T_τ``; autograd differentiates that to 0
-    at ``r = 1``.)  ``length`` is ``T_τ`` per token.
+    The split is :func:`~fiberpo_theory.gates.sign_split`, the one the
+    closed-form FiberPO uses: a token at exactly ``r = 1`` carries derivative
+    ``1/T_τ`` in its positive channel, which is what makes ``R ∘ G ∘ F`` have
+    identity Jacobian there.  ``length`` is ``T_τ`` per token.
     """
-    positive = sign_channel(log_ratio) > 0
-    zero = torch.zeros_like(log_ratio)
-    channels = torch.stack([torch.where(positive, log_ratio, zero), torch.where(positive, zero, -log_ratio)], dim=1)
-    return channels / length.to(log_ratio.dtype).unsqueeze(1)
+    return sign_split(log_ratio) / length.to(log_ratio.dtype).unsqueeze(1)
 
 
 def recover(sigma: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
@@ -335,8 +330,8 @@ class FiberPOHierarchy:
         for v, gate in enumerate(self.fgh.gates):
             a = gate.normalised(parts.residuals[v]).abs()
             if isinstance(gate, AggregateGate):
-                k = gate.tokens.unsqueeze(1)
-                margins += [(a - gate.budget).abs().min(), (a - (1 + 1 / k) * gate.budget).abs().min()]
+                rollback_at, zero_at = g_agg_thresholds(gate.budget, gate.tokens.unsqueeze(1))
+                margins += [(a - rollback_at).abs().min(), (a - zero_at).abs().min()]
             else:
                 margins.append((a - gate.eps).abs().min())
         return float(torch.stack(margins).min())

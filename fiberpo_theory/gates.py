@@ -23,6 +23,20 @@ def sign_channel(x: torch.Tensor) -> torch.Tensor:
     return (x >= 0).to(x.dtype) * 2 - 1
 
 
+def sign_split(x: torch.Tensor) -> torch.Tensor:
+    """``(N, 2)`` channels ``(1[l = +1] x, 1[l = -1] (-x))`` with l from :func:`sign_channel` (Eq. 9, 13).
+
+    Values are ``max(x, 0)`` and ``max(-x, 0)``; the split goes by ``where``
+    on l so that at exactly x = 0 the derivative is 1 in the positive channel
+    and 0 in the negative one (autograd of ``relu`` would give 0 in both and
+    break the identity Jacobian at r = 1).  Shared by the closed-form FiberPO
+    objectives and the FGH decomposition.
+    """
+    positive = x >= 0  # l = +1, as sign_channel
+    zero = torch.zeros_like(x)
+    return torch.stack([torch.where(positive, x, zero), torch.where(positive, zero, -x)], dim=1)
+
+
 def symmetric_clip(x: torch.Tensor, bound) -> torch.Tensor:
     """clip(x, ±b) for a float or tensor bound b >= 0, differentiable in both."""
     if isinstance(bound, torch.Tensor):

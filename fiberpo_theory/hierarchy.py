@@ -37,7 +37,7 @@ import torch
 
 from . import _validate
 from .distributed import global_max, global_segment_sums
-from .segments import Segments, carried_ids, parent_of
+from .segments import Segments, nested_segments, parent_of
 
 __all__ = [
     "CompiledHierarchy",
@@ -175,34 +175,10 @@ def _columns(level_ids, like: torch.Tensor | None, like_name: str) -> list[torch
 
 
 def _nested_segments(cols: list[torch.Tensor], names: list[str]) -> tuple[list[Segments], list[torch.Tensor | None]]:
-    """Dense indexing of every level and the projection of each level onto the one above.
-
-    Only the finest column is indexed per token; the coarser ids are carried
-    to its elements by a per-element min and max, which agree exactly when
-    the ids nest, and are indexed there (sorting element ids, not token ids).
-    When they do not nest, the per-token route below names the offending pair.
-    """
-    finest = Segments.from_ids(cols[-1])
-    if len(cols) == 1:
-        return [finest], []
-    low, split = carried_ids(finest, torch.stack(cols[:-1], dim=1))
-    if bool(split.any()):
-        _raise_not_nested(cols, names)
-    segs = [Segments.from_ids(low[:, k]) for k in range(len(cols) - 1)] + [finest]
-    projection: list[torch.Tensor | None] = []
-    for k in range(len(segs) - 2):  # on elements: a coarse level can still fail to nest across elements
-        child, parent = f"{names[k + 1]} (level_ids[{k + 1}])", f"{names[k]} (level_ids[{k}])"
-        projection.append(parent_of(segs[k + 1], segs[k].index, child_name=child, parent_name=parent))
-    projection.append(segs[-2].index)
-    return segs, projection
-
-
-def _raise_not_nested(cols: list[torch.Tensor], names: list[str]) -> None:
-    segs = [Segments.from_ids(c) for c in cols]
-    for k in range(len(segs) - 1):
-        child, parent = f"{names[k + 1]} (level_ids[{k + 1}])", f"{names[k]} (level_ids[{k}])"
-        parent_of(segs[k + 1], segs[k].index, child_name=child, parent_name=parent)
-    raise AssertionError("unreachable: some level does not nest")  # parent_of raised above
+    """Dense indexing of every level and the projection of each level onto the one above (see
+    :func:`~fiberpo_theory.segments.nested_segments`, shared with FiberPO-Domain's closed form)."""
+    labels = [f"{name} (level_ids[{k}])" for k, name in enumerate(names[: len(cols)])]
+    return nested_segments(cols[:-1], Segments.from_ids(cols[-1]), labels)
 
 
 def from_ids(

@@ -16,8 +16,8 @@ import torch
 from . import _validate
 from .distributed import global_segment_sums
 from .fused import fiber_gated_ratio
-from .gates import budget_clip, g_agg, sign_channel, symmetric_clip
-from .segments import Segments, carried_ids, parent_of, segments_for
+from .gates import budget_clip, g_agg, sign_channel, sign_split, symmetric_clip
+from .segments import Segments, nested_segments, segments_for
 # the clip baselines live in their own module; re-exported under the names users import from here
 from .baselines import grpo_gated_ratio, gspo_gated_ratio, ppo_gated_ratio  # noqa: E402
 
@@ -84,16 +84,8 @@ def _check_budgets(eps, c_pos, c_neg) -> tuple[float, float, float]:
 
 
 def _trajectory_channels(x: torch.Tensor, traj: Segments):
-    """Sign labels and the signed trajectory means of Eq. 9 as an ``(M, 2)`` tensor.
-
-    ``clamp(x, min=0)`` passes its gradient at exactly x = 0 and
-    ``neg = pos - x`` then has zero gradient there, so a token at x = 0 feeds
-    only the positive channel's gradient, consistent with l = +1.  Both
-    channels are reduced with one ``index_add``.
-    """
-    sign = sign_channel(x)
-    pos = torch.clamp(x, min=0)
-    return sign, traj.mean(torch.stack([pos, pos - x], dim=1))  # columns: log s⁺, log s⁻
+    """Sign labels and the signed trajectory means of Eq. 9 as an ``(M, 2)`` tensor (split by :func:`sign_split`)."""
+    return sign_channel(x), traj.mean(sign_split(x))  # columns: log s⁺, log s⁻
 
 
 def _per_token(traj: Segments, channels: torch.Tensor, log_base: torch.Tensor):
@@ -210,27 +202,16 @@ class _Levels(NamedTuple):
 def _domain_levels(x, traj_id, group_id, domain_id) -> _Levels:
     """The local trajectory → group → domain structure and its counts (this rank's tokens only).
 
-    Only the trajectory ids are indexed per token.  Group and domain ids are
-    carried to the trajectories by a per-trajectory min and max (equal exactly
-    when the ids nest) and indexed there: sorting M_traj ids instead of N
-    token ids is what keeps FiberPO-Domain close to FiberPO's cost.
+    Only the trajectory ids are indexed per token; group and domain are
+    indexed over the trajectories (:func:`~fiberpo_theory.segments.nested_segments`,
+    the same indexing the FGH operator's chain hierarchies use).
     """
     traj = segments_for("traj_id", traj_id, x)
-    raw = torch.stack([_validate.ids("group_id", group_id, x), _validate.ids("domain_id", domain_id, x)], dim=1)
-    low, split = carried_ids(traj, raw)
-    for column, name in ((0, "prompt group"), (1, "domain")):
-        if bool(split[:, column].any()):
-            bad = int(split[:, column].nonzero()[0, 0])
-            raise ValueError(
-                f"trajectory does not nest in {name}: trajectory {int(traj.ids[bad])} has tokens in more than one {name}"
-            )
-    group = Segments.from_ids(low[:, 0])  # over trajectories: group.count is trajectories per group
-    domain = Segments.from_ids(low[:, 1])
-    group_domain = parent_of(group, domain.index, child_name="prompt group", parent_name="domain")
-    group_tokens = group.sum(traj.count)
-    domain_tokens = domain.sum(traj.count)
+    coarser = [_validate.ids("domain_id", domain_id, x), _validate.ids("group_id", group_id, x)]
+    (domain, group, _), (group_domain, _) = nested_segments(coarser, traj, ["domain", "prompt group", "trajectory"])
     return _Levels(
-        traj, group.index, group.ids, group.count, group_tokens, group_domain, domain.ids, domain.count, domain_tokens
+        traj, group.index, group.ids, group.count, group.sum(traj.count), group_domain,
+        domain.ids, domain.count, domain.sum(traj.count),
     )
 
 

@@ -152,6 +152,38 @@ def carried_ids(child: Segments, columns: torch.Tensor) -> tuple[torch.Tensor, t
     return low, low != high
 
 
+def nested_segments(
+    coarser: list[torch.Tensor], finest: Segments, labels: list[str]
+) -> tuple[list[Segments], list[torch.Tensor]]:
+    """Index a chain of nested id columns: coarsest first, the finest already indexed.
+
+    Only the finest column is indexed per element; each coarser id is carried
+    to the finest segments by a per-segment min and max (:func:`carried_ids`),
+    which agree exactly when the ids nest, and the coarser levels are indexed
+    over those M segments instead of the N elements.  Returns the Segments of
+    every level over the finest segments (the finest itself last) and, for
+    each level below the coarsest, the dense index of its parent per segment.
+    ``labels`` name the levels (coarsest first) in the ``ValueError`` raised
+    when some level does not nest in the one above.
+    """
+    if not coarser:
+        return [finest], []
+    low, split = carried_ids(finest, torch.stack(coarser, dim=1))
+    for k in reversed(range(len(coarser))):  # the nearest parent first
+        if bool(split[:, k].any()):
+            bad = int(split[:, k].nonzero()[0, 0])
+            child, parent = labels[-1], labels[k]
+            raise ValueError(
+                f"{child} does not nest in {parent}: {child} {int(finest.ids[bad])} has elements in more than one {parent}"
+            )
+    segs = [Segments.from_ids(low[:, k]) for k in range(len(coarser))] + [finest]
+    projection = [
+        parent_of(segs[k + 1], segs[k].index, child_name=labels[k + 1], parent_name=labels[k])
+        for k in range(len(segs) - 2)  # over segments: a coarse level can still fail to nest in the next
+    ]
+    return segs, projection + [segs[-2].index]
+
+
 def segments_for(name: str, ids, like: torch.Tensor) -> Segments:
     """Validate an id column against the values it labels and index it.
 

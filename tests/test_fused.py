@@ -200,3 +200,13 @@ def test_fused_on_cuda_matches_cpu():
     cpu = obj.fiberpo_gated_ratio(x, traj, **HYPER)
     gpu = obj.fiberpo_gated_ratio(x.cuda(), traj.cuda(), **HYPER)
     assert torch.allclose(gpu.cpu(), cpu, atol=1e-12)
+
+
+def test_fast_channel_means_equal_the_shared_sign_split():
+    from fiberpo_theory.fused import channel_means
+    from fiberpo_theory.gates import sign_split
+
+    x = torch.tensor([0.3, 0.0, -0.2, -0.0, 0.1, -0.4], dtype=torch.float64)
+    traj = Segments.from_ids(torch.tensor([1, 1, 1, 2, 2, 2]))
+    assert torch.allclose(channel_means(x, traj), traj.mean(sign_split(x)), atol=1e-15)
+    assert sign_split(x)[:, 1].tolist() == [0.0, 0.0, 0.2, 0.0, 0.0, 0.4]
