@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .gates import PASS, ROLLBACK, ZEROED, g_agg_regime
+from .gates import PASS, REGIME_NAMES, ROLLBACK, ZEROED, g_agg_regime
 from .objectives import FiberPOParts
 
 GLOBAL_REGIMES = ("G-I", "G-II,r", "G-II", "G-III,r", "G-III")
@@ -62,8 +62,8 @@ def fiberpo_metrics(parts: FiberPOParts, *, eps, c_pos, c_neg, k=None) -> dict[s
     """
     pos, neg = channel_regimes(parts, c_pos=c_pos, c_neg=c_neg, k=k)
     metrics = {}
-    metrics.update(_fractions(pos, ("P", "R", "Z"), "channel_pos"))
-    metrics.update(_fractions(neg, ("P", "R", "Z"), "channel_neg"))
+    metrics.update(_fractions(pos, REGIME_NAMES, "channel_pos"))
+    metrics.update(_fractions(neg, REGIME_NAMES, "channel_neg"))
     metrics.update(_fractions(global_regime(pos, neg), GLOBAL_REGIMES, "global"))
     metrics.update(_fractions(local_regime(parts, eps=eps), LOCAL_REGIMES, "local"))
     metrics["clipfrac/numerator"] = float((parts.u.abs() > eps).double().mean())
