@@ -443,6 +443,10 @@ What each baseline includes:
 bandwidth measured in the same run.  Ratios are from one run with all cases' repeats interleaved; on a shared
 machine the absolute times are noisy, the ratios much less so.
 
+GPU: the same command takes `--device cuda`; the issue-6 throughput goal is read from `% copy BW` at
+≥ 16M tokens: `fiberpo-theory bench --device cuda --tokens 16777216 --scaling 1048576 4194304 16777216
+67108864`.  Until a GPU machine has run it, the numbers below are CPU-only.
+
 """
 
 
