@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from . import _validate, diagnostics, objectives
+from . import _validate, baselines, diagnostics, objectives
 from .layout import FlatBatch, flatten_mask, to_flat
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -50,16 +50,37 @@ def _weights(mode: str | None, method: str, batch: FlatBatch, like: torch.Tensor
     raise ValueError(f"loss_agg_mode must be one of {AGG_MODES} or None, got {mode!r}")
 
 
+def _padded(name: str, value, like: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A float ``(B, L)`` tensor shaped like ``like``, finite on the response tokens.
+
+    Padded slots are ignored for every input (their values never reach the
+    loss), as verl and TRL ignore them; a bad response token is reported by
+    row and column.
+    """
+    value = _validate.as_float(name, value)
+    if value.shape != like.shape:
+        raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(like.shape)}")
+    if value.device != like.device:
+        raise ValueError(f"{name} is on {value.device}, expected {like.device}")
+    bad = ~torch.isfinite(value.detach()) & mask
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} has a non-finite value at row {row}, column {col}: {value[row, col].item()}")
+    return value
+
+
 def _flat_inputs(old_log_prob, log_prob, advantages, response_mask):
     log_prob = _validate.as_float("log_prob", log_prob)
     if log_prob.dim() != 2:
         raise ValueError(f"log_prob must be (B, L), got shape {tuple(log_prob.shape)}")
-    old = _validate.same_shape("old_log_prob", old_log_prob, log_prob)
-    adv = _validate.same_shape("advantages", advantages, log_prob)
+    if not isinstance(response_mask, torch.Tensor) or response_mask.shape != log_prob.shape:
+        shape = tuple(response_mask.shape) if isinstance(response_mask, torch.Tensor) else type(response_mask).__name__
+        raise ValueError(f"response_mask has shape {shape}, expected {tuple(log_prob.shape)}")
     batch = flatten_mask(response_mask)
-    if batch.shape != log_prob.shape:
-        raise ValueError(f"response_mask has shape {tuple(batch.shape)}, expected {tuple(log_prob.shape)}")
-    log_ratio = (log_prob - old.detach())[batch.mask]
+    log_prob = _padded("log_prob", log_prob, log_prob, batch.mask)
+    old = _padded("old_log_prob", old_log_prob, log_prob, batch.mask)
+    adv = _padded("advantages", advantages, log_prob, batch.mask)
+    log_ratio = log_prob[batch.mask] - old.detach()[batch.mask]
     return batch, log_ratio, adv[batch.mask]
 
 
@@ -83,47 +104,62 @@ def _finish(method, gated, log_ratio, adv, batch, mode, metrics, traj=None):
     return -objective, metrics
 
 
-@register_policy_loss("ppo")
-def ppo_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode=None, *, eps=0.2):
-    """PPO: min form of clip(r, 1±ε) (App. C.4), token-mean by default."""
+def _clip_loss(method, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, clip):
     batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)
-    ratio = torch.exp(x)
-    gated = objectives.ppo_gated_ratio(ratio, eps=eps, advantages=adv)
+    ratio = baselines.bounded_ratio(x)
+    gated = baselines.ppo_gated_ratio(ratio, advantages=adv, **clip)
     metrics = {"clipfrac": diagnostics.clip_fraction(ratio.detach(), gated.detach())}
-    return _finish("ppo", gated, x, adv, batch, loss_agg_mode, metrics)
+    return _finish(method, gated, x, adv, batch, loss_agg_mode, metrics)
+
+
+@register_policy_loss("ppo")
+def ppo_loss(
+    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode=None, *,
+    eps=0.2, eps_low=None, eps_high=None, clip_ratio_c=None,
+):
+    """PPO: min form of clip(r, 1 − ε_low, 1 + ε_high) (App. C.4), token-mean by default.
+
+    ``clip_ratio_c`` adds the dual clip; the log-ratio is bounded by ±20 before exp.
+    """
+    clip = dict(eps=eps, eps_low=eps_low, eps_high=eps_high, clip_ratio_c=clip_ratio_c)
+    return _clip_loss("ppo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, clip)
 
 
 @register_policy_loss("grpo")
-def grpo_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode=None, *, eps=0.2):
+def grpo_loss(
+    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode=None, *,
+    eps=0.2, eps_low=None, eps_high=None, clip_ratio_c=None,
+):
     """GRPO: PPO's gate with trajectory-normalised μ = 1/(|Tj| T_τ) (App. C.4)."""
-    batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)
-    ratio = torch.exp(x)
-    gated = objectives.grpo_gated_ratio(ratio, eps=eps, advantages=adv)
-    metrics = {"clipfrac": diagnostics.clip_fraction(ratio.detach(), gated.detach())}
-    return _finish("grpo", gated, x, adv, batch, loss_agg_mode, metrics)
+    clip = dict(eps=eps, eps_low=eps_low, eps_high=eps_high, clip_ratio_c=clip_ratio_c)
+    return _clip_loss("grpo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, clip)
 
 
 @register_policy_loss("gspo")
-def gspo_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode=None, *, eps=4e-4):
-    """GSPO: min form of clip(s_τ, 1±ε), s_τ the geometric-mean ratio (App. C.4)."""
+def gspo_loss(
+    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode=None, *,
+    eps=4e-4, eps_low=None, eps_high=None, token_level=False,
+):
+    """GSPO: min form of clip(s_τ, 1 ± ε), s_τ the geometric-mean ratio (App. C.4); ``token_level``: GSPO-token."""
     batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)
-    gated = objectives.gspo_gated_ratio(x, batch.traj_id, eps=eps, advantages=adv)
+    clip = dict(eps=eps, eps_low=eps_low, eps_high=eps_high, token_level=token_level)
+    gated = baselines.gspo_gated_ratio(x, batch.traj_id, advantages=adv, **clip)
     # an unbounded ε gives the unclipped aggregate s_τ from the same formula
-    unclipped = objectives.gspo_gated_ratio(x.detach(), batch.traj_id, eps=1e30)
+    unclipped = baselines.gspo_gated_ratio(x.detach(), batch.traj_id, eps=1e30)
     metrics = {"clipfrac": diagnostics.clip_fraction(unclipped, gated.detach())}
     return _finish("gspo", gated, x, adv, batch, loss_agg_mode, metrics)
 
 
 @register_policy_loss("apc_obj")
 def apc_obj_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode=None, *, delta=None, state_ids=None):
-    """APC-Obj (Eq. 3/59) with a relaxed δ; ``state_ids`` is ``(B, L)`` per token."""
+    """APC-Obj (Eq. 3/59) with a relaxed δ; ``state_ids`` is ``(B, L)`` per token; log-ratio bounded by ±20."""
     if delta is None:
         raise ValueError("delta is required for apc_obj (a positive TV budget)")
     batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)
     if state_ids is None:
         raise ValueError("state_ids is required for apc_obj")
     states = to_flat(_validate_row_ids("state_ids", state_ids), batch, "state_ids")
-    ratio = torch.exp(x)
+    ratio = baselines.bounded_ratio(x)
     gated = objectives.apc_obj_gated_ratio(ratio, states, delta=delta)
     metrics = {"clipfrac": diagnostics.clip_fraction(ratio.detach(), gated.detach())}
     return _finish("apc_obj", gated, x, adv, batch, loss_agg_mode, metrics)

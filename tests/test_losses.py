@@ -146,3 +146,40 @@ def test_global_regime_covers_all_nine_channel_pairs():
     neg = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
     names = [diagnostics.GLOBAL_REGIMES[i] for i in diagnostics.global_regime(pos, neg)]
     assert names == ["G-I", "G-II,r", "G-II", "G-II,r", "G-III,r", "G-III,r", "G-II", "G-III,r", "G-III"]
+
+
+# --- messages and padding (bad input in a padded batch) ---------------------------------------
+
+
+def _two_by_four():
+    return torch.zeros(2, 4), torch.zeros(2, 4), torch.ones(2, 4), torch.ones(2, 4)
+
+
+EXTRA_24 = {
+    "apc_obj": dict(delta=0.1, state_ids=torch.zeros(2, 4, dtype=torch.long)),
+    "fiberpo_domain": dict(group_ids=torch.tensor([0, 0]), domain_ids=torch.tensor([0, 0])),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POLICY_LOSSES))
+@pytest.mark.parametrize("arg", ["old_log_prob", "log_prob", "advantages"])
+def test_non_finite_token_is_reported_by_row_and_column(name, arg):
+    inputs = dict(zip(["old_log_prob", "log_prob", "advantages", "response_mask"], _two_by_four()))
+    inputs[arg][1, 2] = float("nan")
+    with pytest.raises(ValueError) as error:
+        POLICY_LOSSES[name](**inputs, **EXTRA_24.get(name, {}))
+    message = str(error.value)
+    assert message.startswith(f"{arg} ") and "row 1, column 2" in message
+    assert "ratio" not in message
+
+
+@pytest.mark.parametrize("name", sorted(POLICY_LOSSES))
+@pytest.mark.parametrize("arg", ["old_log_prob", "log_prob", "advantages"])
+def test_padded_slots_are_ignored_for_every_input(name, arg):
+    old, new, adv, mask = padded_batch()
+    extra = EXTRA.get(name, lambda d: {})("cpu")
+    clean, _ = POLICY_LOSSES[name](old, new, adv, mask, None, **extra)
+    inputs = dict(old_log_prob=old.clone(), log_prob=new.clone(), advantages=adv.clone())
+    inputs[arg][mask == 0] = float("nan")
+    dirty, _ = POLICY_LOSSES[name](**inputs, response_mask=mask, loss_agg_mode=None, **extra)
+    assert torch.equal(clean, dirty)
