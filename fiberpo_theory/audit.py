@@ -433,6 +433,8 @@ def audit(
         raise ValueError(f"fn must be callable, got {type(fn).__name__}")
     hyper = {"eps": _validate.positive("eps", eps), "c_pos": _validate.positive("c_pos", c_pos), "c_neg": _validate.positive("c_neg", c_neg)}
     max_examples = _validate.positive_int("max_examples", max_examples)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     report = AuditReport(getattr(fn, "__qualname__", repr(fn)), dict(hyper), seed)
@@ -501,13 +503,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-examples", type=positive_int, default=30, help="random batches per property (default: %(default)s)")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The target must import and be callable; a ValueError here is a bad argument (exit 2, see :mod:`.cli`)."""
+    args.fn = load_target(args.target)
+
+
 def run(args: argparse.Namespace) -> int:
-    try:
-        fn = load_target(args.target)
-        report = audit(fn, eps=args.eps, c_pos=args.c_pos, c_neg=args.c_neg, seed=args.seed, max_examples=args.max_examples)
-    except (ValueError, ImportError, AttributeError) as err:
-        print(f"fiberpo-theory audit: {err}", file=sys.stderr)
-        return 2
+    fn = args.fn if getattr(args, "fn", None) is not None else load_target(args.target)
+    report = audit(fn, eps=args.eps, c_pos=args.c_pos, c_neg=args.c_neg, seed=args.seed, max_examples=args.max_examples)
     report.function = args.target
     print(report)
     if args.json:

@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -87,9 +86,23 @@ def _replace(obj, changes: dict, prefix: str):
         if key not in names:
             raise ValueError(f"config override {prefix}{key}: {type(obj).__name__} has no key {key!r}")
         current = getattr(obj, key)
-        nested = isinstance(value, dict) and dataclasses.is_dataclass(current)
-        kwargs[key] = _replace(current, value, f"{prefix}{key}.") if nested else value
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"config override {prefix}{key}: a section of keys, set its keys ({prefix}{key}.NAME=VALUE), not {value!r}")
+            kwargs[key] = _replace(current, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _typed(f"{prefix}{key}", current, value)
     return dataclasses.replace(obj, **kwargs)
+
+
+def _typed(key: str, current, value):
+    """``value`` if it has the kind of the default it replaces (numbers stand for numbers), else a ValueError."""
+    def kind(v):
+        return "bool" if isinstance(v, bool) else "number" if isinstance(v, (int, float)) else type(v).__name__
+
+    if current is None or kind(value) == kind(current):
+        return float(value) if isinstance(current, float) and kind(value) == "number" else value
+    raise ValueError(f"config override {key}={value!r}: expected a {kind(current)} like the default {current!r}")
 
 
 def verl_registry() -> dict[str, Callable]:
@@ -253,7 +266,8 @@ def _row_block(loss, gen, dtype, n, modes):
                                                    "position": [b + 1, t], "gradient_before": float(base[b + 1, t]), "gradient_after": float(grad[b + 1, t])})
     if worst[0] > TOLERANCE:
         w = worst[1]
-        return PropertyResult("row-block", "fails", w, f"moving {w['moved']} changed dloss/dlog_prob{w['position']} by {_size(worst[0])} ({w['loss_agg_mode']}): rows are coupled")
+        what = "rows are coupled" if math.isfinite(worst[0]) else "the gradient is not finite"
+        return PropertyResult("row-block", "fails", w, f"moving {w['moved']} changed dloss/dlog_prob{w['position']} by {_size(worst[0])} ({w['loss_agg_mode']}): {what}")
     return PropertyResult("row-block", "holds", None, f"moving one row's log_prob, old_log_prob or advantages never changed another row's gradient ({n} batches x {len(modes)} modes, |log r| up to 1)")
 
 
@@ -501,28 +515,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-examples", type=positive_int, default=12, help="random batches per property (default: %(default)s)")
 
 
-def _refuse(message: str) -> int:
-    print(f"fiberpo-theory audit-loss: {message}", file=sys.stderr)
-    return 2
+def check_args(args: argparse.Namespace) -> None:
+    """Everything about the arguments argparse cannot see, before any loss runs (a ValueError is exit 2)."""
+    if bool(args.target) == bool(args.verl_registry):
+        raise ValueError("give exactly one of MODULE:FUNCTION or --verl-registry")
+    if args.markdown and not args.verl_registry:
+        raise ValueError("--markdown needs --verl-registry")
+    try:
+        args.config = verl_config(args.overrides)
+    except ImportError as err:
+        raise ValueError(f"audit-loss needs verl installed ({err})") from None
+    except TypeError as err:  # verl's config classes refusing a value
+        raise ValueError(f"config override refused by verl: {err}") from None
+    args.fn = None if args.verl_registry else load_target(args.target)
 
 
 def run(args: argparse.Namespace) -> int:
-    if bool(args.target) == bool(args.verl_registry):
-        return _refuse("give exactly one of MODULE:FUNCTION or --verl-registry")
-    if args.markdown and not args.verl_registry:
-        return _refuse("--markdown needs --verl-registry")
-    kwargs = dict(seed=args.seed, max_examples=args.max_examples, loss_agg_modes=tuple(args.modes or AGG_MODES))
-    try:
-        kwargs["config"] = verl_config(args.overrides)
-    except (ValueError, TypeError, ImportError) as err:
-        return _refuse(str(err).splitlines()[0])
-    try:
-        if args.verl_registry:
-            reports = audit_verl_registry(**kwargs)
-        else:
-            reports = {args.target: audit_loss(load_target(args.target), name=args.target, **kwargs)}
-    except (ValueError, ImportError, AttributeError) as err:
-        return _refuse(str(err))
+    if getattr(args, "config", None) is None:  # called without cli.main, which runs check_args first
+        check_args(args)
+    kwargs = dict(seed=args.seed, max_examples=args.max_examples, loss_agg_modes=tuple(args.modes or AGG_MODES), config=args.config)
+    if args.verl_registry:
+        reports = audit_verl_registry(**kwargs)
+    else:
+        reports = {args.target: audit_loss(args.fn, name=args.target, **kwargs)}
     print("\n\n".join(str(report) for report in reports.values()))
     if args.json:
         data = {name: report.to_json() for name, report in reports.items()}

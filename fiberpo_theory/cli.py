@@ -1,7 +1,12 @@
 """The ``fiberpo-theory`` command line.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)``
-and ``run(args) -> int``; this file only wires them together.
+and ``run(args) -> int``; this file only wires them together.  A module may
+also expose ``check_args(args)`` for checks argparse's ``type=`` cannot make
+(a target that must import, options that exclude each other): it runs before
+any work, and a ValueError it raises is a bad argument, reported in one line
+with exit status 2.  A ValueError raised later, by ``run``, is a failure of
+the work itself and is not caught here.
 """
 
 from __future__ import annotations
@@ -52,7 +57,24 @@ def main(argv: list[str] | None = None) -> int:
     if module is None:
         print(f"fiberpo-theory {args.command}: not built yet", file=sys.stderr)
         return 2
+    refusal = _argument_error(module, args)
+    if refusal is not None:
+        print(f"fiberpo-theory {args.command}: error: {refusal}", file=sys.stderr)
+        return 2
     return int(module.run(args) or 0)
+
+
+def _argument_error(module, args: argparse.Namespace) -> str | None:
+    """The first line of the ValueError the subcommand's ``check_args`` raises, or None when the arguments are fine."""
+    check = getattr(module, "check_args", None)
+    if check is None:
+        return None
+    try:
+        check(args)
+    except ValueError as err:
+        lines = str(err).strip().splitlines()
+        return lines[0] if lines else type(err).__name__
+    return None
 
 
 if __name__ == "__main__":

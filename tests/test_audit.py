@@ -77,7 +77,7 @@ def test_wrong_output_shape_fails():
     assert "shape" in report["on-policy-identity"].details
 
 
-@pytest.mark.parametrize("name, value", [("eps", -1.0), ("c_pos", 0.0), ("c_neg", float("nan")), ("max_examples", 0)])
+@pytest.mark.parametrize("name, value", [("eps", -1.0), ("c_pos", 0.0), ("c_neg", float("nan")), ("max_examples", 0), ("seed", -1), ("seed", 1.5)])
 def test_bad_arguments_name_themselves(name, value):
     kwargs = dict(HYPER, max_examples=3)
     kwargs[name] = value

@@ -212,3 +212,17 @@ def test_a_loss_that_ignores_loss_agg_mode_fails_in_the_other_modes_only():
     assert result.verdict == "fails"
     for kind, modes in result.witness["failing_modes"].items():
         assert "token-mean" not in modes and modes, kind
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_non_finite_loss_fails_every_property_with_a_witness(bad):
+    def non_finite(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None):
+        ratio = torch.exp(log_prob - old_log_prob) * bad  # still differentiable: NaN/inf gradients too
+        return agg_loss(loss_mat=-advantages * ratio, loss_mask=response_mask, loss_agg_mode=loss_agg_mode), {}
+
+    report = audit_loss(non_finite, max_examples=3)
+    for p in report.properties:
+        assert p.verdict == "fails" and p.witness, p
+    assert "coupled" not in report["row-block"].details  # a non-finite gradient is not reported as coupling
+    data = json.loads(json.dumps(report.to_json()), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert data["passed"] is False

@@ -131,3 +131,72 @@ def test_only_the_chosen_subcommand_is_imported():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def _fake_subcommand(monkeypatch, check_error=None, run_error=None):
+    """A subcommand module 'fake' whose check_args and run raise the given errors (None: succeed)."""
+    import types
+
+    from fiberpo_theory import cli
+
+    module = types.ModuleType("fiberpo_theory_fake_subcommand")
+    module.add_arguments = lambda parser: parser.add_argument("--x", default="1")
+    calls = []
+
+    def check_args(args):
+        calls.append("check")
+        if check_error is not None:
+            raise check_error
+
+    def run(args):
+        calls.append("run")
+        if run_error is not None:
+            raise run_error
+        return 0
+
+    module.check_args, module.run = check_args, run
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(cli.SUBCOMMANDS, "fake", (module.__name__, "a test subcommand"))
+    return calls
+
+
+def test_a_value_error_from_check_args_is_one_line_and_exit_2(monkeypatch, capsys):
+    calls = _fake_subcommand(monkeypatch, check_error=ValueError("--x clashes with --y\nsecond line of detail"))
+    code, out = _run(["fake"], capsys)
+    assert code == 2 and calls == ["check"]  # the work never started
+    assert out.err.strip() == "fiberpo-theory fake: error: --x clashes with --y"
+
+
+def test_a_value_error_raised_by_the_work_itself_is_not_turned_into_exit_2(monkeypatch):
+    calls = _fake_subcommand(monkeypatch, run_error=ValueError("a bug in the work"))
+    with pytest.raises(ValueError, match="a bug in the work"):
+        main(["fake"])
+    assert calls == ["check", "run"]
+
+
+def test_other_exceptions_from_check_args_are_not_swallowed(monkeypatch):
+    _fake_subcommand(monkeypatch, check_error=RuntimeError("not an argument problem"))
+    with pytest.raises(RuntimeError):
+        main(["fake"])
+
+
+AUDIT_LOSS_BAD_ARGUMENTS = [
+    (["audit-loss"], "MODULE:FUNCTION"),
+    (["audit-loss", GOOD_TARGET, "--verl-registry"], "--verl-registry"),
+    (["audit-loss", GOOD_TARGET, "--markdown", "x.md"], "--markdown"),
+    (["audit-loss", "no_colon_here"], "MODULE:FUNCTION"),
+    (["audit-loss", "--verl-registry", "--seed", "-1"], "--seed"),
+    (["audit-loss", "--verl-registry", "--max-examples", "0"], "--max-examples"),
+    (["audit-loss", "--verl-registry", "--mode", "token-average"], "--mode"),
+    (["audit-loss", "--verl-registry", "--set", "clip_ratio=abc"], "clip_ratio"),
+    (["audit-loss", "--verl-registry", "--set", "use_kl_loss=1"], "use_kl_loss"),
+    (["audit-loss", "--verl-registry", "--set", "policy_loss=3"], "policy_loss"),
+    (["audit-loss", "--verl-registry", "--set", "policy_loss.no_such_key=1"], "no_such_key"),
+    (["audit-loss", "--verl-registry", "--set", "loss_agg_mode=nope"], "loss_agg_mode"),
+]
+
+
+@pytest.mark.parametrize("argv, named", AUDIT_LOSS_BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in AUDIT_LOSS_BAD_ARGUMENTS])
+def test_audit_loss_bad_argument_exits_2_with_one_line(argv, named, capsys):
+    pytest.importorskip("verl.workers.config.actor")
+    test_bad_argument_exits_2_with_one_line(argv, named, capsys)
