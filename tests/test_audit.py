@@ -147,3 +147,32 @@ def test_nan_only_in_the_jacobian_at_r_equal_one_fails_first_order_exact():
     exact = report["first-order-exact"]
     assert exact.verdict == "fails"
     assert exact.witness["dG/dlog_r"] != exact.witness["dG/dlog_r"]  # the witness entry is the NaN itself
+
+
+def _console_transcripts(text):
+    """(argv, printed lines, exit status) of each ``$ fiberpo-theory audit ...`` session in a markdown page."""
+    import re
+    import shlex
+
+    for block in re.findall(r"```console\n(.*?)```", text, re.S):
+        lines = block.splitlines()
+        for i, line in enumerate(lines):
+            if not line.startswith("$ fiberpo-theory audit "):
+                continue
+            end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("$ ")), len(lines))
+            status = int(lines[end + 1]) if end + 1 < len(lines) and lines[end] == "$ echo $?" else None
+            yield shlex.split(line[2:])[1:], lines[i + 1:end], status
+
+
+def test_the_audit_transcripts_in_the_docs_are_what_the_command_prints(tmp_path, monkeypatch, capsys):
+    """docs/audit.md shows real runs: each one, rerun now, prints exactly those lines and exit status."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "audit.md").read_text()
+    transcripts = list(_console_transcripts(text))
+    assert len(transcripts) >= 2
+    monkeypatch.chdir(tmp_path)  # the --json files the transcripts name land here
+    for argv, printed, status in transcripts:
+        code = main(argv)
+        assert capsys.readouterr().out.splitlines() == printed, argv
+        assert status is None or code == status, argv
