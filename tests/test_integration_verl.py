@@ -19,6 +19,12 @@ B, L = 6, 7
 FIBERPO_KEYS = dict(fiberpo_eps=0.04, fiberpo_c_pos=0.12, fiberpo_c_neg=0.05)
 
 
+@pytest.fixture(autouse=True)
+def no_registered_hyper(monkeypatch):
+    """register(...) elsewhere (e.g. the guide) must not fill in the keys these tests leave out."""
+    monkeypatch.setattr(fv, "_registered_hyper", {})
+
+
 def config(rollout_n=2, policy_keys=FIBERPO_KEYS, **overrides):
     c = actor_config.ActorConfig(strategy="fsdp", rollout_n=rollout_n, ppo_micro_batch_size_per_gpu=2, **overrides)
     for key, value in policy_keys.items():

@@ -14,7 +14,10 @@ responses (trajectories).  Two gating maps with the audit signature
   step.  (It is deliberately written as a third party would, not via the
   package's internals.)
 
-:func:`compute_policy_loss_fiberpo` is the loss one would register in verl.
+:func:`compute_policy_loss_fiberpo` is this package's registry loss on a padded
+batch (hyper-parameters as keywords).  It does not have verl's signature (verl
+passes ``config=`` and ``rollout_is_weights=``); the loss to register in verl is
+``fiberpo_theory.integrations.verl.fiberpo``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def fiberpo_gating(log_ratio: torch.Tensor, response_mask: torch.Tensor, *, eps=
 
 
 def compute_policy_loss_fiberpo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode=None, *, eps=EPS, c_pos=C_POS, c_neg=C_NEG):
-    """verl's ``compute_policy_loss`` signature: returns ``(loss, metrics)`` with loss = −J (Eq. 2, 6)."""
+    """FiberPO on a padded batch: returns ``(loss, metrics)`` with loss = −J (Eq. 2, 6)."""
     return get_policy_loss_fn("fiberpo")(
         old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, eps=eps, c_pos=c_pos, c_neg=c_neg
     )
