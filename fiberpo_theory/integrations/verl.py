@@ -132,8 +132,10 @@ def batch_ids(*, uid=None, data_source=None, state_ids=None):
 # --- the shared tail: verl's aggregation and metrics ----------------------------------------------
 
 
-def _finish(batch: _Batch, gated, response_mask, loss_agg_mode, config, rollout_is_weights, extra_metrics):
-    ratio = torch.exp(batch.log_ratio.detach())
+def _finish(batch: _Batch, gated, response_mask, loss_agg_mode, config, rollout_is_weights, extra_metrics,
+            unclipped=None):
+    """``unclipped``: what the gate compares against for the clip fraction (default: the token ratio)."""
+    ratio = torch.exp(batch.log_ratio.detach()) if unclipped is None else unclipped
     loss_mat = torch.zeros_like(batch.adv_padded).masked_scatter(batch.mask, -batch.adv * gated)
     if rollout_is_weights is not None:
         loss_mat = loss_mat * rollout_is_weights
@@ -177,7 +179,9 @@ def rgf_gspo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="s
         batch.log_ratio, batch.traj_id, advantages=batch.adv, token_level=True,
         eps_low=_clip(config)["eps_low"], eps_high=_clip(config)["eps_high"],
     )
-    return _finish(batch, gated, response_mask, loss_agg_mode, config, rollout_is_weights, {})
+    # an unbounded clip gives the unclipped sequence ratio s_τ from the same formula
+    s_tau = baselines.gspo_gated_ratio(batch.log_ratio.detach(), batch.traj_id, eps=1e30, token_level=True)
+    return _finish(batch, gated, response_mask, loss_agg_mode, config, rollout_is_weights, {}, unclipped=s_tau)
 
 
 def _fiberpo_hyper(config) -> dict:
