@@ -39,6 +39,10 @@ that owns the batch supplies them with :func:`batch_ids` around the loss call
 aggregate is a mean over all responses of a prompt, so a micro-batch holding
 part of a group is refused (``ValueError`` naming the group): keep
 ``ppo_mini_batch_size`` and the micro-batch size multiples of ``rollout.n``.
+The domain aggregates (Eq. 33), by contrast, are taken over the domain's
+responses in the micro-batch on this rank: verl hands the loss one micro-batch
+at a time, so a domain spread over several micro-batches or ranks is aggregated
+per micro-batch (no collective is made here).
 """
 
 from __future__ import annotations
