@@ -17,7 +17,8 @@ plain ratio), and five properties are checked, each ``holds``, ``fails`` (with a
 ``on-policy-gradient``  there, ``∂loss/∂log_prob == -w ⊙ A`` (the surrogate's gradient) on every token, padding
                         included (where it is 0): the first-order agreement every trust-region method needs.
 ``row-block``           moving row 0's ``log_prob``, ``old_log_prob`` or ``advantages`` leaves every other row's
-                        gradient unchanged: the implied gated ratio's Jacobian is block-diagonal over rows.
+                        ∂loss/∂log_prob and ∂loss/∂A (its implied gated ratio) unchanged: the gating map's
+                        Jacobian is block-diagonal over rows.
 ``finite-extremes``     log-ratios of ±20 and ±50, and a 2048-token row, give a finite loss and gradient.
 ``implied-gating``      ``G = -(∂loss/∂A) / w`` recovers the gated ratio the loss applies to each token; it is
                         finite and the loss equals ``-agg(A ⊙ G)`` off-policy, i.e. the loss *is* a gated-ratio
@@ -245,30 +246,39 @@ def _on_policy_gradient(loss, gen, dtype, n, modes):
                     f"dloss/dlog_prob = -w * A at r = 1 on {n} batches x {len(modes)} modes, per-token and row-constant advantages")
 
 
+ROW_BLOCK_GRADIENTS = {"log_prob": "dloss/dlog_prob", "adv": "dloss/dadvantages"}
+
+
 def _row_block(loss, gen, dtype, n, modes):
+    """Move row 0's inputs; every other row's gradients (w.r.t. log_prob and A, i.e. its gated ratio) must not move."""
     worst = (-1.0, None)
     for k in range(n):
         scale = (0.0, 0.3, 1.0)[k % 3]
         old, log_prob, adv, mask = _random_inputs(gen, dtype, scale, rows=(2, 4))
         shift = (2 * torch.rand(log_prob.shape[1], generator=gen, dtype=dtype) - 1) * 0.5
         for mode in modes:
-            _, (base,) = loss.grads(old, log_prob, adv, mask, mode)
+            base = _gradients(loss, old, log_prob, adv, mask, mode)
             for name in ("log_prob", "old_log_prob", "advantages"):
                 moved = {"old_log_prob": old.clone(), "log_prob": log_prob.clone(), "advantages": adv.clone()}
                 moved[name][0] += shift
-                _, (grad,) = loss.grads(moved["old_log_prob"], moved["log_prob"], moved["advantages"], mask, mode)
-                if base is None or grad is None:
-                    continue
-                change = torch.where(mask.bool(), _deviation(grad - base), torch.zeros_like(grad))[1:]
-                if float(change.max()) > worst[0]:
-                    b, t = [int(v) for v in torch.unravel_index(change.argmax(), change.shape)]
-                    worst = (float(change.max()), {"loss_agg_mode": mode, "moved": f"{name}[0]", "log_ratio_scale": scale, **_describe(mask),
-                                                   "position": [b + 1, t], "gradient_before": float(base[b + 1, t]), "gradient_after": float(grad[b + 1, t])})
+                after = _gradients(loss, moved["old_log_prob"], moved["log_prob"], moved["advantages"], mask, mode)
+                for label, before, grad in zip(ROW_BLOCK_GRADIENTS.values(), base, after):
+                    change = torch.where(mask.bool(), _deviation(grad - before), torch.zeros_like(grad))[1:]
+                    if float(change.max()) > worst[0]:
+                        b, t = [int(v) for v in torch.unravel_index(change.argmax(), change.shape)]
+                        worst = (float(change.max()), {"loss_agg_mode": mode, "moved": f"{name}[0]", "gradient": label, "log_ratio_scale": scale,
+                                                       **_describe(mask), "position": [b + 1, t], "before": float(before[b + 1, t]), "after": float(grad[b + 1, t])})
     if worst[0] > TOLERANCE:
         w = worst[1]
         what = "rows are coupled" if math.isfinite(worst[0]) else "the gradient is not finite"
-        return PropertyResult("row-block", "fails", w, f"moving {w['moved']} changed dloss/dlog_prob{w['position']} by {_size(worst[0])} ({w['loss_agg_mode']}): {what}")
-    return PropertyResult("row-block", "holds", None, f"moving one row's log_prob, old_log_prob or advantages never changed another row's gradient ({n} batches x {len(modes)} modes, |log r| up to 1)")
+        return PropertyResult("row-block", "fails", w, f"moving {w['moved']} changed {w['gradient']}{w['position']} by {_size(worst[0])} ({w['loss_agg_mode']}): {what}")
+    return PropertyResult("row-block", "holds", None, f"moving one row's log_prob, old_log_prob or advantages never changed another row's dloss/dlog_prob or dloss/dA ({n} batches x {len(modes)} modes, |log r| up to 1)")
+
+
+def _gradients(loss, old, log_prob, adv, mask, mode) -> list[torch.Tensor]:
+    """dloss/dlog_prob and dloss/dA, zeros where the loss does not depend on them through autograd."""
+    _, grads = loss.grads(old, log_prob, adv, mask, mode, wrt=tuple(ROW_BLOCK_GRADIENTS))
+    return [torch.zeros_like(mask) if g is None else g for g in grads]
 
 
 def _extreme_cases(dtype):
@@ -401,12 +411,20 @@ def _setup_error(loss, modes) -> str | None:
     old = torch.tensor([[-1.0, -0.5, -2.0], [-0.7, -1.2, -0.3]], dtype=torch.float64)
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
     adv = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]], dtype=torch.float64)
+    errors = {}
     for mode in modes:
         try:
             loss(old, old + 0.05, adv, mask, mode)
         except Exception as err:  # e.g. a config key the default verl config leaves unset
-            return f"{type(err).__name__} on an ordinary batch ({mode}): {err}"
-    return None
+            errors[mode] = f"{type(err).__name__}: {err}"
+    if not errors:
+        return None
+    mode, first = next(iter(errors.items()))
+    if len(errors) == len(modes):
+        return f"the loss raises on an ordinary batch in every mode; {mode}: {first}"
+    # some modes run: the others are unsupported, and the audit can be rerun on the ones that work
+    return (f"the loss raises on an ordinary batch in {', '.join(errors)}; {mode}: {first}; "
+            "select the modes it runs in with --mode (loss_agg_modes)")
 
 
 def _run_one(property_id, check, loss, gen, count, modes) -> PropertyResult:
@@ -445,7 +463,8 @@ def registry_markdown(reports: dict[str, AuditReport], *, command: str) -> str:
         "  advantages and with row-constant ones (outcome rewards, as in GRPO); the details say which kind fails.",
         "* `on-policy-gradient`: at r = 1, ∂loss/∂log_prob = −w ⊙ A on every token (first-order agreement with the",
         "  policy gradient, where every epoch takes its first step).",
-        "* `row-block`: moving one row's inputs never changes another row's gradient (no coupling across responses).",
+        "* `row-block`: moving one row's inputs never changes another row's ∂loss/∂log_prob or ∂loss/∂A (its gated",
+        "  ratio): no coupling across responses.",
         "* `finite-extremes`: finite loss and gradient at log r = ±20, ±50 and on 2048-token rows.",
         "* `implied-gating`: G = −(∂loss/∂A)/w is the gated ratio the loss applies per token; the property holds",
         "  when the loss is exactly −agg(A ⊙ G) (a gated-ratio surrogate, nothing added). G is tabulated in the",

@@ -111,7 +111,7 @@ def test_batch_wide_advantage_centring_fails_row_block():
     report = audit_loss(batch_normalised, max_examples=6)
     result = report["row-block"]
     assert result.verdict == "fails"
-    assert result.witness["moved"] == "advantages[0]" and result.witness["position"][0] >= 1
+    assert result.witness["moved"].endswith("[0]") and result.witness["position"][0] >= 1  # row 0 moved, another row changed
 
 
 def test_overflow_far_off_policy_fails_finite_extremes_only_there():
@@ -226,3 +226,35 @@ def test_a_non_finite_loss_fails_every_property_with_a_witness(bad):
     assert "coupled" not in report["row-block"].details  # a non-finite gradient is not reported as coupling
     data = json.loads(json.dumps(report.to_json()), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert data["passed"] is False
+
+
+def shifted_gate_from_row_0(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None):
+    """Planted defect: every row's gated ratio gets an additive term from row 0's log-ratio.
+
+    The term does not depend on the row's own log_prob, so dloss/dlog_prob of the other rows never moves;
+    only their dloss/dA (the implied gated ratio) does.
+    """
+    ratio = torch.exp(log_prob - old_log_prob)
+    offset = 0.1 * (log_prob - old_log_prob)[0].sum()
+    gated = torch.cat([ratio[:1], ratio[1:] + offset])
+    return agg_loss(loss_mat=-advantages * gated, loss_mask=response_mask, loss_agg_mode=loss_agg_mode), {}
+
+
+def test_coupling_through_the_gated_ratio_alone_fails_row_block():
+    result = audit_loss(shifted_gate_from_row_0, max_examples=6)["row-block"]
+    assert result.verdict == "fails"
+    assert result.witness["gradient"] == "dloss/dadvantages" and result.witness["position"][0] >= 1
+
+
+def runs_only_token_mean(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None):
+    if loss_agg_mode != "token-mean":
+        raise NotImplementedError(f"{loss_agg_mode} is not supported")
+    return surrogate_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode)
+
+
+def test_a_loss_that_supports_some_modes_is_an_error_naming_them_and_passes_on_those():
+    report = audit_loss(runs_only_token_mean, max_examples=3)
+    reason = report["on-policy-value"].witness["error"]
+    assert {p.verdict for p in report.properties} == {"error"}
+    assert "ordinary batch in token-sum, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm;" in reason and "--mode" in reason
+    assert audit_loss(runs_only_token_mean, max_examples=3, loss_agg_modes=("token-mean",)).passed
