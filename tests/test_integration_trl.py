@@ -99,21 +99,37 @@ def test_trains_three_steps(tmp_path, method):
     assert torch.isfinite(torch.tensor(result.training_loss))
     changed = sum(not torch.equal(a, b.detach()) for a, b in zip(before, trainer.model.parameters()))
     assert changed > 0
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    assert "fiberpo/clip_fraction" in logged
+    if method == "fiberpo":
+        assert {"fiberpo/clipfrac/numerator", "fiberpo/global/G-I"} <= logged
 
 
 @pytest.mark.parametrize(
-    "method, loss_type", [("fiberpo", "grpo"), ("fiberpo_domain", "grpo"), ("fiberpo", "bnpo"), ("apc_obj", "bnpo")]
+    "method, loss_type, truncated",
+    [
+        ("fiberpo", "grpo", False), ("fiberpo_domain", "grpo", False), ("fiberpo", "bnpo", False),
+        ("apc_obj", "bnpo", False), ("fiberpo", "grpo", True), ("fiberpo_domain", "bnpo", True),
+    ],
 )
-def test_on_policy_gradient_equals_trl_grpo(tmp_path, method, loss_type):
-    """First-order agreement (r = 1) measured on the real trainer: our loss vs TRL's own loss of the same μ."""
-    trainer = make_trainer(tmp_path, method, loss_type=loss_type, apc_delta=0.2, fiberpo_domain_column="data_source")
+def test_on_policy_gradient_equals_trl_grpo(tmp_path, method, loss_type, truncated):
+    """First-order agreement (r = 1) measured on the real trainer: our loss vs TRL's own loss of the same μ.
+
+    ``truncated``: TRL masks truncated completions out entirely, leaving rows without tokens.
+    """
+    trainer = make_trainer(
+        tmp_path, method, loss_type=loss_type, apc_delta=0.2, fiberpo_domain_column="data_source",
+        mask_truncated_completions=truncated,
+    )
     inputs = first_batch(trainer)
     assert inputs.get("old_per_token_logps") is None  # on-policy: TRL uses log π_θ detached as π_old
     assert inputs["advantages"].abs().max() > 0
+    empty_rows = int((inputs["completion_mask"].sum(1) == 0).sum())
+    assert (empty_rows > 0) == truncated
     ours, grad_ours = gradient(trainer, trainer._compute_loss, inputs)
     theirs, grad_trl = gradient(trainer, lambda m, i: GRPOTrainer._compute_loss(trainer, m, i), inputs)
     relative = (grad_ours - grad_trl).norm() / grad_trl.norm()
-    print(f"{method}/{loss_type}: loss {ours.item():.6g} vs TRL {theirs.item():.6g}, relative grad diff {relative:.3g}")
+    print(f"{method}/{loss_type}/empty rows {empty_rows}: loss {ours.item():.6g} vs TRL {theirs.item():.6g}, relative grad diff {relative:.3g}")
     assert grad_trl.norm() > 0
     assert relative <= 1e-6
     assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-7)
@@ -133,7 +149,9 @@ def test_off_policy_gradient_differs_from_trl_grpo(tmp_path):
     inputs["old_per_token_logps"] = logps + 0.3 * torch.randn(logps.shape, generator=generator)
     _, grad_ours = gradient(trainer, trainer._compute_loss, inputs)
     _, grad_trl = gradient(trainer, lambda m, i: GRPOTrainer._compute_loss(trainer, m, i), inputs)
-    assert (grad_ours - grad_trl).norm() / grad_trl.norm() > 1e-3
+    relative = (grad_ours - grad_trl).norm() / grad_trl.norm()
+    print(f"off-policy relative grad diff {relative:.3g}")
+    assert relative > 1e-3
 
 
 def test_domain_refuses_split_prompt_group(tmp_path):

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from .. import objectives
+from .. import diagnostics, objectives
 from ..layout import flatten_mask, to_flat
 from ._common import require_whole_groups, string_ids
 
@@ -223,10 +223,23 @@ class FiberPOTrainer(GRPOTrainer):
         x = to_flat(log_ratio[keep], batch, "log_ratio")
         advantages = to_flat(inputs["advantages"][keep], batch, "advantages")
         gated = self._gated_ratio(x, batch, inputs, keep)
+        self._log_gate(x.detach(), gated.detach(), batch)
         weights = objectives.aggregation_weights(_AGGREGATION[args.loss_type], x, batch.traj_id)
         # TRL's "grpo" / "bnpo" divide by all rows / tokens of the micro-batch; empty rows add zero
         share = keep.sum() / keep.numel() if args.loss_type == "grpo" else 1.0
         return -objectives.rgf_objective(gated, advantages, weights) * share
+
+    @torch.no_grad()
+    def _log_gate(self, x, gated, batch):
+        """Per-micro-batch gate statistics under ``fiberpo/`` in TRL's logs (this process's rows)."""
+        args = self.args
+        metrics = {"clip_fraction": diagnostics.clip_fraction(x.exp(), gated)}
+        if args.fiberpo_method == "fiberpo":
+            hyper = dict(eps=args.epsilon, c_pos=args.fiberpo_c_pos, c_neg=args.fiberpo_c_neg, k=args.fiberpo_k)
+            metrics.update(diagnostics.fiberpo_metrics(objectives.fiberpo_parts(x, batch.traj_id, **hyper), **hyper))
+        mode = "train" if self.model.training else "eval"
+        for key, value in metrics.items():
+            self._metrics[mode][f"fiberpo/{key}"].append(value)
 
     def _gated_ratio(self, x, batch, inputs, keep) -> torch.Tensor:
         args = self.args
