@@ -10,15 +10,12 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest
-import torch
-
-pytest.importorskip("trl")
-datasets = pytest.importorskip("datasets")
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
-
-from trl import GRPOTrainer  # noqa: E402
+import datasets  # noqa: E402  (after HF_HUB_OFFLINE, which the hub reads on import)
+import pytest  # noqa: E402
+import tokenizers  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from trl import GRPOTrainer  # noqa: E402 -- the test extra installs TRL: these tests run, never skip
 
 from fiberpo_theory.integrations.trl import FiberPOConfig, FiberPOTrainer, prefix_state_ids  # noqa: E402
 
@@ -187,6 +184,7 @@ def test_ids_come_from_trl_groups_and_dataset_column(tmp_path):
     domains = output["fiberpo_domain_id"].tolist()
     expected = {row["data_source"] for row in rows[:4]}, {row["data_source"] for row in rows[4:]}
     assert all(len(labels) == 1 for labels in expected)  # each prompt group is one prompt, one domain
+    assert len(set(domains[:4])) == 1 and len(set(domains[4:])) == 1
     assert (domains[0] == domains[4]) == (expected[0] == expected[1])
 
 

@@ -31,10 +31,10 @@ aggregate of Eq. 31 is a mean over all responses of a prompt); a split group
 raises ``ValueError`` naming it.  TRL keeps groups whole when
 ``steps_per_generation == 1`` (each micro-batch is its own generation batch;
 TRL shuffles rows before cutting a generation batch into
-``steps_per_generation`` slices) and ``per_device_train_batch_size`` is a
-multiple of ``num_generations``; on several processes,
-``per_device_train_batch_size`` must be such a multiple too.
-``gradient_accumulation_steps`` may be anything then.
+``steps_per_generation`` slices) and ``per_device_train_batch_size`` (the
+rows of one process) is a multiple of ``num_generations``.
+``gradient_accumulation_steps`` may be anything then.  Domains span
+micro-batches anyway: the domain level sees the groups of its micro-batch.
 """
 
 from __future__ import annotations
