@@ -57,17 +57,23 @@ def torch_device(text: str) -> str:
     return text
 
 
-def int_at_least(minimum: int):
-    """An integer type that refuses values below ``minimum`` (e.g. a grid needs 3 points per axis)."""
+def int_in_range(minimum: int, maximum: int | None = None):
+    """An integer type that refuses values below ``minimum`` or, when given, above ``maximum``."""
 
     def parse(text: str) -> int:
         value = _number(text, int)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {value}")
         return value
 
-    parse.__name__ = f"int_at_least_{minimum}"
+    parse.__name__ = f"int_in_range_{minimum}_{maximum}"
     return parse
+
+
+def int_at_least(minimum: int):
+    """An integer type that refuses values below ``minimum`` (e.g. a grid needs 3 points per axis)."""
+    return int_in_range(minimum)
 
 
 def output_dir(text: str) -> str:
@@ -76,7 +82,16 @@ def output_dir(text: str) -> str:
 
     if Path(text).exists() and not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
+    _parents_are_directories(text)
     return text
+
+
+def _parents_are_directories(text: str) -> None:
+    """Refuse a path below an existing file: the folders to create there could never be made."""
+    from pathlib import Path
+
+    if any(parent.exists() and not parent.is_dir() for parent in Path(text).parents):
+        raise argparse.ArgumentTypeError(f"{text!r}: a parent path exists and is not a directory")
 
 
 def output_file(text: str):
@@ -86,6 +101,5 @@ def output_file(text: str):
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a directory, expected a file path")
-    if any(parent.exists() and not parent.is_dir() for parent in path.parents):
-        raise argparse.ArgumentTypeError(f"{text!r}: a parent path exists and is not a directory")
+    _parents_are_directories(text)
     return path

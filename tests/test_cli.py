@@ -21,6 +21,8 @@ BAD_ARGUMENTS = [
     (["figures", "--dpi", "0"], "--dpi"),
     (["figures", "--dpi", "-1"], "--dpi"),
     (["figures", "--dpi", "1.5"], "--dpi"),
+    (["figures", "--dpi", "100000"], "--dpi"),  # matplotlib would refuse the image after all the computing
+    (["figures", "--resolution", "100000"], "--resolution"),  # 10^10 grid points: out of memory
     (["audit", GOOD_TARGET, "--seed", "-1"], "--seed"),
     (["audit", GOOD_TARGET, "--max-examples", "0"], "--max-examples"),
     (["audit", GOOD_TARGET, "--eps", "0"], "--eps"),
@@ -59,6 +61,8 @@ def test_output_paths_that_cannot_be_written_are_refused(tmp_path, capsys):
     a_file.write_text("")
     code, out = _run(["figures", "--out", str(a_file)], capsys)
     assert code == 2 and "not a directory" in out.err
+    code, out = _run(["figures", "--out", str(a_file / "sub")], capsys)  # was a NotADirectoryError traceback
+    assert code == 2 and "not a directory" in out.err and "Traceback" not in out.err
     code, out = _run(["audit", GOOD_TARGET, "--json", str(tmp_path)], capsys)
     assert code == 2 and "is a directory" in out.err
     code, out = _run(["audit", GOOD_TARGET, "--json", str(a_file / "report.json")], capsys)
@@ -70,7 +74,7 @@ def test_a_real_process_prints_one_line_and_no_traceback():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].endswith("must be an integer >= 3, got 0")
+    assert proc.stderr.strip().splitlines()[-1].endswith("must be an integer from 3 to 2001, got 0")
 
 
 def _subcommand_help(name: str) -> str:
