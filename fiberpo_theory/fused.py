@@ -38,12 +38,13 @@ from .segments import Segments
 def channel_means(x: torch.Tensor, traj: Segments) -> torch.Tensor:
     """``(M, 2)`` per-trajectory means of max(x, 0) and max(-x, 0): log s⁺_τ and log s⁻_τ (Eq. 9).
 
-    From two 1-D segment sums, of x and |x| (max(±x, 0) = (|x| ± x)/2): no
-    stacked token-length temporary.
+    Two 1-D segment sums (no stacked token-length temporary) of the same
+    values :func:`fiberpo_theory.gates.sign_split` gives the autograd
+    reference, so both round alike and agree on which regime a trajectory is in.
     """
-    total, magnitude = traj.sum(x), traj.sum(x.abs())
-    twice_length = 2 * traj.count.to(x.dtype)
-    return torch.stack([(magnitude + total) / twice_length, (magnitude - total) / twice_length], dim=1)
+    count = traj.count.to(x.dtype)
+    positive, negative = traj.sum(x.clamp(min=0)), traj.sum((-x).clamp(min=0))
+    return torch.stack([positive / count, negative / count], dim=1)
 
 
 def _sign_tables(channels: torch.Tensor, log_base: torch.Tensor, eps: float):

@@ -89,30 +89,29 @@ def _trajectory_channels(x: torch.Tensor, traj: Segments):
 
 
 def _per_token(traj: Segments, channels: torch.Tensor, log_base: torch.Tensor):
-    """One gather of what every token needs from its trajectory: d, m (see below), log w."""
-    half_diff = (channels[:, 0] - channels[:, 1]) / 2
-    half_sum = (channels[:, 0] + channels[:, 1]) / 2
-    per_token = traj.gather(torch.stack([half_diff, half_sum, log_base], dim=1))
+    """One gather of what every token needs from its trajectory: log s⁺, log s⁻, log w."""
+    per_token = traj.gather(torch.cat([channels, log_base.unsqueeze(1)], dim=1))
     return per_token[:, 0], per_token[:, 1], per_token[:, 2]
 
 
-def _fiber_gate(x, sign, half_diff, half_sum, eps):
+def _fiber_gate(x, sign, log_s_pos, log_s_neg, eps):
     """l·u, l·v (Eq. 14, 15) and log r̃^fiber = clip(l u, ε) - clip(l v, ε) (Eq. 16).
 
-    With d = (log s⁺ - log s⁻)/2, m = (log s⁺ + log s⁻)/2 and l² = 1, picking
-    the same/opposite channel by l is arithmetic: l·u = x - d - l·m and
-    l·v = d - l·m (no ``where`` on the hot path).
+    l·u = x - l·log s^(l) and l·v = -l·log s^(-l), the channel picked by l.
+    Written exactly as the fused gate (:mod:`fiberpo_theory.fused`) computes
+    them, so the two agree bit for bit on which side of ±ε a token lies,
+    also where the search puts it on the kink.
     """
-    lm = sign * half_sum
-    signed_u = x - half_diff - lm
-    signed_v = half_diff - lm
+    positive = sign > 0
+    signed_u = x - torch.where(positive, log_s_pos, -log_s_neg)
+    signed_v = torch.where(positive, -log_s_neg, log_s_pos)
     return signed_u, signed_v, symmetric_clip(signed_u, eps) - symmetric_clip(signed_v, eps)
 
 
 def _assemble(traj, sign, channels, log_base, x, eps) -> FiberPOParts:
     """Token-level assembly shared by FiberPO and FiberPO-Domain: G = w · r̃ (Eq. 7 / Eq. 30)."""
-    half_diff, half_sum, log_base_tok = _per_token(traj, channels, log_base)
-    signed_u, signed_v, log_residual = _fiber_gate(x, sign, half_diff, half_sum, eps)
+    log_s_pos_tok, log_s_neg_tok, log_base_tok = _per_token(traj, channels, log_base)
+    signed_u, signed_v, log_residual = _fiber_gate(x, sign, log_s_pos_tok, log_s_neg_tok, eps)
     gated = torch.exp(log_base_tok + log_residual)
     length = traj.count.to(x.dtype)
     return FiberPOParts(
