@@ -151,10 +151,11 @@ def test_off_policy_gradient_differs_from_trl_grpo(tmp_path):
     assert relative > 1e-3
 
 
-def test_domain_refuses_split_prompt_group(tmp_path):
+@pytest.mark.parametrize("method", ["fiberpo_domain", "apc_obj"])
+def test_split_prompt_group_is_refused(tmp_path, method):
     # steps_per_generation=2 cuts a shuffled generation batch of 8 rows into micro-batches of 4
     trainer = make_trainer(
-        tmp_path, "fiberpo_domain", per_device_train_batch_size=4, gradient_accumulation_steps=2, seed=1
+        tmp_path, method, per_device_train_batch_size=4, gradient_accumulation_steps=2, seed=1, apc_delta=0.2
     )
     assert trainer.args.steps_per_generation == 2
     inputs = first_batch(trainer)
@@ -162,6 +163,14 @@ def test_domain_refuses_split_prompt_group(tmp_path):
     assert (counts != NUM_GENERATIONS).any()  # the shuffle did split a group (seeded)
     with pytest.raises(ValueError, match=r"prompt group \d+ has \d responses"):
         trainer._compute_loss(trainer.model, inputs)
+
+
+def test_fiberpo_accepts_split_groups(tmp_path):
+    """Plain FiberPO gates each trajectory on its own: TRL's default micro-batching is fine."""
+    trainer = make_trainer(tmp_path, "fiberpo", per_device_train_batch_size=4, gradient_accumulation_steps=2, seed=1)
+    inputs = first_batch(trainer)
+    assert (torch.unique(inputs["fiberpo_group_id"], return_counts=True)[1] != NUM_GENERATIONS).any()
+    assert torch.isfinite(trainer._compute_loss(trainer.model, inputs))
 
 
 def test_domain_groups_whole_with_one_step_per_generation(tmp_path):

@@ -26,9 +26,11 @@ Ids, from what TRL has:
 * state (APC-Obj): the prompt's tokens plus the completion prefix before the
   token, so completions of one prompt share their first state.
 
-FiberPO-Domain needs whole prompt groups in every micro-batch (the group
-aggregate of Eq. 31 is a mean over all responses of a prompt); a split group
-raises ``ValueError`` naming it.  TRL keeps groups whole when
+FiberPO-Domain and APC-Obj need whole prompt groups in every micro-batch (the
+group aggregate of Eq. 31 is a mean over all responses of a prompt; APC-Obj's
+budget of Eq. 59 sums over every token drawn in a state, and the completions
+of a prompt share their first state); a split group raises ``ValueError``
+naming it.  TRL keeps groups whole when
 ``steps_per_generation == 1`` (each micro-batch is its own generation batch;
 TRL shuffles rows before cutting a generation batch into
 ``steps_per_generation`` slices) and ``per_device_train_batch_size`` (the
@@ -44,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from .. import diagnostics, objectives
+from .. import baselines, diagnostics, objectives
 from ..layout import flatten_mask, to_flat
 from ._common import require_whole_groups, string_ids
 
@@ -213,7 +215,7 @@ class FiberPOTrainer(GRPOTrainer):
         """``-J`` (Eq. 2) over the rows with response tokens, scaled as TRL's mean over all rows."""
         args = self.args
         groups = inputs["fiberpo_group_id"]
-        if args.fiberpo_method == "fiberpo_domain":
+        if args.fiberpo_method in ("fiberpo_domain", "apc_obj"):  # both couple the rows of a prompt
             size = self.num_generations if self.model.training else self.num_generations_eval
             require_whole_groups(groups, size, name="prompt group")
         keep = mask.bool().any(dim=1)  # rows TRL masked out entirely (e.g. truncated) carry no tokens
@@ -251,4 +253,5 @@ class FiberPOTrainer(GRPOTrainer):
             domains = to_flat(inputs["fiberpo_domain_id"][keep], batch, "domain ids")
             return objectives.fiberpo_domain_gated_ratio(x, batch.traj_id, groups, domains, **budgets)
         states = prefix_state_ids(inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"])
-        return objectives.apc_obj_gated_ratio(x.exp(), to_flat(states[keep], batch, "state ids"), delta=args.apc_delta)
+        ratio = baselines.bounded_ratio(x)  # exp overflows past |x| ~ 88 in fp32
+        return objectives.apc_obj_gated_ratio(ratio, to_flat(states[keep], batch, "state ids"), delta=args.apc_delta)
