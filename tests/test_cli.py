@@ -101,7 +101,12 @@ def test_audit_options_have_help_with_defaults(option):
     assert "(default: " in _option_help("audit", option)
 
 
-@pytest.mark.parametrize("name", ["audit", "figures"])
+@pytest.mark.parametrize("option", ["--seed", "--max-examples"])
+def test_audit_loss_options_have_help_with_defaults(option):
+    assert "(default: " in _option_help("audit-loss", option)
+
+
+@pytest.mark.parametrize("name", ["audit", "audit-loss", "figures"])
 def test_help_texts_do_not_refer_to_an_internal_spec(name):
     assert "SPEC" not in _subcommand_help(name)
 
