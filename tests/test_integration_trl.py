@@ -214,6 +214,15 @@ def test_prefix_states_share_exactly_equal_prefixes():
     assert len(set(states.flatten().tolist())) == 2 + 2 + 3  # state ids of different positions never collide
 
 
+def test_trainer_needs_fiberpo_config(tmp_path):
+    from trl import GRPOConfig
+
+    tokenizer = tiny_tokenizer()
+    plain = GRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8, use_cpu=True)
+    with pytest.raises(ValueError, match="args must be a FiberPOConfig"):
+        FiberPOTrainer(model=tiny_model(tokenizer), reward_funcs=count_w1, args=plain, train_dataset=prompts_dataset())
+
+
 @pytest.mark.parametrize(
     "field, value",
     [

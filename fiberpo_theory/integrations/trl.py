@@ -161,10 +161,10 @@ def prefix_state_ids(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, comple
 class FiberPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` whose policy loss is FiberPO / FiberPO-Domain / APC-Obj (see the module docstring)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if not isinstance(self.args, FiberPOConfig):
-            raise ValueError("args must be a FiberPOConfig")
+    def __init__(self, model, reward_funcs, args: FiberPOConfig, **kwargs):
+        if not isinstance(args, FiberPOConfig):
+            raise ValueError(f"args must be a FiberPOConfig (GRPOConfig plus the FiberPO fields), got {type(args).__name__}")
+        super().__init__(model, reward_funcs, args=args, **kwargs)
         if self.aux_loss_enabled:
             raise ValueError("router_aux_loss_coef must be 0 with FiberPO (the router auxiliary loss is not supported)")
 
