@@ -153,10 +153,11 @@ def test_off_policy_gradient_differs_from_trl_grpo(tmp_path):
 
 @pytest.mark.parametrize("method", ["fiberpo_domain", "apc_obj"])
 def test_split_prompt_group_is_refused(tmp_path, method):
-    # steps_per_generation=2 cuts a shuffled generation batch of 8 rows into micro-batches of 4
-    trainer = make_trainer(
-        tmp_path, method, per_device_train_batch_size=4, gradient_accumulation_steps=2, seed=1, apc_delta=0.2
-    )
+    """The trainer's own check, for what the config cannot see (e.g. groups spread over processes)."""
+    # steps_per_generation=2 cuts a shuffled generation batch of 8 rows into micro-batches of 4; the
+    # config refuses that for the coupled methods, so switch the method after building the trainer
+    trainer = make_trainer(tmp_path, "fiberpo", per_device_train_batch_size=4, gradient_accumulation_steps=2, seed=1)
+    trainer.args.fiberpo_method, trainer.args.apc_delta = method, 0.2
     assert trainer.args.steps_per_generation == 2
     inputs = first_batch(trainer)
     ids, counts = torch.unique(inputs["fiberpo_group_id"], return_counts=True)
@@ -235,11 +236,13 @@ def test_trainer_needs_fiberpo_config(tmp_path):
         ("loss_type", "dapo"),
         ("beta", 0.04),
         ("importance_sampling_level", "sequence"),
+        ("steps_per_generation", 2),
     ],
 )
 def test_bad_config_names_the_field(tmp_path, field, value):
+    method = {"apc_delta": "apc_obj", "steps_per_generation": "fiberpo_domain"}.get(field, "fiberpo")
     settings = dict(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8, report_to="none",
-                    use_cpu=True, fiberpo_method="apc_obj" if field == "apc_delta" else "fiberpo")
+                    use_cpu=True, fiberpo_method=method, apc_delta=None if field == "apc_delta" else 0.2)
     settings[field] = value
     with pytest.raises(ValueError, match=field):
         FiberPOConfig(**settings)

@@ -30,7 +30,7 @@ FiberPO-Domain and APC-Obj need whole prompt groups in every micro-batch (the
 group aggregate of Eq. 31 is a mean over all responses of a prompt; APC-Obj's
 budget of Eq. 59 sums over every token drawn in a state, and the completions
 of a prompt share their first state); a split group raises ``ValueError``
-naming it.  TRL keeps groups whole when
+naming it, and the config refuses settings that split them.  TRL keeps groups whole when
 ``steps_per_generation == 1`` (each micro-batch is its own generation batch;
 TRL shuffles rows before cutting a generation batch into
 ``steps_per_generation`` slices) and ``per_device_train_batch_size`` (the
@@ -53,6 +53,7 @@ from ._common import require_whole_groups, string_ids
 __all__ = ["FiberPOConfig", "FiberPOTrainer", "prefix_state_ids", "METHODS"]
 
 METHODS = ("fiberpo", "fiberpo_domain", "apc_obj")
+COUPLED_METHODS = ("fiberpo_domain", "apc_obj")  # their gates couple the completions of one prompt
 # TRL loss_type -> the μ of Eq. 2 it aggregates with (per micro-batch)
 _AGGREGATION = {"grpo": "trajectory", "bnpo": "token"}
 # model inputs TRL forwards for multimodal batches; passed through unchanged
@@ -127,6 +128,19 @@ class FiberPOConfig(GRPOConfig):
                 raise ValueError("apc_delta is required for fiberpo_method='apc_obj' (a TV budget > 0)")
             _positive("apc_delta", self.apc_delta)
         self._refuse_loss_changes()
+        if self.fiberpo_method in COUPLED_METHODS:
+            self._require_whole_groups()
+
+    def _require_whole_groups(self):
+        # the trainer checks every micro-batch too (e.g. groups spread over processes); this names the setting early
+        method = self.fiberpo_method
+        if self.steps_per_generation != 1:
+            raise ValueError(
+                f"steps_per_generation must be 1 with fiberpo_method={method!r}, got {self.steps_per_generation}: "
+                "TRL shuffles the rows of a generation batch before cutting it into steps_per_generation "
+                "micro-batches, which splits prompt groups (set steps_per_generation=1 explicitly when "
+                "gradient_accumulation_steps > 1)"
+            )
 
     def _refuse_loss_changes(self):
         unsupported = {
@@ -215,7 +229,7 @@ class FiberPOTrainer(GRPOTrainer):
         """``-J`` (Eq. 2) over the rows with response tokens, scaled as TRL's mean over all rows."""
         args = self.args
         groups = inputs["fiberpo_group_id"]
-        if args.fiberpo_method in ("fiberpo_domain", "apc_obj"):  # both couple the rows of a prompt
+        if args.fiberpo_method in COUPLED_METHODS:
             size = self.num_generations if self.model.training else self.num_generations_eval
             require_whole_groups(groups, size, name="prompt group")
         keep = mask.bool().any(dim=1)  # rows TRL masked out entirely (e.g. truncated) carry no tokens
