@@ -53,3 +53,9 @@ def test_integrations_package_imports_no_trainer():
     code = "import sys, fiberpo_theory.integrations; print('verl' in sys.modules, 'trl' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_split_group_is_named_by_its_label():
+    labels = ["q-a", "q-b"]
+    with pytest.raises(ValueError, match=r"group 'q-b' has 1 responses"):
+        require_whole_groups(string_ids(["q-a", "q-a", "q-b"]), 2, labels=labels)

@@ -1,6 +1,7 @@
 """The verl adapter, called through verl's own registry, against verl's losses and this package's objectives."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ from fiberpo_theory.losses import POLICY_LOSSES  # noqa: E402
 AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 B, L = 6, 7
 FIBERPO_KEYS = dict(fiberpo_eps=0.04, fiberpo_c_pos=0.12, fiberpo_c_neg=0.05)
+FIBERPO_KEYS_AS_KWARGS = dict(eps=0.04, c_pos=0.12, c_neg=0.05)
 
 
 @pytest.fixture(autouse=True)
@@ -149,7 +151,7 @@ def test_missing_key_is_named():
 def test_split_prompt_group_is_refused():
     old, new, adv, mask = batch()
     with fv.batch_ids(uid=["a", "a", "b", "b", "b", "c"], data_source=["d"] * B):
-        with pytest.raises(ValueError, match=r"group \(uid\) 1 has 3 responses .* expected 2"):
+        with pytest.raises(ValueError, match=r"group uid 'b' has 3 responses .* expected 2"):
             fv.fiberpo_domain(old, new, adv, mask, config=config(rollout_n=2))
 
 
@@ -160,3 +162,102 @@ def test_loaded_through_verls_external_module_variable():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "True"
+
+
+# --- verl's worker loss: ids from the micro-batch TensorDict ------------------------------------
+
+
+def micro_batch(old, adv, mask, uid, data_source, prompt_len=2):
+    """A padded micro-batch as verl's worker hands it to ppo_loss (non-tensor columns as NonTensorStack)."""
+    from tensordict.tensorclass import NonTensorData, NonTensorStack
+    from verl.utils import tensordict_utils as tu
+
+    def column(values):
+        return NonTensorStack.from_list([NonTensorData(v) for v in values])
+
+    n = mask.shape[0]
+    attention = torch.cat([torch.ones(n, prompt_len), mask], 1).long()
+    return tu.get_tensordict(
+        tensor_dict=dict(prompts=torch.zeros(n, prompt_len, dtype=torch.long),
+                         responses=torch.zeros(mask.shape, dtype=torch.long), attention_mask=attention,
+                         response_mask=mask, old_log_probs=old, advantages=adv,
+                         uid=column(uid), data_source=column(data_source)),
+        non_tensor_dict=dict(dp_size=1, batch_num_tokens=None, global_batch_size=None),
+    )
+
+
+def flat_log_probs(new, mask, prompt_len=2):
+    """The model output verl's ppo_loss expects: one value per prompt and response token, rows concatenated,
+    position t holding the log-prob of token t + 1 (so a response starts at prompt_len - 1)."""
+    pad = torch.zeros(prompt_len - 1, dtype=new.dtype), torch.zeros(1, dtype=new.dtype)
+    return torch.cat([torch.cat([pad[0], new[i, : int(mask[i].sum())], pad[1]]) for i in range(len(new))])
+
+
+def domain_config(rollout_n=2):
+    c = actor_config.ActorConfig(strategy="fsdp", rollout_n=rollout_n, ppo_micro_batch_size_per_gpu=2,
+                                 policy_loss=actor_config.PolicyLossConfig(loss_mode="fiberpo_domain"))
+    for key, value in FIBERPO_KEYS.items():
+        setattr(c.policy_loss, key, value)
+    return c
+
+
+UID = ["p0", "p0", "p1", "p1", "p2", "p2"]
+SOURCE = ["math", "math", "code", "code", "math", "math"]
+
+
+def test_worker_loss_reads_uid_and_data_source_from_the_micro_batch():
+    """Through verl's own ppo_loss: the TensorDict's uid/data_source reach FiberPO-Domain (Eq. 30-33)."""
+    pytest.importorskip("verl.workers.utils.losses")
+    fv.register()
+    old, new, adv, mask = batch()
+    mask = mask.clone()
+    mask[:, -1] = 0  # verl's response_mask is left-aligned: no holes inside a response
+    log_probs = flat_log_probs(new, mask).requires_grad_(True)
+    loss, metrics = fv.ppo_loss(domain_config(), dict(log_probs=log_probs), micro_batch(old, adv, mask, UID, SOURCE))
+    (grad,) = torch.autograd.grad(loss, log_probs)
+
+    new = new.clone().requires_grad_(True)
+    want, _ = POLICY_LOSSES["fiberpo_domain"](old, new, adv, mask, "token-mean", **FIBERPO_KEYS_AS_KWARGS,
+                                             group_ids=torch.tensor([0, 0, 1, 1, 2, 2]),
+                                             domain_ids=torch.tensor([0, 0, 1, 1, 0, 0]))
+    (want_grad,) = torch.autograd.grad(want, new)
+    assert abs(float(loss.detach() - want.detach())) <= 1e-10
+    assert torch.allclose(flat_log_probs(want_grad, mask), grad, atol=1e-12, rtol=0)
+    assert "actor/pg_loss" in metrics and "actor/channel_pos/P" in metrics
+
+
+def test_worker_loss_without_uid_column_names_it():
+    pytest.importorskip("verl.workers.utils.losses")
+    fv.register()
+    old, new, adv, mask = batch()
+    td = micro_batch(old, adv, mask, UID, SOURCE).exclude("uid")
+    with pytest.raises(ValueError, match="uid is required"):
+        fv.ppo_loss(domain_config(), dict(log_probs=flat_log_probs(new, mask)), td)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_verls_batching_keeps_groups_whole_unless_rows_are_reordered(shuffle):
+    """verl's mini-batch iterator and micro-batch chunking in row order keep rollout.n groups whole;
+    shuffling rows splits them, and the loss then refuses the micro-batch naming the uid."""
+    from verl.utils import tensordict_utils as tu
+
+    fv.register()
+    n, prompts = 2, 8
+    uid = [f"q{i // n}" for i in range(n * prompts)]
+    gen = torch.Generator().manual_seed(5)
+    mask = torch.ones(n * prompts, 3)
+    old = torch.randn(mask.shape, generator=gen, dtype=torch.float64)
+    adv = torch.randn(mask.shape, generator=gen, dtype=torch.float64)
+    td = micro_batch(old, adv, mask, uid, ["math"] * len(uid))
+    failures = []
+    for mini in tu.make_iterator(td, mini_batch_size=8, epochs=1, seed=0, dataloader_kwargs={"shuffle": shuffle}):
+        for micro in tu.chunk_tensordict(mini, 2):  # ppo_micro_batch_size_per_gpu = 4, a multiple of rollout.n
+            log_probs = flat_log_probs(micro["old_log_probs"], micro["response_mask"])
+            try:
+                fv.ppo_loss(domain_config(rollout_n=n), dict(log_probs=log_probs), micro)
+            except ValueError as error:
+                failures.append(str(error))
+    if shuffle:
+        assert failures and all(re.search(r"prompt group uid 'q\d+' has 1 responses", f) for f in failures)
+    else:
+        assert failures == []

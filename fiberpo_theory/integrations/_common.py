@@ -26,8 +26,13 @@ def string_ids(values: Iterable) -> torch.LongTensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def require_whole_groups(group_ids: torch.LongTensor, expected_size: int, *, name: str = "group") -> None:
+def require_whole_groups(
+    group_ids: torch.LongTensor, expected_size: int, *, name: str = "group", labels=None
+) -> None:
     """Raise ``ValueError`` unless every id in ``group_ids`` occurs exactly ``expected_size`` times.
+
+    ``labels`` (optional, indexed by id, e.g. the distinct ``uid`` strings in
+    :func:`string_ids` order) lets the message name the group by its label.
 
     FiberPO-Domain's group aggregate (paper Eq. 30-33) is a mean over all
     responses of a prompt; a micro-batch that holds only part of a group would
@@ -43,8 +48,9 @@ def require_whole_groups(group_ids: torch.LongTensor, expected_size: int, *, nam
     bad = (counts != expected_size).nonzero()
     if bad.numel():
         i = int(bad[0, 0])
+        group = int(ids[i]) if labels is None else repr(labels[int(ids[i])])
         raise ValueError(
-            f"{name} {int(ids[i])} has {int(counts[i])} responses in this micro-batch, expected {int(expected_size)}: "
+            f"{name} {group} has {int(counts[i])} responses in this micro-batch, expected {int(expected_size)}: "
             f"the {name} is split across micro-batches; make the mini/micro batch sizes multiples of the "
             f"number of responses per prompt"
         )

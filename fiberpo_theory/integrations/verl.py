@@ -31,14 +31,27 @@ Hyper-parameters come from ``config``:
   ...)``); a config attribute wins over a registered value, and a missing key
   raises ``ValueError`` naming it.
 
-Ids: verl 0.9.1's actor hands the loss only tensors (log-probs, advantages,
-mask, importance weights), never the batch's ``uid`` or ``data_source``.
-FiberPO-Domain needs both and APC-Obj needs per-token state ids, so the caller
-that owns the batch supplies them with :func:`batch_ids` around the loss call
-(or as keyword arguments when calling the loss directly).  FiberPO-Domain's group
-aggregate is a mean over all responses of a prompt, so a micro-batch holding
-part of a group is refused (``ValueError`` naming the group): keep
-``ppo_mini_batch_size`` and the micro-batch size multiples of ``rollout.n``.
+Ids: verl 0.9.1's worker calls ``verl.workers.utils.losses.ppo_loss`` on each
+micro-batch ``TensorDict``; that micro-batch still holds every row's ``uid`` and
+``data_source`` (``non_tensor_batch`` columns), but ``ppo_loss`` hands the policy
+loss only tensors.  :func:`ppo_loss` here is verl's ``ppo_loss`` run inside
+:func:`batch_ids` with those two columns; give it to the worker in place of
+verl's (``actor_rollout_wg.set_loss_fn(partial(ppo_loss, config=actor_config))``,
+or the same ``partial`` in your own worker).  When calling a loss directly, use
+:func:`batch_ids` or the keyword arguments.  APC-Obj's per-token state ids are
+not something verl has; pass them the same way.
+
+Whole prompt groups: FiberPO-Domain's group aggregate is a mean over all
+responses of a prompt, so a micro-batch holding part of a group is refused
+(``ValueError`` naming the ``uid``) rather than silently changing the loss.
+verl's rollout repeats each prompt ``rollout.n`` times in consecutive rows, and
+splits rows over ranks and cuts mini- and micro-batches in order, so groups stay
+whole when ``data.train_batch_size`` and ``ppo_mini_batch_size`` (both counted in
+prompts) are divisible by the number of data-parallel ranks,
+``ppo_micro_batch_size_per_gpu`` is a multiple of ``rollout.n``, and
+nothing reorders rows: ``trainer.balance_batch=False`` (it sorts rows by length
+across ranks), ``actor.use_dynamic_bsz=False`` (it packs micro-batches by token
+count) and ``actor.shuffle=False`` (the default).
 The domain aggregates (Eq. 33), by contrast, are taken over the domain's
 responses in the micro-batch on this rank: verl hands the loss one micro-batch
 at a time, so a domain spread over several micro-batches or ranks is aggregated
@@ -56,7 +69,9 @@ from .. import baselines, diagnostics, objectives
 from ..losses import _padded
 from ._common import require_whole_groups, string_ids
 
-__all__ = ["LOSSES", "register", "batch_ids", "fiberpo", "fiberpo_domain", "apc_obj", "rgf_vanilla", "rgf_gspo"]
+__all__ = [
+    "LOSSES", "register", "batch_ids", "ppo_loss", "fiberpo", "fiberpo_domain", "apc_obj", "rgf_vanilla", "rgf_gspo",
+]
 
 HYPER_KEYS = ("fiberpo_eps", "fiberpo_c_pos", "fiberpo_c_neg", "fiberpo_k", "apc_delta")
 _registered_hyper: dict = {}
@@ -133,6 +148,20 @@ def batch_ids(*, uid=None, data_source=None, state_ids=None):
         _ids.update(previous)
 
 
+def _column(data, key: str):
+    """One ``non_tensor_batch`` column of a verl micro-batch ``TensorDict`` as a list, or None if absent."""
+    return list(data[key]) if key in data.keys() else None
+
+
+def ppo_loss(config, model_output, data, dp_group=None):
+    """verl's worker loss ``verl.workers.utils.losses.ppo_loss``, with the micro-batch's ``uid`` and ``data_source``
+    made visible to the losses of this module (see :func:`batch_ids`)."""
+    from verl.workers.utils import losses  # verl's worker code, imported only when this path is used
+
+    with batch_ids(uid=_column(data, "uid"), data_source=_column(data, "data_source")):
+        return losses.ppo_loss(config, model_output, data, dp_group)
+
+
 # --- the shared tail: verl's aggregation and metrics ----------------------------------------------
 
 
@@ -207,11 +236,13 @@ def fiberpo_domain(old_log_prob, log_prob, advantages, response_mask, loss_agg_m
                    rollout_is_weights=None, *, group_ids=None, domain_ids=None):
     """FiberPO-Domain (Eq. 30-33): groups from ``uid``, domains from ``data_source`` (see :func:`batch_ids`)."""
     batch = _Batch(old_log_prob, log_prob, advantages, response_mask)
-    groups = batch.row_ids("uid", _ids.get("uid") if group_ids is None else group_ids)
+    uid = _ids.get("uid") if group_ids is None else group_ids
+    groups = batch.row_ids("uid", uid)
     domains = batch.row_ids("data_source", _ids.get("data_source") if domain_ids is None else domain_ids)
     rollout_n = config.get("rollout_n") if config is not None else None
     if rollout_n is not None:
-        require_whole_groups(groups, int(rollout_n), name="prompt group (uid)")
+        labels = None if isinstance(uid, torch.Tensor) else list(dict.fromkeys(uid))  # string_ids' order
+        require_whole_groups(groups, int(rollout_n), name="prompt group uid", labels=labels)
     hyper = _fiberpo_hyper(config)
     parts = objectives.fiberpo_domain_parts(
         batch.log_ratio, batch.traj_id, groups[batch.traj_id], domains[batch.traj_id], **hyper
