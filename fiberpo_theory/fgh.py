@@ -399,7 +399,7 @@ def fiberpo_fgh(
 
 
 def fiberpo_hierarchy_gated_ratio(log_ratio, level_ids, *, eps, c_pos, c_neg, process_group=None) -> torch.Tensor:
-    """FiberPO on a chain hierarchy of any depth, computed by the FGH operator (SPEC §6).
+    """FiberPO on a chain hierarchy of any depth, computed by the FGH operator (Eq. 26-29).
 
     ``level_ids`` lists per-token id tensors from the coarsest level to the
     trajectory level: ``[traj_id]`` is FiberPO (Eq. 80), ``[domain_id,

@@ -18,7 +18,7 @@ def sign_channel(x: torch.Tensor) -> torch.Tensor:
     """Sign label l_i of Eq. 13 with the convention l = +1 at x = 0.
 
     ``torch.sign`` returns 0 at 0, which would drop an exactly on-policy token
-    from both channels and break the identity Jacobian at r = 1 (SPEC §1).
+    from both channels and break the identity Jacobian at r = 1, where every PPO-style epoch takes its first step.
     """
     return (x >= 0).to(x.dtype) * 2 - 1
 

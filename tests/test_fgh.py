@@ -150,7 +150,7 @@ def test_identity_value_and_jacobian_at_r_equal_one(device, example):
 
 
 def test_sign_zero_convention_matters():
-    """With torch.sign (0 at 0) the decomposition loses the token at r = 1 (SPEC §1)."""
+    """With torch.sign (0 at 0) the decomposition loses the token at r = 1 (the identity Jacobian there is required)."""
     x = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     length = torch.full((3,), 3.0, dtype=torch.float64)
     fgh.recover(fgh.decompose(x, length), length).sum().backward()
