@@ -155,13 +155,36 @@ def test_split_prompt_group_is_refused():
             fv.fiberpo_domain(old, new, adv, mask, config=config(rollout_n=2))
 
 
-def test_loaded_through_verls_external_module_variable():
-    code = ("from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as r; "
-            "print(all(k in r for k in ['fiberpo', 'fiberpo_domain', 'apc_obj']))")
-    env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="fiberpo_theory.integrations.verl", VERL_USE_EXTERNAL_PLUGINS="none")
+def test_loaded_through_verls_external_module_variable(tmp_path):
+    """A user's settings module named in VERL_USE_EXTERNAL_MODULES registers the losses and FiberPO's keys in
+    every process that imports verl; a loss then runs from a config that lacks the keys."""
+    (tmp_path / "my_fiberpo_settings.py").write_text(
+        "from fiberpo_theory.integrations import verl as fiberpo_verl\n"
+        "fiberpo_verl.register(fiberpo_eps=0.04, fiberpo_c_pos=0.12, fiberpo_c_neg=0.05)\n"
+    )
+    code = (
+        "import torch\n"
+        "from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as r, get_policy_loss_fn\n"
+        "from verl.workers.config.actor import ActorConfig\n"
+        "from fiberpo_theory.losses import POLICY_LOSSES\n"
+        "print(all(k in r for k in ['fiberpo', 'fiberpo_domain', 'apc_obj']))\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "old = torch.randn(3, 4, generator=g, dtype=torch.float64)\n"
+        "new = old + 0.3 * torch.randn(3, 4, generator=g, dtype=torch.float64)\n"
+        "adv, mask = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.ones(3, 4)\n"
+        "c = ActorConfig(strategy='fsdp', rollout_n=1, ppo_micro_batch_size_per_gpu=1)\n"
+        "got, _ = get_policy_loss_fn('fiberpo')(old_log_prob=old, log_prob=new, advantages=adv,"
+        " response_mask=mask, loss_agg_mode='token-mean', config=c)\n"
+        "want, _ = POLICY_LOSSES['fiberpo'](old, new, adv, mask, 'token-mean', eps=0.04, c_pos=0.12, c_neg=0.05)\n"
+        "print(float((got - want).abs()))\n"
+    )
+    env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="my_fiberpo_settings", VERL_USE_EXTERNAL_PLUGINS="none",
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "True"
+    registered, difference = out.stdout.strip().splitlines()[-2:]
+    assert registered == "True"
+    assert float(difference) <= 1e-12
 
 
 # --- verl's worker loss: ids from the micro-batch TensorDict ------------------------------------

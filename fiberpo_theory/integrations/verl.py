@@ -29,7 +29,10 @@ Hyper-parameters come from ``config``:
   ``PolicyLossConfig`` refuses unknown YAML keys, so set them as attributes in
   Python or pass them once to :func:`register` (``register(fiberpo_c_pos=0.12,
   ...)``); a config attribute wins over a registered value, and a missing key
-  raises ``ValueError`` naming it.
+  raises ``ValueError`` naming it.  verl's workers are separate processes, so in
+  a real run put that ``register(...)`` call in a small module of your own and
+  name it in ``VERL_USE_EXTERNAL_MODULES`` (a comma-separated list): every
+  worker then runs it when it imports verl.
 
 Ids: verl 0.9.1's worker calls ``verl.workers.utils.losses.ppo_loss`` on each
 micro-batch ``TensorDict``; that micro-batch still holds every row's ``uid`` and
