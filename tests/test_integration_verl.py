@@ -284,3 +284,17 @@ def test_verls_batching_keeps_groups_whole_unless_rows_are_reordered(shuffle):
         assert failures and all(re.search(r"prompt group uid 'q\d+' has 1 responses", f) for f in failures)
     else:
         assert failures == []
+
+
+@pytest.mark.parametrize("arg", ["old_log_prob", "log_prob", "advantages"])
+def test_non_finite_response_token_is_named_and_padding_ignored(arg):
+    old, new, adv, mask = batch()
+    inputs = dict(old_log_prob=old.clone(), log_prob=new.clone(), advantages=adv.clone())
+    inputs[arg][0, 5] = float("nan")  # row 0 is padded from column 3 on
+    clean, *_ = loss_and_grad(fv.fiberpo, old, new, adv, mask, config=config())
+    dirty, *_ = loss_and_grad(fv.fiberpo, inputs["old_log_prob"], inputs["log_prob"], inputs["advantages"], mask,
+                              config=config())
+    assert torch.equal(clean, dirty)
+    inputs[arg][1, 2] = float("inf")
+    with pytest.raises(ValueError, match=rf"^{arg} has a non-finite value at row 1, column 2"):
+        fv.fiberpo(**inputs, response_mask=mask, config=config())
