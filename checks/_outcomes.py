@@ -27,10 +27,15 @@ from fiberpo_theory.symbolic import Derivation
 PROOFS = "fiberpo_theory.proofs"  # the repository's proofs/ folder, installed inside the package
 
 
+def proof_module(module: str):
+    """The module ``proofs/<module>.py`` itself, for checks that reuse its SymPy helpers."""
+    return importlib.import_module(f"{PROOFS}.{module}")
+
+
 @lru_cache(maxsize=None)
 def derivation(module: str) -> Derivation:
     """The derivation ``derive()`` of ``proofs/<module>.py``, computed once per process."""
-    return importlib.import_module(f"{PROOFS}.{module}").derive()
+    return proof_module(module).derive()
 
 
 def proof_note(module: str) -> str:

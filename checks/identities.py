@@ -13,7 +13,6 @@ rational arithmetic where possible) before it is reported.
 
 from __future__ import annotations
 
-import importlib
 import math
 from fractions import Fraction
 from functools import lru_cache
@@ -33,7 +32,7 @@ from fiberpo_theory.gates import symmetric_clip as _symmetric_clip
 from fiberpo_theory.objectives import fiberpo_gated_ratio, fiberpo_gated_residual_eq11, fiberpo_jacobian, fiberpo_parts
 from fiberpo_theory.strategies import budgets, draw_regime_targeted, flatten, token_values
 
-from ._outcomes import PROOFS, decide, from_search, merged_regimes, proof_note
+from ._outcomes import decide, from_search, merged_regimes, proof_module, proof_note
 from ._outcomes import derivation as _derivation
 from ._search_tools import (
     Falsified,
@@ -485,7 +484,7 @@ def _clip_terms(x, traj_id, eps, c, label_channel, *, g_agg, budget_clip, symmet
 
 def _exact_clip_terms(xs, eps, c, i) -> dict:
     """A and D for token i recomputed in exact rationals by the derivation's SymPy formulas."""
-    m = importlib.import_module(f"{PROOFS}.eq77_stricter")
+    m = proof_module("eq77_stricter")
     _, A, D = m.instance([_rational(v) for v in xs], _rational(c), _rational(eps), i)
     return {"A": str(A), "D": str(D), "|D| < |A|": bool(abs(D) < abs(A)), "|D| <= |A|": bool(abs(D) <= abs(A))}
 
@@ -649,7 +648,7 @@ SYMBOLIC_MAX_T = 3  # region proof and derived Jacobian inside the check; ``deri
 
 @lru_cache(maxsize=None)
 def _prop52_symbolic():
-    m = importlib.import_module(f"{PROOFS}.prop52_jacobian")
+    m = proof_module("prop52_jacobian")
     mismatches, rows = 0, 0
     for T in range(1, SYMBOLIC_MAX_T + 1):
         for row in m.region_table(T):
