@@ -10,7 +10,7 @@ one is given, a default ``verl.workers.config.ActorConfig``.  Every claim is rea
 treated as a black box.  Write ``agg`` for verl's ``agg_loss`` in the chosen ``loss_agg_mode`` (linear in the
 loss matrix: ``agg(M) = Σ w ⊙ M`` with weights ``w`` that autograd reads off it) and ``r = exp(log_prob -
 old_log_prob)``.  The policy-gradient surrogate of that mode is ``-agg(A ⊙ r)`` (the paper's Eq. 2 with the
-plain ratio), and five properties are checked, each ``holds``, ``fails`` (with a witness) or ``error``:
+plain ratio), and seven properties are checked, each ``holds``, ``fails`` (with a witness) or ``error``:
 
 ``on-policy-value``     at ``log_prob == old_log_prob`` the loss equals ``-agg(A)``, in every mode, for per-token
                         advantages and for row-constant ones (outcome rewards, as in GRPO) alike.
@@ -20,6 +20,10 @@ plain ratio), and five properties are checked, each ``holds``, ``fails`` (with a
                         ∂loss/∂log_prob and ∂loss/∂A (its implied gated ratio) unchanged: the gating map's
                         Jacobian is block-diagonal over rows.
 ``finite-extremes``     log-ratios of ±20 and ±50, and a 2048-token row, give a finite loss and gradient.
+``padding-ignored``     finite garbage in the padded slots of all three inputs (log-probs in (-40, 0), advantages
+                        ~1000) leaves the loss and ∂loss/∂log_prob unchanged, with ∂loss/∂log_prob = 0 on padding.
+``nan-padding-ignored`` the same with NaN in every padded slot (a NaN gradient on a padded slot would reach the
+                        model's parameters through the padded logits).
 ``implied-gating``      ``G = -(∂loss/∂A) / w`` recovers the gated ratio the loss applies to each token; it is
                         finite and the loss equals ``-agg(A ⊙ G)`` off-policy, i.e. the loss *is* a gated-ratio
                         surrogate.  The report tabulates G along a uniform drift of the log-ratio, for A > 0
@@ -42,7 +46,8 @@ import torch
 
 from .audit import AuditReport, PropertyResult, _BadOutput, _deviation, _random_mask, _size, load_target, single_thread
 
-LOSS_PROPERTY_IDS = ("on-policy-value", "on-policy-gradient", "row-block", "finite-extremes", "implied-gating")
+LOSS_PROPERTY_IDS = ("on-policy-value", "on-policy-gradient", "row-block", "finite-extremes", "padding-ignored", "nan-padding-ignored",
+                     "implied-gating")
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 GATING_LOG_RATIOS = (-1.0, -0.3, -0.1, 0.0, 0.1, 0.3, 1.0)
 TOLERANCE = 1e-6  # relative to max(1, |expected|); float64, but verl adds 1e-8 to denominators (a 1e-9 relative effect)
@@ -107,10 +112,19 @@ def _typed(key: str, current, value):
 
 
 def verl_registry() -> dict[str, Callable]:
-    """The installed verl's ``POLICY_LOSS_REGISTRY`` (name -> loss), as verl builds it."""
+    """The losses the installed verl ships in its ``POLICY_LOSS_REGISTRY`` (name -> loss, registry order).
+
+    Entries other packages registered (``fiberpo_theory.integrations.verl`` adds its own on import) are left out:
+    the registry document describes verl itself, whatever else the process has imported.
+    """
     from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
 
-    return dict(POLICY_LOSS_REGISTRY)
+    return {name: fn for name, fn in POLICY_LOSS_REGISTRY.items() if _shipped_by_verl(fn)}
+
+
+def _shipped_by_verl(fn) -> bool:
+    module = getattr(fn, "__module__", "") or ""
+    return module == "verl" or module.startswith("verl.")
 
 
 def aggregation_weights(mask: torch.Tensor, mode: str, config) -> torch.Tensor:
@@ -175,11 +189,13 @@ def _describe(mask) -> dict[str, Any]:
 
 
 def _relative(value: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
-    return _deviation(value - expected) / expected.abs().clamp(min=1.0)
+    """|value - expected| / max(1, |expected|), elementwise; NaN or inf in either counts as an infinite gap."""
+    scale = torch.where(torch.isfinite(expected), expected.abs().clamp(min=1.0), torch.ones_like(expected))
+    return _deviation(value - expected) / scale
 
 
 # ---------------------------------------------------------------------------
-# The five properties
+# The seven properties
 # ---------------------------------------------------------------------------
 
 
@@ -197,6 +213,7 @@ def _by_kind(property_id, worst, bad, modes, failure_text, holds_text) -> Proper
         return PropertyResult(property_id, "holds", None, f"{holds_text} (max relative gap {gap:.1e})")
     kind = max(failing, key=lambda k: worst[k][0])
     w = {"advantages": kind, **worst[kind][1]}
+
     def where(kind):
         return "every mode" if bad[kind] == set(modes) else ", ".join(m for m in modes if m in bad[kind])
 
@@ -281,6 +298,65 @@ def _gradients(loss, old, log_prob, adv, mask, mode) -> list[torch.Tensor]:
     return [torch.zeros_like(mask) if g is None else g for g in grads]
 
 
+PADDING_INPUTS = {"log_prob": "log_prob"}  # old_log_prob and advantages are data: no gradient of theirs reaches the model
+
+
+def _padding_garbage(kind, gen, like):
+    """Values for the padded slots of (old_log_prob, log_prob, advantages)."""
+    if kind == "nan":
+        return [torch.full_like(like, math.nan)] * 3
+    logp = [-40 * torch.rand(like.shape, generator=gen, dtype=like.dtype) for _ in range(2)]
+    return logp + [1e3 * torch.randn(like.shape, generator=gen, dtype=like.dtype)]
+
+
+def _padding_check(kind: str):
+    """The property that ``kind`` garbage in padded slots changes neither the loss nor ∂loss/∂log_prob.
+
+    ``finite``: padded log-probs drawn in (-40, 0) and advantages of size ~1000; ``nan``: NaN in every padded
+    slot.  ∂loss/∂log_prob is the gradient training uses: it must be unchanged on response tokens and 0 on padded
+    slots (a NaN there would reach the model's parameters through the padded logits).
+    """
+    property_id = "padding-ignored" if kind == "finite" else "nan-padding-ignored"
+
+    def check(loss, gen, dtype, n, modes):
+        worst = (-1.0, None)
+        bad = set()
+        for k in range(n):
+            old, log_prob, adv, mask = _random_inputs(gen, dtype, (0.0, 0.3, 1.0)[k % 3], rows=(2, 4))
+            mask[-1, -1] = 0  # at least one padded slot (rows keep >= 1 token: every row has >= 2 slots)
+            pad = ~mask.bool()
+            dirty = [torch.where(pad, g, clean) for g, clean in zip(_padding_garbage(kind, gen, old), (old, log_prob, adv))]
+            for mode in modes:
+                clean_value, (clean_grad,) = loss.grads(old, log_prob, adv, mask, mode)
+                value, (grad,) = loss.grads(*dirty, mask, mode)
+                clean_grad = torch.zeros_like(mask) if clean_grad is None else clean_grad
+                grad = torch.zeros_like(mask) if grad is None else grad
+                grad_gap = torch.where(pad, _deviation(grad), _relative(grad, clean_grad))
+                gaps = {"loss": (float(_relative(value, clean_value)), {}),
+                        "dloss/dlog_prob": (float(grad_gap.max()), _where(grad_gap, pad, grad, clean_grad))}
+                changed, (gap, where) = max(gaps.items(), key=lambda item: item[1][0])
+                if gap > TOLERANCE:
+                    bad.add(mode)
+                if gap > worst[0]:
+                    worst = (gap, {"loss_agg_mode": mode, **_describe(mask), "changed": changed, "loss_clean": float(clean_value), "loss": float(value), **where})
+        garbage = "finite garbage (log-probs in (-40, 0), advantages ~1000)" if kind == "finite" else "NaN"
+        if worst[0] > TOLERANCE:
+            w = worst[1]
+            at = f"{w['position']}" if "position" in w else ""
+            modes_text = "every mode" if bad == set(modes) else ", ".join(m for m in modes if m in bad)
+            return PropertyResult(property_id, "fails", {**w, "failing_modes": [m for m in modes if m in bad]},
+                                  f"{garbage} in padded slots changed {w['changed']}{at} by {_size(worst[0])} ({w['loss_agg_mode']}); fails in {modes_text}")
+        return PropertyResult(property_id, "holds", None, f"{garbage} in the padded slots of old_log_prob, log_prob and advantages left the loss "
+                                                          f"and dloss/dlog_prob unchanged, 0 on padding ({n} batches x {len(modes)} modes; max relative gap {worst[0]:.1e})")
+
+    return check
+
+
+def _where(gap, pad, grad, clean_grad) -> dict[str, Any]:
+    b, t = [int(v) for v in torch.unravel_index(gap.argmax(), gap.shape)]
+    return {"position": [b, t], "padded": bool(pad[b, t]), "gradient": float(grad[b, t]), "gradient_clean": float(clean_grad[b, t])}
+
+
 def _extreme_cases(dtype):
     gen = torch.Generator().manual_seed(50)
     signs = torch.randint(0, 2, (2, 2048), generator=gen).to(dtype) * 2 - 1
@@ -359,6 +435,8 @@ _PROPERTIES: dict[str, Callable] = {
     "on-policy-gradient": _on_policy_gradient,
     "row-block": _row_block,
     "finite-extremes": _finite_extremes,
+    "padding-ignored": _padding_check("finite"),
+    "nan-padding-ignored": _padding_check("nan"),
     "implied-gating": _implied_gating,
 }
 
@@ -377,7 +455,7 @@ def audit_loss(
     max_examples: int = 12,
     name: str | None = None,
 ) -> AuditReport:
-    """Check a verl-signature policy loss for the five properties; ``config`` defaults to verl's ActorConfig.
+    """Check a verl-signature policy loss for the seven properties; ``config`` defaults to verl's ActorConfig.
 
     ``max_examples`` random batches per property (a third of them for ``row-block``), drawn from ``seed``;
     each batch is tried in every mode of ``loss_agg_modes``.
@@ -437,7 +515,7 @@ def _run_one(property_id, check, loss, gen, count, modes) -> PropertyResult:
 
 
 def audit_verl_registry(**kwargs) -> dict[str, AuditReport]:
-    """:func:`audit_loss` on every loss in the installed verl's ``POLICY_LOSS_REGISTRY``, in registry order."""
+    """:func:`audit_loss` on every loss verl ships in its ``POLICY_LOSS_REGISTRY`` (:func:`verl_registry`), in order."""
     return {name: audit_loss(fn, name=f"verl:{name}", **kwargs) for name, fn in verl_registry().items()}
 
 
@@ -466,6 +544,10 @@ def registry_markdown(reports: dict[str, AuditReport], *, command: str) -> str:
         "* `row-block`: moving one row's inputs never changes another row's ∂loss/∂log_prob or ∂loss/∂A (its gated",
         "  ratio): no coupling across responses.",
         "* `finite-extremes`: finite loss and gradient at log r = ±20, ±50 and on 2048-token rows.",
+        "* `padding-ignored`: finite garbage in the padded slots of old_log_prob, log_prob and advantages (log-probs in",
+        "  (−40, 0), advantages ~1000) changes neither the loss nor ∂loss/∂log_prob, which stays 0 on padding.",
+        "* `nan-padding-ignored`: the same with NaN in every padded slot. A NaN gradient on a padded slot reaches the",
+        "  model's parameters through the padded logits; a NaN loss poisons the step outright.",
         "* `implied-gating`: G = −(∂loss/∂A)/w is the gated ratio the loss applies per token; the property holds",
         "  when the loss is exactly −agg(A ⊙ G) (a gated-ratio surrogate, nothing added). G is tabulated in the",
         "  details: the mean over a 4-token row with old_log_prob = −1 and every log-ratio equal to x. A loss that",
@@ -523,7 +605,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("target", nargs="?", metavar="MODULE:FUNCTION",
                         help="a policy loss fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)")
-    parser.add_argument("--verl-registry", action="store_true", help="audit every loss in the installed verl's POLICY_LOSS_REGISTRY instead")
+    parser.add_argument("--verl-registry", action="store_true", help="audit every loss the installed verl ships in its POLICY_LOSS_REGISTRY instead")
     parser.add_argument("--mode", dest="modes", action="append", choices=AGG_MODES, metavar="MODE",
                         help=f"loss_agg_mode to check, repeatable (default: all of {', '.join(AGG_MODES)})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

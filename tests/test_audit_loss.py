@@ -28,9 +28,22 @@ def registry_reports():
 
 
 def surrogate_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None):
-    """The plain policy-gradient surrogate -agg(A r), aggregated by verl's own agg_loss."""
+    """The plain policy-gradient surrogate -agg(A r), aggregated by verl's own agg_loss; padded slots zeroed first."""
+    keep = response_mask.bool()
+    ratio = torch.exp(torch.where(keep, log_prob - old_log_prob, 0.0))
+    return agg_loss(loss_mat=-torch.where(keep, advantages, 0.0) * ratio, loss_mask=response_mask, loss_agg_mode=loss_agg_mode), {}
+
+
+def naive_surrogate(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None):
+    """The same surrogate without zeroing padded slots: verl's agg_loss alone decides what NaN padding does."""
     ratio = torch.exp(log_prob - old_log_prob)
     return agg_loss(loss_mat=-advantages * ratio, loss_mask=response_mask, loss_agg_mode=loss_agg_mode), {}
+
+
+def unmasked_mean(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None):
+    """Planted defect: a token-mean whose sum forgets the mask (only the denominator counts response tokens)."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    return (-advantages * ratio).sum() / response_mask.sum(), {}
 
 
 def detached_at_r1(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None):
@@ -60,7 +73,8 @@ def needs_a_key(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode
 
 
 def test_every_registry_loss_gets_a_verdict_per_property(registry_reports):
-    assert list(registry_reports) == list(POLICY_LOSS_REGISTRY)  # none skipped
+    shipped = [name for name, fn in POLICY_LOSS_REGISTRY.items() if fn.__module__.startswith("verl.")]
+    assert len(shipped) >= 12 and list(registry_reports) == shipped  # none skipped
     for name, report in registry_reports.items():
         assert [p.id for p in report.properties] == list(LOSS_PROPERTY_IDS), name
         for p in report.properties:
@@ -72,8 +86,14 @@ def test_every_registry_loss_gets_a_verdict_per_property(registry_reports):
 
 
 def test_verl_ppo_is_the_plain_surrogate_to_first_order(registry_reports):
-    """verl's vanilla PPO clip (dual clip, asymmetric range) agrees with -agg(A r) at r = 1 by construction."""
-    assert registry_reports["vanilla"].passed, registry_reports["vanilla"]
+    """verl's vanilla PPO clip (dual clip, asymmetric range) agrees with -agg(A r) at r = 1 by construction.
+
+    Its one failure is NaN padding in the seq-mean modes, where verl's agg_loss sums loss_mat * loss_mask
+    (NaN * 0 = NaN) instead of masking as it does for token-mean and token-sum.
+    """
+    report = registry_reports["vanilla"]
+    assert [p.id for p in report.failures] == ["nan-padding-ignored"], report
+    assert report["nan-padding-ignored"].witness["failing_modes"] == ["seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
 
 def test_the_recovered_gating_of_vanilla_is_ppo_clip(registry_reports):
@@ -258,3 +278,29 @@ def test_a_loss_that_supports_some_modes_is_an_error_naming_them_and_passes_on_t
     assert {p.verdict for p in report.properties} == {"error"}
     assert "ordinary batch in token-sum, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm;" in reason and "--mode" in reason
     assert audit_loss(runs_only_token_mean, max_examples=3, loss_agg_modes=("token-mean",)).passed
+
+
+def test_padded_slots_that_enter_the_loss_fail_padding_ignored():
+    report = audit_loss(unmasked_mean, max_examples=4, loss_agg_modes=("token-mean",))
+    assert report["on-policy-value"].verdict == "fails"  # on-policy padding (r = 1, random A) already counts
+    result = report["padding-ignored"]
+    assert result.verdict == "fails" and result.witness["changed"] in ("loss", "dloss/dlog_prob")
+
+
+def test_nan_padding_left_to_verls_agg_loss_fails_where_it_multiplies_by_the_mask():
+    """agg_loss masks by torch.where in token-mean/token-sum (value stays finite) but the gradient through -A * r
+    at a NaN slot is 0 * NaN; the zeroed surrogate passes both padding properties."""
+    naive = audit_loss(naive_surrogate, max_examples=4)
+    assert naive["padding-ignored"].passed and naive["nan-padding-ignored"].verdict == "fails"
+    assert naive["nan-padding-ignored"].witness["failing_modes"]
+    clean = audit_loss(surrogate_loss, max_examples=4)
+    assert clean["nan-padding-ignored"].passed, clean["nan-padding-ignored"]
+
+
+def test_losses_other_packages_register_stay_out_of_the_verl_document(monkeypatch):
+    """Importing fiberpo_theory.integrations.verl registers FiberPO into verl's registry; the doc is about verl."""
+    from fiberpo_theory.audit_loss import verl_registry
+
+    monkeypatch.setitem(POLICY_LOSS_REGISTRY, "third_party", surrogate_loss)
+    names = list(verl_registry())
+    assert "third_party" not in names and "vanilla" in names
