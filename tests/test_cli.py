@@ -1,4 +1,4 @@
-"""Bad arguments of ``figures`` and ``audit`` (and the command itself): one line on stderr, exit 2, no traceback.
+"""Bad arguments of every subcommand (and of the command itself): one line on stderr, exit 2, no traceback.
 
 Every case is refused by argparse before any work starts, so none of these renders a figure or runs an audit.
 """
@@ -32,6 +32,16 @@ BAD_ARGUMENTS = [
     (["audit", "no_colon_here"], "MODULE:FUNCTION"),
     (["audit", "fiberpo_theory.examples.verl_style:missing"], "missing"),
     (["audit", "no_such_module_xyz:fn"], "no_such_module_xyz"),
+    (["verify", "--seed", "-1"], "--seed"),
+    (["verify", "--jobs", "0"], "--jobs"),
+    (["verify", "--only", "no-such-claim"], "no-such-claim"),
+    (["derive", "--only", "no-such-proof"], "no-such-proof"),
+    (["bench", "--repeats", "0"], "--repeats"),
+    (["bench", "--tokens", "-3"], "--tokens"),
+    (["bench", "--trajectories", "0"], "--trajectories"),
+    (["bench", "--methods", "nope"], "--methods"),
+    (["bench", "--tokens", "10", "--trajectories", "20"], "--trajectories"),
+    (["bench", "--scaling", "0"], "--scaling"),
     (["no-such-command"], "no-such-command"),
     ([], "command"),
 ]
@@ -54,6 +64,40 @@ def test_bad_argument_exits_2_with_one_line(argv, named, capsys):
     assert named in lines[0]
     assert "Traceback" not in out.err + out.out
     assert out.out == ""  # nothing ran
+
+
+def test_derive_out_that_is_a_file_is_refused(tmp_path, capsys):
+    target = tmp_path / "a-file"
+    target.write_text("")
+    code, out = _run(["derive", "--out", str(target)], capsys)
+    assert code == 2 and "not a directory" in out.err
+
+
+def test_bench_cuda_without_a_gpu_is_refused(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the refusal is for CPU-only torch builds")
+    code, out = _run(["bench", "--device", "cuda"], capsys)
+    assert code == 2 and "CUDA" in out.err
+
+
+def test_verify_list_prints_every_audited_id(capsys):
+    from fiberpo_theory import verify
+
+    code, out = _run(["verify", "--list"], capsys)
+    assert code == 0
+    printed = [line.split()[0] for line in out.out.splitlines() if line.strip()]
+    assert printed[: len(verify.AUDITED_IDS)] == list(verify.AUDITED_IDS)
+
+
+def test_bench_options_explain_themselves(capsys):
+    code, out = _run(["bench", "--help"], capsys)
+    assert code == 0
+    options = out.out.split("options:", 1)[1]
+    for option in ("--trajectories", "--repeats", "--device"):
+        assert option in options
+    assert "default" in options.split("--repeats", 1)[1].split("--device", 1)[0]
 
 
 def test_output_paths_that_cannot_be_written_are_refused(tmp_path, capsys):
@@ -106,7 +150,7 @@ def test_audit_loss_options_have_help_with_defaults(option):
     assert "(default: " in _option_help("audit-loss", option)
 
 
-@pytest.mark.parametrize("name", ["audit", "audit-loss", "figures"])
+@pytest.mark.parametrize("name", ["audit", "audit-loss", "figures", "verify", "derive", "bench"])
 def test_help_texts_do_not_refer_to_an_internal_spec(name):
     assert "SPEC" not in _subcommand_help(name)
 
