@@ -222,42 +222,53 @@ def _by_kind(property_id, worst, bad, modes, failure_text, holds_text) -> Proper
                           f"{failure_text(w, _size(worst[kind][0]))}; {which}")
 
 
-def _on_policy_value(loss, gen, dtype, n, modes):
+def _on_policy_sweep(gen, dtype, n, modes, measure):
+    """At r = 1, per advantage kind: the worst gap over batches x modes with its witness, and the modes that fail.
+
+    ``measure(old, adv, mask, mode)`` returns the gap and a function building the
+    witness (only called when the gap is the worst so far).
+    """
     worst = {kind: (-1.0, None) for kind in ADVANTAGE_KINDS}
     bad = {kind: set() for kind in ADVANTAGE_KINDS}
     for k in range(n):
         kind = ADVANTAGE_KINDS[k % 2]
         old, _, adv, mask = _random_inputs(gen, dtype, 0.0, advantages=kind)
         for mode in modes:
-            value = loss(old, old.clone(), adv, mask, mode).detach()
-            expected = -(aggregation_weights(mask, mode, loss.config) * adv).sum()
-            gap = float(_relative(value, expected))
+            gap, witness = measure(old, adv, mask, mode)
             if gap > TOLERANCE:
                 bad[kind].add(mode)
             if gap > worst[kind][0]:
-                worst[kind] = (gap, {"loss_agg_mode": mode, **_describe(mask), "loss": float(value), "expected": float(expected)})
+                worst[kind] = (gap, {"loss_agg_mode": mode, **_describe(mask), **witness()})
+    return worst, bad
+
+
+def _on_policy_value(loss, gen, dtype, n, modes):
+    def measure(old, adv, mask, mode):
+        value = loss(old, old.clone(), adv, mask, mode).detach()
+        expected = -(aggregation_weights(mask, mode, loss.config) * adv).sum()
+        return float(_relative(value, expected)), lambda: {"loss": float(value), "expected": float(expected)}
+
+    worst, bad = _on_policy_sweep(gen, dtype, n, modes, measure)
     return _by_kind("on-policy-value", worst, bad, modes,
                     lambda w, gap: f"at r = 1 the loss is {w['loss']:.6g}, not -agg(A) = {w['expected']:.6g} ({w['loss_agg_mode']}; relative gap {gap})",
                     f"loss = -agg(A) at r = 1 on {n} batches x {len(modes)} modes, per-token and row-constant advantages")
 
 
 def _on_policy_gradient(loss, gen, dtype, n, modes):
-    worst = {kind: (-1.0, None) for kind in ADVANTAGE_KINDS}
-    bad = {kind: set() for kind in ADVANTAGE_KINDS}
-    for k in range(n):
-        kind = ADVANTAGE_KINDS[k % 2]
-        old, _, adv, mask = _random_inputs(gen, dtype, 0.0, advantages=kind)
-        for mode in modes:
-            _, (grad,) = loss.grads(old, old, adv, mask, mode)
-            expected = -aggregation_weights(mask, mode, loss.config) * adv
-            grad = torch.zeros_like(expected) if grad is None else grad
-            gap = _relative(grad, expected)
-            if float(gap.max()) > TOLERANCE:
-                bad[kind].add(mode)
-            if float(gap.max()) > worst[kind][0]:
-                b, t = [int(v) for v in torch.unravel_index(gap.argmax(), gap.shape)]
-                worst[kind] = (float(gap.max()), {"loss_agg_mode": mode, **_describe(mask), "position": [b, t], "padded": not bool(mask[b, t]),
-                                                  "dloss/dlog_prob": float(grad[b, t]), "expected": float(expected[b, t]), "advantage": float(adv[b, t])})
+    def measure(old, adv, mask, mode):
+        _, (grad,) = loss.grads(old, old, adv, mask, mode)
+        expected = -aggregation_weights(mask, mode, loss.config) * adv
+        grad = torch.zeros_like(expected) if grad is None else grad
+        gap = _relative(grad, expected)
+
+        def witness():
+            b, t = [int(v) for v in torch.unravel_index(gap.argmax(), gap.shape)]
+            return {"position": [b, t], "padded": not bool(mask[b, t]), "dloss/dlog_prob": float(grad[b, t]),
+                    "expected": float(expected[b, t]), "advantage": float(adv[b, t])}
+
+        return float(gap.max()), witness
+
+    worst, bad = _on_policy_sweep(gen, dtype, n, modes, measure)
     return _by_kind("on-policy-gradient", worst, bad, modes,
                     lambda w, gap: f"at r = 1, dloss/dlog_prob{w['position']} = {w['dloss/dlog_prob']:.6g} but the policy gradient gives {w['expected']:.6g} ({w['loss_agg_mode']})",
                     f"dloss/dlog_prob = -w * A at r = 1 on {n} batches x {len(modes)} modes, per-token and row-constant advantages")

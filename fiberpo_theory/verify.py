@@ -278,9 +278,7 @@ def run(args: argparse.Namespace) -> int:
             print_claim_list(registry)
             return 0
         ids = _selected_ids(args.only, registry)
-        jobs = default_jobs(len(ids)) if args.jobs is None else args.jobs
-        if jobs < 1:
-            raise ValueError(f"--jobs must be >= 1, got {jobs}")
+        jobs = default_jobs(len(ids)) if args.jobs is None else args.jobs  # --jobs is checked by argparse
     except ValueError as err:
         print(f"fiberpo-theory verify: {err}", file=sys.stderr)
         return 2
