@@ -71,11 +71,6 @@ def int_in_range(minimum: int, maximum: int | None = None):
     return parse
 
 
-def int_at_least(minimum: int):
-    """An integer type that refuses values below ``minimum`` (e.g. a grid needs 3 points per axis)."""
-    return int_in_range(minimum)
-
-
 def output_dir(text: str) -> str:
     """A directory to write into: created later if missing, refused if it names an existing file."""
     from pathlib import Path

@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .cli_types import output_dir
 from .latex import master_document, slug, to_latex
 from .symbolic import Derivation
 
@@ -29,7 +30,7 @@ DEFAULT_OUT = "docs/derivations"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    parser.add_argument("--out", type=output_dir, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     parser.add_argument("--pdf", action="store_true", help="also compile main.tex with pdflatex")
     parser.add_argument("--only", nargs="+", metavar="NAME",
                         help="run only the proof modules whose name contains one of these strings")
@@ -132,9 +133,6 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        print(f"fiberpo-theory derive: --out {args.out} exists and is not a directory", file=sys.stderr)
-        return 2
     if args.only and not any(True for _ in discover(args.only)):
         print(f"fiberpo-theory derive: --only {' '.join(args.only)} matches no proof module", file=sys.stderr)
         return 2
