@@ -1,1 +1,1 @@
-"""Claim checks, one module per topic; each registers with ``fiberpo_theory.claims.claim``."""
+"""Claim checks, one module per topic; each registers with ``fiberpo_theory.theory.claims.claim``."""

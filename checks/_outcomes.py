@@ -21,7 +21,7 @@ import importlib
 from functools import lru_cache
 from typing import Any, Callable
 
-from fiberpo_theory.claims import Outcome
+from fiberpo_theory.theory.claims import Outcome
 from fiberpo_theory.symbolic import Derivation
 
 PROOFS = "fiberpo_theory.proofs"  # the repository's proofs/ folder, installed inside the package

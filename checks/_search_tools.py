@@ -7,7 +7,7 @@ profile's seed and example budget and returns what was searched and, if
 anything, the *shrunk* witness: Hypothesis replays the minimal failing
 example last, so the exception that escapes carries the minimized numbers.
 
-The strategies the searches draw from live in :mod:`fiberpo_theory.strategies`.
+The strategies the searches draw from live in :mod:`fiberpo_theory.theory.strategies`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 
-from fiberpo_theory.claims import Profile
+from fiberpo_theory.theory.claims import Profile
 
 
 class Falsified(AssertionError):

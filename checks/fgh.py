@@ -17,13 +17,13 @@ from fractions import Fraction
 import torch
 from hypothesis import strategies as st
 
-from fiberpo_theory import fgh
+from fiberpo_theory.hierarchy import fgh
 from fiberpo_theory import hierarchy as hier
-from fiberpo_theory import strategies as fst
-from fiberpo_theory.claims import Outcome, Profile, claim
-from fiberpo_theory.gates import g_agg, g_agg_regime, symmetric_clip
-from fiberpo_theory.objectives import fiberpo_domain_gated_ratio, fiberpo_gated_ratio, fiberpo_parts
-from fiberpo_theory.segments import Segments
+from fiberpo_theory.theory import strategies as fst
+from fiberpo_theory.theory.claims import Outcome, Profile, claim
+from fiberpo_theory.core.gates import g_agg, g_agg_regime, symmetric_clip
+from fiberpo_theory.core.objectives import fiberpo_domain_gated_ratio, fiberpo_gated_ratio, fiberpo_parts
+from fiberpo_theory.core.segments import Segments
 
 from ._outcomes import from_search, merged_regimes
 from ._search_tools import Falsified, SearchResult, search

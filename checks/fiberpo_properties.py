@@ -13,9 +13,9 @@ import math
 import torch
 from hypothesis import strategies as st
 
-from fiberpo_theory.claims import Outcome, Profile, claim
-from fiberpo_theory.gates import g_agg_regime
-from fiberpo_theory.objectives import (
+from fiberpo_theory.theory.claims import Outcome, Profile, claim
+from fiberpo_theory.core.gates import g_agg_regime
+from fiberpo_theory.core.objectives import (
     aggregation_weights,
     fiberpo_domain_gated_ratio,
     fiberpo_gated_ratio,
@@ -23,7 +23,7 @@ from fiberpo_theory.objectives import (
     fiberpo_parts,
     rgf_objective,
 )
-from fiberpo_theory.strategies import budgets, draw_regime_targeted, flatten, float_lists, int_lists
+from fiberpo_theory.theory.strategies import budgets, draw_regime_targeted, flatten, float_lists, int_lists
 
 from ._outcomes import decide, from_search
 from ._search_tools import (

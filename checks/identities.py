@@ -23,14 +23,14 @@ import torch
 from hypothesis import strategies as st
 
 from fiberpo_theory import symbolic as S
-from fiberpo_theory.claims import Outcome, Profile, claim
-from fiberpo_theory.gates import budget_clip as _budget_clip
-from fiberpo_theory.gates import g_agg as _g_agg
-from fiberpo_theory.gates import g_agg_regime
-from fiberpo_theory.gates import logclip as _logclip
-from fiberpo_theory.gates import symmetric_clip as _symmetric_clip
-from fiberpo_theory.objectives import fiberpo_gated_ratio, fiberpo_gated_residual_eq11, fiberpo_jacobian, fiberpo_parts
-from fiberpo_theory.strategies import budgets, draw_regime_targeted, flatten, token_values
+from fiberpo_theory.theory.claims import Outcome, Profile, claim
+from fiberpo_theory.core.gates import budget_clip as _budget_clip
+from fiberpo_theory.core.gates import g_agg as _g_agg
+from fiberpo_theory.core.gates import g_agg_regime
+from fiberpo_theory.core.gates import logclip as _logclip
+from fiberpo_theory.core.gates import symmetric_clip as _symmetric_clip
+from fiberpo_theory.core.objectives import fiberpo_gated_ratio, fiberpo_gated_residual_eq11, fiberpo_jacobian, fiberpo_parts
+from fiberpo_theory.theory.strategies import budgets, draw_regime_targeted, flatten, token_values
 
 from ._outcomes import decide, from_search, merged_regimes, proof_module, proof_note
 from ._outcomes import derivation as _derivation

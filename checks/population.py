@@ -24,9 +24,9 @@ import torch
 from hypothesis import strategies as st
 from hypothesis import target
 
-from fiberpo_theory.claims import Outcome, Profile, claim
-from fiberpo_theory.objectives import fiberpo_parts, gspo_gated_ratio
-from fiberpo_theory.strategies import budgets, flatten, float_lists, int_lists, trajectory
+from fiberpo_theory.theory.claims import Outcome, Profile, claim
+from fiberpo_theory.core.objectives import fiberpo_parts, gspo_gated_ratio
+from fiberpo_theory.theory.strategies import budgets, flatten, float_lists, int_lists, trajectory
 
 from ._outcomes import decide, from_search, proof_note
 from ._search_tools import (

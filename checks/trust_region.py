@@ -26,9 +26,9 @@ import torch
 from hypothesis import strategies as st
 from hypothesis import target
 
-from fiberpo_theory import objectives
-from fiberpo_theory import trust_region as tr
-from fiberpo_theory.claims import Outcome, Profile, claim
+from fiberpo_theory.core import objectives
+from fiberpo_theory.theory import trust_region as tr
+from fiberpo_theory.theory.claims import Outcome, Profile, claim
 from fiberpo_theory.symbolic import lambdify
 
 from ._outcomes import decide, from_search, proof_note

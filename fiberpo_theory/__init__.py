@@ -1,8 +1,8 @@
 """fiberpo_theory: checked mathematics and fast torch code for Fibration Policy Optimization."""
 
-from .fgh import fiberpo_hierarchy_gated_ratio
-from .losses import POLICY_LOSSES
-from .objectives import (
+from .hierarchy.fgh import fiberpo_hierarchy_gated_ratio
+from .core.losses import POLICY_LOSSES
+from .core.objectives import (
     aggregation_weights,
     apc_obj_gated_ratio,
     fiberpo_domain_gated_ratio,

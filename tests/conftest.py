@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fiberpo_theory.strategies import use_profile
+from fiberpo_theory.theory.strategies import use_profile
 
 # HYPOTHESIS_PROFILE=thorough selects the long property runs; the default is the quick "ci" profile.
 use_profile()

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from fiberpo_theory.audit import PROPERTY_IDS, AuditReport, audit
-from fiberpo_theory.cli import main
+from fiberpo_theory.tools.audit import PROPERTY_IDS, AuditReport, audit
+from fiberpo_theory.tools.cli import main
 from fiberpo_theory.examples.verl_style import fiberpo_gating, fiberpo_gating_torch_sign
-from fiberpo_theory.objectives import fiberpo_gated_ratio
+from fiberpo_theory.core.objectives import fiberpo_gated_ratio
 
 HYPER = dict(eps=0.04, c_pos=0.12, c_neg=0.05)
 FAST = dict(HYPER, max_examples=9)

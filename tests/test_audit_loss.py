@@ -10,13 +10,13 @@ import torch
 pytest.importorskip("verl.trainer.ppo.core_algos")
 from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, agg_loss, compute_policy_loss_vanilla  # noqa: E402
 
-from fiberpo_theory.audit_loss import (  # noqa: E402
+from fiberpo_theory.tools.audit_loss import (  # noqa: E402
     LOSS_PROPERTY_IDS,
     audit_loss,
     audit_verl_registry,
     parse_markdown_verdicts,
 )
-from fiberpo_theory.cli import main  # noqa: E402
+from fiberpo_theory.tools.cli import main  # noqa: E402
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "verl-losses.md"
 VERDICTS = {"holds", "fails", "error"}
@@ -143,7 +143,7 @@ def test_overflow_far_off_policy_fails_finite_extremes_only_there():
 
 def test_the_default_config_runs_verl_vanilla_directly():
     """The config the audit builds is one verl's own loss accepts: on-policy token-mean loss is -mean(A)."""
-    from fiberpo_theory.audit_loss import default_verl_config
+    from fiberpo_theory.tools.audit_loss import default_verl_config
 
     old = torch.tensor([[-1.0, -2.0, -0.5]], dtype=torch.float64)
     adv = torch.tensor([[0.5, -1.5, 2.0]], dtype=torch.float64)
@@ -199,7 +199,7 @@ def test_cli_bad_options_exit_2(argv, capsys):
 
 
 def test_doc_generator_writes_what_the_parser_reads(registry_reports, tmp_path):
-    from fiberpo_theory.audit_loss import registry_markdown
+    from fiberpo_theory.tools.audit_loss import registry_markdown
 
     text = registry_markdown(registry_reports, command="x")
     assert parse_markdown_verdicts(text) == {n: {p.id: p.verdict for p in r.properties} for n, r in registry_reports.items()}
@@ -207,7 +207,7 @@ def test_doc_generator_writes_what_the_parser_reads(registry_reports, tmp_path):
 
 
 def test_config_overrides_let_dro_run_and_its_penalty_shows_in_implied_gating():
-    from fiberpo_theory.audit_loss import verl_config
+    from fiberpo_theory.tools.audit_loss import verl_config
 
     report = audit_loss(POLICY_LOSS_REGISTRY["dro"], config=verl_config(["policy_loss.dro_beta=0.1"]), max_examples=3)
     assert "error" not in {p.verdict for p in report.properties}
@@ -299,7 +299,7 @@ def test_nan_padding_left_to_verls_agg_loss_fails_where_it_multiplies_by_the_mas
 
 def test_losses_other_packages_register_stay_out_of_the_verl_document(monkeypatch):
     """Importing fiberpo_theory.integrations.verl registers FiberPO into verl's registry; the doc is about verl."""
-    from fiberpo_theory.audit_loss import verl_registry
+    from fiberpo_theory.tools.audit_loss import verl_registry
 
     monkeypatch.setitem(POLICY_LOSS_REGISTRY, "third_party", surrogate_loss)
     names = list(verl_registry())

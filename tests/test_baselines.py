@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from fiberpo_theory import baselines
-from fiberpo_theory.layout import flatten_mask, to_padded
-from fiberpo_theory.losses import POLICY_LOSSES
+from fiberpo_theory.core import baselines
+from fiberpo_theory.core.layout import flatten_mask, to_padded
+from fiberpo_theory.core.losses import POLICY_LOSSES
 
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
 actor_config = pytest.importorskip("verl.workers.config.actor")

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from fiberpo_theory import bench, objectives as obj
-from fiberpo_theory.cli import main
+from fiberpo_theory.tools import bench
+from fiberpo_theory.core import objectives as obj
+from fiberpo_theory.tools.cli import main
 
 
 def test_layouts_hold_the_same_tokens():

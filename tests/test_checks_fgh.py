@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fiberpo_theory.checks import fgh as cf
-from fiberpo_theory import fgh
+from fiberpo_theory.hierarchy import fgh
 from fiberpo_theory import hierarchy as hier
-from fiberpo_theory.claims import Profile, registry
+from fiberpo_theory.theory.claims import Profile, registry
 
 PROFILE = Profile(name="test", max_examples=60, seed=0)
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from fiberpo_theory.checks import identities as I
-from fiberpo_theory.claims import Profile, registry
-from fiberpo_theory.gates import g_agg, symmetric_clip
-from fiberpo_theory.objectives import fiberpo_parts
-from fiberpo_theory.segments import Segments
+from fiberpo_theory.theory.claims import Profile, registry
+from fiberpo_theory.core.gates import g_agg, symmetric_clip
+from fiberpo_theory.core.objectives import fiberpo_parts
+from fiberpo_theory.core.segments import Segments
 
 QUICK = Profile.named("quick")
 PLANTED = Profile(name="quick", max_examples=80, seed=3)

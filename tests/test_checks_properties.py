@@ -12,9 +12,9 @@ import torch
 
 import fiberpo_theory.checks.fiberpo_properties as props
 import fiberpo_theory.checks.population as population
-from fiberpo_theory import gates, objectives
-from fiberpo_theory.claims import Profile
-from fiberpo_theory.segments import segments_for
+from fiberpo_theory.core import gates, objectives
+from fiberpo_theory.theory.claims import Profile
+from fiberpo_theory.core.segments import segments_for
 
 PROFILE = Profile("quick", max_examples=80, seed=0)
 

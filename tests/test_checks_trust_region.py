@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import fiberpo_theory.checks.trust_region as checks
-from fiberpo_theory import claims
-from fiberpo_theory import trust_region as tr
-from fiberpo_theory.claims import METHODS, Profile
-from fiberpo_theory.gates import budget_clip
-from fiberpo_theory.segments import segments_for
+from fiberpo_theory.theory import claims
+from fiberpo_theory.theory import trust_region as tr
+from fiberpo_theory.theory.claims import METHODS, Profile
+from fiberpo_theory.core.gates import budget_clip
+from fiberpo_theory.core.segments import segments_for
 
 PROFILE = Profile("test", max_examples=25, seed=0)
 IDS = ("thm-2.1", "lemma-d.2", "eq-70", "thm-d.3", "lemma-d.6", "eq-61-63", "lemma-d.9", "thm-d.10", "lemma-d.11", "lemma-d.12")

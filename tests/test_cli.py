@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from fiberpo_theory.cli import build_parser, main
+from fiberpo_theory.tools.cli import build_parser, main
 
 GOOD_TARGET = "fiberpo_theory.examples.verl_style:fiberpo_gating"
 
@@ -83,7 +83,7 @@ def test_bench_cuda_without_a_gpu_is_refused(capsys):
 
 
 def test_verify_list_prints_every_audited_id(capsys):
-    from fiberpo_theory import verify
+    from fiberpo_theory.tools import verify
 
     code, out = _run(["verify", "--list"], capsys)
     assert code == 0
@@ -114,7 +114,7 @@ def test_output_paths_that_cannot_be_written_are_refused(tmp_path, capsys):
 
 
 def test_a_real_process_prints_one_line_and_no_traceback():
-    proc = subprocess.run([sys.executable, "-m", "fiberpo_theory.cli", "figures", "--resolution", "0"],
+    proc = subprocess.run([sys.executable, "-m", "fiberpo_theory.tools.cli", "figures", "--resolution", "0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -173,13 +173,13 @@ def test_a_target_that_fails_to_import_is_one_line(tmp_path, monkeypatch, capsys
 def test_only_the_chosen_subcommand_is_imported():
     code = textwrap.dedent("""
         import contextlib, io, sys
-        from fiberpo_theory.cli import main
+        from fiberpo_theory.tools.cli import main
         with contextlib.redirect_stderr(io.StringIO()):
             try:
                 main(["figures", "--dpi", "0"])
             except SystemExit:
                 pass
-        print(sorted(m for m in ("fiberpo_theory.bench", "fiberpo_theory.verify", "fiberpo_theory.audit_loss") if m in sys.modules))
+        print(sorted(m for m in ("fiberpo_theory.tools.bench", "fiberpo_theory.tools.verify", "fiberpo_theory.tools.audit_loss") if m in sys.modules))
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -190,7 +190,7 @@ def _fake_subcommand(monkeypatch, check_error=None, run_error=None):
     """A subcommand module 'fake' whose check_args and run raise the given errors (None: succeed)."""
     import types
 
-    from fiberpo_theory import cli
+    from fiberpo_theory.tools import cli
 
     module = types.ModuleType("fiberpo_theory_fake_subcommand")
     module.add_arguments = lambda parser: parser.add_argument("--x", default="1")

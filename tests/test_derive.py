@@ -18,8 +18,8 @@ import time
 import pytest
 import sympy as sp
 
-from fiberpo_theory import derive as derive_cmd
-from fiberpo_theory.latex import master_document, slug, text, to_latex
+from fiberpo_theory.tools import derive as derive_cmd
+from fiberpo_theory.symbolic.latex import master_document, slug, text, to_latex
 from fiberpo_theory.symbolic import Derivation, Step, Tex
 
 
@@ -34,7 +34,7 @@ def _needs_pdflatex():
 def derived(tmp_path_factory):
     out = tmp_path_factory.mktemp("derivations")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "fiberpo_theory.cli", "derive", "--out", str(out), "--quiet"],
+    proc = subprocess.run([sys.executable, "-m", "fiberpo_theory.tools.cli", "derive", "--out", str(out), "--quiet"],
                           capture_output=True, text=True, timeout=600)
     return out, proc, time.perf_counter() - start
 

@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fiberpo_theory import objectives as obj
-from fiberpo_theory.losses import POLICY_LOSSES
-from fiberpo_theory.distributed import global_segment_sums
+from fiberpo_theory.core import objectives as obj
+from fiberpo_theory.core.losses import POLICY_LOSSES
+from fiberpo_theory.core.distributed import global_segment_sums
 
 HYPER = dict(eps=0.1, c_pos=0.12, c_neg=0.2)
 ATOL = 1e-12

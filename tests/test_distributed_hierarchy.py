@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fiberpo_theory import fgh
+from fiberpo_theory.hierarchy import fgh
 from fiberpo_theory import hierarchy as hier
-from fiberpo_theory import objectives as obj
+from fiberpo_theory.core import objectives as obj
 
 ATOL = 1e-12
 EPS = 0.1

@@ -35,6 +35,6 @@ def test_cli_blocks_run(page, tmp_path):
             if not line.startswith("fiberpo-theory"):
                 continue  # install lines are exercised by .ci/run itself
             args = shlex.split(line)[1:]
-            done = subprocess.run([sys.executable, "-m", "fiberpo_theory.cli", *args], cwd=tmp_path,
+            done = subprocess.run([sys.executable, "-m", "fiberpo_theory.tools.cli", *args], cwd=tmp_path,
                                   capture_output=True, text=True, timeout=300)
             assert done.returncode in (0,), f"{line!r} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"

@@ -7,12 +7,12 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from fiberpo_theory import fgh
+from fiberpo_theory.hierarchy import fgh
 from fiberpo_theory import hierarchy as hier
-from fiberpo_theory import objectives as ob
-from fiberpo_theory import strategies as fst
-from fiberpo_theory.gates import g_agg, symmetric_clip
-from fiberpo_theory.segments import Segments
+from fiberpo_theory.core import objectives as ob
+from fiberpo_theory.theory import strategies as fst
+from fiberpo_theory.core.gates import g_agg, symmetric_clip
+from fiberpo_theory.core.segments import Segments
 
 DEVICES = [
     "cpu",

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from fiberpo_theory import figures as F
-from fiberpo_theory.cli import main
-from fiberpo_theory.gates import PASS, ROLLBACK, ZEROED, g_agg
-from fiberpo_theory.objectives import fiberpo_parts
+from fiberpo_theory.tools import figures as F
+from fiberpo_theory.tools.cli import main
+from fiberpo_theory.core.gates import PASS, ROLLBACK, ZEROED, g_agg
+from fiberpo_theory.core.objectives import fiberpo_parts
 
 GLOBAL = F.GLOBAL_REGIMES
 LOCAL = F.LOCAL_REGIMES

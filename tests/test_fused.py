@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from fiberpo_theory import objectives as obj
-from fiberpo_theory.diagnostics import channel_regimes
-from fiberpo_theory.segments import Segments
+from fiberpo_theory.core import objectives as obj
+from fiberpo_theory.core.diagnostics import channel_regimes
+from fiberpo_theory.core.segments import Segments
 
 HYPER = dict(eps=0.1, c_pos=0.12, c_neg=0.2)
 KINK = 1e-4  # finite differences need this much room from every kink of the gate
@@ -203,8 +203,8 @@ def test_fused_on_cuda_matches_cpu():
 
 
 def test_fast_channel_means_equal_the_shared_sign_split():
-    from fiberpo_theory.fused import channel_means
-    from fiberpo_theory.gates import sign_split
+    from fiberpo_theory.core.fused import channel_means
+    from fiberpo_theory.core.gates import sign_split
 
     x = torch.tensor([0.3, 0.0, -0.2, -0.0, 0.1, -0.4], dtype=torch.float64)
     traj = Segments.from_ids(torch.tensor([1, 1, 1, 2, 2, 2]))

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fiberpo_theory import hierarchy as hier
-from fiberpo_theory import strategies as fst
-from fiberpo_theory.segments import Segments
+from fiberpo_theory.theory import strategies as fst
+from fiberpo_theory.core.segments import Segments
 
 DEVICES = [
     "cpu",

@@ -11,9 +11,9 @@ import torch
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
 actor_config = pytest.importorskip("verl.workers.config.actor")
 
-from fiberpo_theory import objectives as obj  # noqa: E402
+from fiberpo_theory.core import objectives as obj  # noqa: E402
 from fiberpo_theory.integrations import verl as fv  # noqa: E402
-from fiberpo_theory.losses import POLICY_LOSSES  # noqa: E402
+from fiberpo_theory.core.losses import POLICY_LOSSES  # noqa: E402
 
 AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 B, L = 6, 7
@@ -166,7 +166,7 @@ def test_loaded_through_verls_external_module_variable(tmp_path):
         "import torch\n"
         "from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as r, get_policy_loss_fn\n"
         "from verl.workers.config.actor import ActorConfig\n"
-        "from fiberpo_theory.losses import POLICY_LOSSES\n"
+        "from fiberpo_theory.core.losses import POLICY_LOSSES\n"
         "print(all(k in r for k in ['fiberpo', 'fiberpo_domain', 'apc_obj']))\n"
         "g = torch.Generator().manual_seed(0)\n"
         "old = torch.randn(3, 4, generator=g, dtype=torch.float64)\n"

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from fiberpo_theory import diagnostics, objectives as obj
-from fiberpo_theory.layout import flatten_mask, to_flat, to_padded
-from fiberpo_theory.losses import POLICY_LOSSES, get_policy_loss_fn
+from fiberpo_theory.core import diagnostics, objectives as obj
+from fiberpo_theory.core.layout import flatten_mask, to_flat, to_padded
+from fiberpo_theory.core.losses import POLICY_LOSSES, get_policy_loss_fn
 
 B, L = 5, 7
 

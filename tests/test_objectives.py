@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from fiberpo_theory import objectives as obj
-from fiberpo_theory.diagnostics import channel_regimes
-from fiberpo_theory.gates import g_agg, sign_channel
+from fiberpo_theory.core import objectives as obj
+from fiberpo_theory.core.diagnostics import channel_regimes
+from fiberpo_theory.core.gates import g_agg, sign_channel
 
 HYPER = dict(eps=0.1, c_pos=0.12, c_neg=0.2)
 

@@ -35,6 +35,21 @@ def test_checks_and_proofs_install_inside_the_package(wheel):
         assert modules and modules <= shipped, folder
 
 
+def test_every_subpackage_ships_with_all_its_modules(wheel):
+    # The packages list in pyproject.toml is explicit: a layer missing from it would silently not install.
+    shipped = set(wheel.namelist())
+    packages = sorted(p.parent for p in (ROOT / "fiberpo_theory").rglob("__init__.py"))
+    assert {p.name for p in packages} >= {"core", "hierarchy", "theory", "symbolic", "tools", "integrations", "examples"}
+    for package in packages:
+        for module in package.glob("*.py"):
+            assert module.relative_to(ROOT).as_posix() in shipped, module
+
+
+def test_console_script_points_at_the_tools_layer(wheel):
+    (entry_points,) = [n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")]
+    assert "fiberpo-theory = fiberpo_theory.tools.cli:main" in wheel.read(entry_points).decode()
+
+
 def test_metadata_has_classifiers_and_urls(wheel):
     (meta,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
     message = email.message_from_string(wheel.read(meta).decode())
@@ -44,7 +59,7 @@ def test_metadata_has_classifiers_and_urls(wheel):
 
 
 def test_checks_import_under_the_package_name_only():
-    from fiberpo_theory import claims
+    from fiberpo_theory.theory import claims
 
     assert claims.import_checks() == {}
     assert not any(name == "checks" or name.startswith("checks.") for name in sys.modules)

@@ -19,8 +19,8 @@ import sympy as sp
 import torch
 
 from fiberpo_theory import symbolic as S
-from fiberpo_theory.gates import budget_clip, g_agg, logclip, symmetric_clip
-from fiberpo_theory.objectives import (
+from fiberpo_theory.core.gates import budget_clip, g_agg, logclip, symmetric_clip
+from fiberpo_theory.core.objectives import (
     fiberpo_domain_gated_ratio,
     fiberpo_gated_ratio,
     fiberpo_gated_residual_eq11,
@@ -45,7 +45,7 @@ def rng():
 
 @pytest.mark.parametrize("name", MODULES)
 def test_derivation_is_verified_and_printable(name):
-    from fiberpo_theory.latex import to_latex
+    from fiberpo_theory.symbolic.latex import to_latex
 
     d = derivation(name)
     assert d.verified, d.conclusion
@@ -285,7 +285,7 @@ def test_eq79_delta_matches_torch_and_does_not_decay():
 
 def test_prop52_derived_jacobian_matches_autograd_and_eq20_code():
     m = importlib.import_module("fiberpo_theory.proofs.prop52_jacobian")
-    from fiberpo_theory.objectives import fiberpo_jacobian
+    from fiberpo_theory.core.objectives import fiberpo_jacobian
 
     gen = rng()
     n = 0
@@ -324,7 +324,7 @@ def test_prop52_full_domain_value_lambdified_matches_torch():
 
 
 def test_e7_fgh_objects_match_torch_fiberpo_domain_and_fgh():
-    from fiberpo_theory.fgh import fiberpo_hierarchy_gated_ratio
+    from fiberpo_theory.hierarchy.fgh import fiberpo_hierarchy_gated_ratio
 
     m = importlib.import_module("fiberpo_theory.proofs.e7_fiberpo_domain")
     eps_s, cp_s, cn_s = m.EPS, m.C_POS, m.C_NEG

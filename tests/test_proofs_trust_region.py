@@ -8,7 +8,7 @@ import pytest
 import sympy as sp
 
 from fiberpo_theory import proofs
-from fiberpo_theory import trust_region as tr
+from fiberpo_theory.theory import trust_region as tr
 from fiberpo_theory.symbolic import Derivation, lambdify
 from fiberpo_theory.proofs import (
     _tr_common,

@@ -1,9 +1,9 @@
-"""The shared search strategies (fiberpo_theory.strategies): aimed batches stay finite at the extremes they aim for."""
+"""The shared search strategies (fiberpo_theory.theory.strategies): aimed batches stay finite at the extremes they aim for."""
 
 import math
 
 import pytest
-from fiberpo_theory import strategies as tools
+from fiberpo_theory.theory import strategies as tools
 
 
 def _scripted_draw(pattern, regime, theta):

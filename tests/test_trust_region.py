@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fiberpo_theory import objectives
-from fiberpo_theory import trust_region as tr
+from fiberpo_theory.core import objectives
+from fiberpo_theory.theory import trust_region as tr
 
 
 def small():

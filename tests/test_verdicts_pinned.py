@@ -38,7 +38,7 @@ def _same(a, b) -> bool:
 def fresh(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("verify") / "verdicts.json"
     run = subprocess.run(
-        [sys.executable, "-m", "fiberpo_theory.cli", "verify", "--profile", "quick", "--seed", "0", "--json", str(out)],
+        [sys.executable, "-m", "fiberpo_theory.tools.cli", "verify", "--profile", "quick", "--seed", "0", "--json", str(out)],
         cwd=tmp_path_factory.getbasetemp(), capture_output=True, text=True, timeout=600,
     )
     assert out.exists(), run.stderr[-2000:]

@@ -7,9 +7,10 @@ import textwrap
 import pytest
 
 from fiberpo_theory import checks
-from fiberpo_theory import claims, verify
-from fiberpo_theory.claims import Claim, Outcome, Profile
-from fiberpo_theory.cli import main
+from fiberpo_theory.theory import claims
+from fiberpo_theory.tools import verify
+from fiberpo_theory.theory.claims import Claim, Outcome, Profile
+from fiberpo_theory.tools.cli import main
 
 FAST_IDS = ["kl-bias", "prop-5.4"]  # in the order of verify.AUDITED_IDS
 KEYS = {"id", "paper_ref", "statement", "method", "verdict", "examples", "counterexample", "details", "seconds"}
@@ -147,7 +148,7 @@ def test_verify_loads_the_check_package_it_is_given(tmp_path, monkeypatch):
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "one.py").write_text(textwrap.dedent("""
-        from fiberpo_theory.claims import Outcome, claim
+        from fiberpo_theory.theory.claims import Outcome, claim
 
         @claim(id="zz-given-package", paper_ref="test", statement="s", method="property")
         def check(profile):

@@ -1,6 +1,6 @@
 """Clip baselines in Ratio Gating Formalism (paper Eq. 2): PPO, GRPO and GSPO (App. C.4-C.5).
 
-They share the flat token layout and the input checks of :mod:`fiberpo_theory.objectives`,
+They share the flat token layout and the input checks of :mod:`fiberpo_theory.core.objectives`,
 which re-exports them.  Besides the paper's symmetric clip they carry the
 variants trainers ship: an asymmetric clip ``[1 - eps_low, 1 + eps_high]``
 (DAPO's clip-higher), PPO's dual clip ``clip_ratio_c`` for negative advantages,

@@ -1,7 +1,7 @@
 """Regime labels and clip fractions to log during training.
 
 All functions take the ``FiberPOParts`` returned by
-:func:`fiberpo_theory.objectives.fiberpo_parts` (or ``fiberpo_domain_parts``),
+:func:`fiberpo_theory.core.objectives.fiberpo_parts` (or ``fiberpo_domain_parts``),
 so nothing is recomputed and nothing is re-derived.
 """
 

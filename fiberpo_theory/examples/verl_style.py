@@ -5,7 +5,7 @@ responses (trajectories).  Two gating maps with the audit signature
 ``fn(log_ratio[B, L], mask[B, L]) -> gated_ratio[B, L]``:
 
 * :func:`fiberpo_gating` delegates to this package (flat layout helper +
-  :func:`fiberpo_theory.objectives.fiberpo_gated_ratio`);
+  :func:`fiberpo_theory.core.objectives.fiberpo_gated_ratio`);
 * :func:`fiberpo_gating_torch_sign` is the kind of hand port that looks right
   and trains subtly wrong: it takes the sign label with ``torch.sign`` and
   splits channels with ``relu``.  Its values agree with FiberPO wherever no
@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import torch
 
-from fiberpo_theory.gates import g_agg, symmetric_clip
-from fiberpo_theory.layout import flatten_mask, to_padded
-from fiberpo_theory.losses import get_policy_loss_fn
-from fiberpo_theory.objectives import fiberpo_gated_ratio
+from fiberpo_theory.core.gates import g_agg, symmetric_clip
+from fiberpo_theory.core.layout import flatten_mask, to_padded
+from fiberpo_theory.core.losses import get_policy_loss_fn
+from fiberpo_theory.core.objectives import fiberpo_gated_ratio
 
 EPS, C_POS, C_NEG = 0.04, 0.12, 0.05  # the paper's Fig. 4 values, also the audit defaults
 

@@ -33,12 +33,12 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
-from . import _validate
-from . import hierarchy as hier
-from .distributed import global_segment_sums
-from .gates import g_agg, g_agg_regime, g_agg_thresholds, sign_split, symmetric_clip
-from .hierarchy import CompiledHierarchy, reflect, sum_children
-from .objectives import rgf_objective
+from ..core import _validate
+from . import structure as hier
+from ..core.distributed import global_segment_sums
+from ..core.gates import g_agg, g_agg_regime, g_agg_thresholds, sign_split, symmetric_clip
+from .structure import CompiledHierarchy, reflect, sum_children
+from ..core.objectives import rgf_objective
 
 __all__ = [
     "GateContext",
@@ -50,6 +50,8 @@ __all__ = [
     "recover",
     "AggregateGate",
     "FiberGate",
+    "trajectory_mass",
+    "mass_kernels",
     "FiberPOHierarchy",
     "fiberpo_fgh",
     "fiberpo_hierarchy_gated_ratio",
@@ -297,6 +299,49 @@ class FiberGate:
 # ---------------------------------------------------------------------------
 
 
+def trajectory_mass(
+    h: CompiledHierarchy, trajectory: int, dtype=torch.float64, length=None, trajectory_count=None
+) -> tuple[torch.Tensor, ...]:
+    """Mass of every element when each trajectory weighs 1 and its tokens 1/T_τ each.
+
+    Strata that coarsen the trajectory stratum get the integer trajectory
+    count |Tj(e)| (exact); the trajectory stratum gets 1; every other
+    stratum (turns between trajectory and token, or a branch directly above
+    the tokens) gets the sum of its tokens' 1/T_τ.  These are the masses
+    behind the kernels and gates of App. E.7.  ``length`` (T_τ per token) may
+    be passed when already computed; so may ``trajectory_count`` (|Tj(e)|
+    per stratum coarser than the trajectories, e.g. the global counts of
+    :func:`~fiberpo_theory.hierarchy.structure.global_counts` on data-parallel shards).
+    """
+    length = hier.trajectory_length(h, trajectory, dtype) if length is None else length
+    if trajectory_count is None:
+        trajectory_count = hier.global_counts(h, trajectory)[0]
+    token_mass = 1.0 / length
+    mass: list[torch.Tensor | None] = [None] * len(h.names)
+    mass[h.total] = token_mass
+    above = set(hier._coarsening_closure(h, trajectory))
+    for v in reversed(range(h.total)):
+        if v == trajectory:
+            mass[v] = torch.ones(h.sizes[v], dtype=dtype, device=h.device)
+        elif v in above:
+            mass[v] = trajectory_count[v].to(dtype)
+        else:
+            mass[v] = sum_children(mass[h.finer[v]], h.projection[v], h.sizes[v])
+    return tuple(mass)
+
+
+def mass_kernels(h: CompiledHierarchy, mass: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+    """K_v(c | p) = mass(c) / mass(p) for every stratum (App. E.7 K0, K1, K2 with trajectory mass).
+
+    Reflecting whenever each parent's mass is the sum of its children's,
+    which :func:`trajectory_mass` guarantees (exactly for integer counts).
+    """
+    kernels: list[torch.Tensor | None] = []
+    for v, f in enumerate(h.finer):
+        kernels.append(None if f < 0 else mass[f] / mass[v].index_select(0, h.projection[v]))
+    return tuple(kernels)
+
+
 @dataclass(frozen=True)
 class FiberPOHierarchy:
     """FiberPO as an FGH instance on any hierarchy (App. E.5.4 for one level, E.7 for three).
@@ -387,8 +432,8 @@ def fiberpo_fgh(
     shared = hier.shared_strata(h, traj, process_group)
     trajectory_count, token_count = hier.global_counts(h, traj, process_group)
     length = hier.trajectory_length(h, traj, dtype)  # T_τ: a trajectory lies on one rank
-    mass = hier.trajectory_mass(h, traj, dtype=dtype, length=length, trajectory_count=trajectory_count)
-    kernels = hier.mass_kernels(h, mass)
+    mass = trajectory_mass(h, traj, dtype=dtype, length=length, trajectory_count=trajectory_count)
+    kernels = mass_kernels(h, mass)
     gates: list[Gate] = []
     for v in range(h.total):
         budget = torch.tensor([pos[v], neg[v]], dtype=dtype, device=h.device)

@@ -35,9 +35,9 @@ from typing import Mapping, Sequence
 import networkx as nx
 import torch
 
-from . import _validate
-from .distributed import global_max, global_segment_sums
-from .segments import Segments, nested_segments, parent_of
+from ..core import _validate
+from ..core.distributed import global_max, global_segment_sums
+from ..core.segments import Segments, nested_segments, parent_of
 
 __all__ = [
     "CompiledHierarchy",
@@ -52,8 +52,6 @@ __all__ = [
     "uniform_kernel",
     "weighted_kernel",
     "trajectory_length",
-    "trajectory_mass",
-    "mass_kernels",
     "kernel_matrix",
     "projection_matrix",
     "reflecting_error",
@@ -482,37 +480,6 @@ def trajectory_length(h: CompiledHierarchy, trajectory: int, dtype=torch.float64
     return h.token_count[trajectory].to(dtype).index_select(0, compose(h, trajectory, h.total))
 
 
-def trajectory_mass(
-    h: CompiledHierarchy, trajectory: int, dtype=torch.float64, length=None, trajectory_count=None
-) -> tuple[torch.Tensor, ...]:
-    """Mass of every element when each trajectory weighs 1 and its tokens 1/T_τ each.
-
-    Strata that coarsen the trajectory stratum get the integer trajectory
-    count |Tj(e)| (exact); the trajectory stratum gets 1; every other
-    stratum (turns between trajectory and token, or a branch directly above
-    the tokens) gets the sum of its tokens' 1/T_τ.  These are the masses
-    behind the kernels and gates of App. E.7.  ``length`` (T_τ per token) may
-    be passed when already computed; so may ``trajectory_count`` (|Tj(e)|
-    per stratum coarser than the trajectories, e.g. the global counts of
-    :func:`global_counts` on data-parallel shards).
-    """
-    length = trajectory_length(h, trajectory, dtype) if length is None else length
-    if trajectory_count is None:
-        trajectory_count = global_counts(h, trajectory)[0]
-    token_mass = 1.0 / length
-    mass: list[torch.Tensor | None] = [None] * len(h.names)
-    mass[h.total] = token_mass
-    above = set(_coarsening_closure(h, trajectory))
-    for v in reversed(range(h.total)):
-        if v == trajectory:
-            mass[v] = torch.ones(h.sizes[v], dtype=dtype, device=h.device)
-        elif v in above:
-            mass[v] = trajectory_count[v].to(dtype)
-        else:
-            mass[v] = sum_children(mass[h.finer[v]], h.projection[v], h.sizes[v])
-    return tuple(mass)
-
-
 def _coarsening_closure(h: CompiledHierarchy, v: int) -> list[int]:
     """Strata strictly coarser than ``v`` (those whose finer-chain passes through ``v``)."""
     out = []
@@ -523,18 +490,6 @@ def _coarsening_closure(h: CompiledHierarchy, v: int) -> list[int]:
         if w == v and u != v:
             out.append(u)
     return out
-
-
-def mass_kernels(h: CompiledHierarchy, mass: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
-    """K_v(c | p) = mass(c) / mass(p) for every stratum (App. E.7 K0, K1, K2 with trajectory mass).
-
-    Reflecting whenever each parent's mass is the sum of its children's,
-    which :func:`trajectory_mass` guarantees (exactly for integer counts).
-    """
-    kernels: list[torch.Tensor | None] = []
-    for v, f in enumerate(h.finer):
-        kernels.append(None if f < 0 else mass[f] / mass[v].index_select(0, h.projection[v]))
-    return tuple(kernels)
 
 
 def kernel_matrix(h: CompiledHierarchy, v: int, kernel: torch.Tensor) -> torch.Tensor:

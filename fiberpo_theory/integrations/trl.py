@@ -10,8 +10,8 @@ TRL (generation, rewards, group-normalised advantages, buffering, logging)::
     trainer = FiberPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds)
 
 The loss is ``-J`` with ``J = Σ_i μ_i G(r)_i Â_i`` (paper Eq. 2), the gated
-ratio ``G`` from :mod:`fiberpo_theory.objectives` and μ from
-:func:`~fiberpo_theory.objectives.aggregation_weights`: TRL's ``loss_type="grpo"``
+ratio ``G`` from :mod:`fiberpo_theory.core.objectives` and μ from
+:func:`~fiberpo_theory.core.objectives.aggregation_weights`: TRL's ``loss_type="grpo"``
 is the trajectory μ = 1/(|Tj| T_τ) and ``"bnpo"`` the token μ = 1/N, each over
 one micro-batch, divided by the gradient-accumulation steps as TRL does.
 
@@ -46,8 +46,8 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from .. import baselines, diagnostics, objectives
-from ..layout import flatten_mask, to_flat
+from ..core import baselines, diagnostics, objectives
+from ..core.layout import flatten_mask, to_flat
 from ._common import require_whole_groups, string_ids
 
 __all__ = ["FiberPOConfig", "FiberPOTrainer", "prefix_state_ids", "METHODS"]

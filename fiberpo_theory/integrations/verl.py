@@ -68,8 +68,8 @@ import contextlib
 import torch
 from verl.trainer.ppo import core_algos
 
-from .. import baselines, diagnostics, objectives
-from ..losses import _padded
+from ..core import baselines, diagnostics, objectives
+from ..core.losses import _padded
 from ._common import require_whole_groups, string_ids
 
 __all__ = [

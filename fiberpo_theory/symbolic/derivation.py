@@ -2,7 +2,7 @@
 
 A proof module in ``proofs/`` exposes ``derive() -> Derivation``: a list of
 small SymPy steps, each an equation (or relation) with a short justification.
-``fiberpo_theory.latex`` prints any ``Derivation``; tests turn the symbolic
+``fiberpo_theory.symbolic.latex`` prints any ``Derivation``; tests turn the symbolic
 results into numbers with ``sympy.lambdify`` and compare them with the torch
 implementation.
 """
@@ -47,7 +47,7 @@ class Derivation:
 
 
 # ---------------------------------------------------------------------------
-# SymPy counterparts of the atomic gates (fiberpo_theory.gates).
+# SymPy counterparts of the atomic gates (fiberpo_theory.core.gates).
 #
 # Each gate is defined once, as a table of named branches ``(name, expr,
 # condition)`` read in order (the first branch whose condition holds wins, as

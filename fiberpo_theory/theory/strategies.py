@@ -27,7 +27,7 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from .segments import Segments
+from ..core.segments import Segments
 
 __all__ = [
     "use_profile",
@@ -266,8 +266,8 @@ def aimed_fgh_examples(
     With ``scalar_budgets`` one budget per channel serves every level, as in
     the closed forms of the objectives module.
     """
-    from . import fgh
-    from . import hierarchy as hier
+    from ..hierarchy import fgh
+    from .. import hierarchy as hier
 
     styles = styles or [s for s in LOG_RATIO_STYLES if s != "on-policy"]
     ex = draw(fgh_examples(min_depth=min_depth, max_depth=max_depth, max_tokens=max_tokens, styles=styles))

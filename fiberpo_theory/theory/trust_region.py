@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from scipy.optimize import linprog, minimize_scalar
 
-from . import _validate
-from .gates import budget_clip
-from .objectives import apc_obj_gated_ratio
+from ..core import _validate
+from ..core.gates import budget_clip
+from ..core.objectives import apc_obj_gated_ratio
 
 __all__ = [
     "TabularInstance",

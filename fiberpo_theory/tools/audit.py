@@ -12,7 +12,7 @@ concrete witness:
                         for 0 < |log r| <= h.
 ``block-diagonal``      no output of one row depends on another row (Property 5.3).
 ``finite-extremes``     ±50 log-ratios and 4096-token rows give finite outputs and gradients.
-``matches-reference``   agreement with :func:`fiberpo_theory.objectives.fiberpo_gated_ratio` at the given
+``matches-reference``   agreement with :func:`fiberpo_theory.core.objectives.fiberpo_gated_ratio` at the given
                         ε, C⁺, C⁻ (largest deviation and where).
 ``restorative-gradient`` some uniform drift beyond the budget C⁺ (resp. C⁻) where d G/d(drift) opposes
                         the drift, in both directions (the rollback regime of Eq. 10).
@@ -37,9 +37,9 @@ from typing import Any, Callable
 
 import torch
 
-from . import _validate
-from .layout import flatten_mask, to_padded
-from .objectives import fiberpo_gated_ratio
+from ..core import _validate
+from ..core.layout import flatten_mask, to_padded
+from ..core.objectives import fiberpo_gated_ratio
 
 PROPERTY_IDS = (
     "on-policy-identity",

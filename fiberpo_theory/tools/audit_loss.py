@@ -1,4 +1,4 @@
-"""Audit a verl-signature policy loss from its gradients, the loss-level sibling of :mod:`fiberpo_theory.audit`.
+"""Audit a verl-signature policy loss from its gradients, the loss-level sibling of :mod:`fiberpo_theory.tools.audit`.
 
 The loss under audit is called exactly as verl's actor calls a registered policy loss::
 

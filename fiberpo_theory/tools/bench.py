@@ -37,11 +37,11 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from . import objectives as obj
+from ..core import objectives as obj
 from .cli_types import positive_int, torch_device
-from .fgh import fiberpo_hierarchy_gated_ratio
-from .losses import POLICY_LOSSES
-from .segments import Segments, segments_for
+from ..hierarchy.fgh import fiberpo_hierarchy_gated_ratio
+from ..core.losses import POLICY_LOSSES
+from ..core.segments import Segments, segments_for
 
 EPS, C_POS, C_NEG, DELTA = 0.2, 0.12, 0.05, 0.1
 FIBER = dict(eps=EPS, c_pos=C_POS, c_neg=C_NEG)

@@ -16,12 +16,12 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "verify": ("fiberpo_theory.verify", "run every claim check and print the verdict table"),
-    "derive": ("fiberpo_theory.derive", "write the SymPy derivations as LaTeX"),
-    "audit": ("fiberpo_theory.audit", "check a third-party gating map MODULE:FUNCTION"),
-    "audit-loss": ("fiberpo_theory.audit_loss", "check a verl-signature policy loss MODULE:FUNCTION (or verl's whole registry)"),
-    "figures": ("fiberpo_theory.figures", "render the paper's figures with matplotlib"),
-    "bench": ("fiberpo_theory.bench", "time and measure memory of every objective"),
+    "verify": ("fiberpo_theory.tools.verify", "run every claim check and print the verdict table"),
+    "derive": ("fiberpo_theory.tools.derive", "write the SymPy derivations as LaTeX"),
+    "audit": ("fiberpo_theory.tools.audit", "check a third-party gating map MODULE:FUNCTION"),
+    "audit-loss": ("fiberpo_theory.tools.audit_loss", "check a verl-signature policy loss MODULE:FUNCTION (or verl's whole registry)"),
+    "figures": ("fiberpo_theory.tools.figures", "render the paper's figures with matplotlib"),
+    "bench": ("fiberpo_theory.tools.bench", "time and measure memory of every objective"),
 }
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .cli_types import output_dir
-from .latex import master_document, slug, to_latex
-from .symbolic import Derivation
+from ..symbolic.latex import master_document, slug, to_latex
+from ..symbolic import Derivation
 
 DEFAULT_OUT = "docs/derivations"
 

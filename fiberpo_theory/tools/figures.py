@@ -3,9 +3,9 @@
 Each figure has a pure *data* function, returning a frozen dataclass of numpy
 arrays, and a separate *plot* function that only draws that data.  The data
 functions never re-derive a formula: every base weight, gate value, fiber
-residual and regime label comes from :mod:`fiberpo_theory.gates`,
-:func:`fiberpo_theory.objectives.fiberpo_parts`, the baselines of
-:mod:`fiberpo_theory.objectives` and :mod:`fiberpo_theory.diagnostics`.  The
+residual and regime label comes from :mod:`fiberpo_theory.core.gates`,
+:func:`fiberpo_theory.core.objectives.fiberpo_parts`, the baselines of
+:mod:`fiberpo_theory.core.objectives` and :mod:`fiberpo_theory.core.diagnostics`.  The
 tests check these arrays (regime boundaries, marker positions, objective
 values), not pixels.
 
@@ -34,9 +34,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import diagnostics
-from .gates import PASS, ROLLBACK, ZEROED, g_agg, g_agg_thresholds, symmetric_clip
-from .objectives import aggregation_weights, fiberpo_parts, grpo_gated_ratio, rgf_objective
+from ..core import diagnostics
+from ..core.gates import PASS, ROLLBACK, ZEROED, g_agg, g_agg_thresholds, symmetric_clip
+from ..core.objectives import aggregation_weights, fiberpo_parts, grpo_gated_ratio, rgf_objective
 
 __all__ = [
     "GateCurves",
@@ -176,7 +176,7 @@ def base_weight_map(
 
     Every cell is a two-token trajectory (see ``_channel_trajectories``) run
     through :func:`fiberpo_parts` with the given k; regimes come from
-    :mod:`fiberpo_theory.diagnostics`.
+    :mod:`fiberpo_theory.core.diagnostics`.
     """
     p = torch.linspace(0.0, p_max, num, dtype=DTYPE)
     n = torch.linspace(0.0, n_max, max(2, int(round(num * n_max / p_max))), dtype=DTYPE)

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import claims
-from .claims import Claim, ClaimReport, Profile, run_claim
+from ..theory import claims
+from ..theory.claims import Claim, ClaimReport, Profile, run_claim
 from .cli_types import nonnegative_int, positive_int
 
 # The audited claims of the paper, in reading order.  Kept here so that an id nobody registered is still reported.
