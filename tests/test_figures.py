@@ -8,32 +8,36 @@ objective's limits (linear surrogate in L-I ∩ G-I, fiber-only baseline in
 G-III).  Independent references are computed here with numpy.
 """
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
+from fiberpo_theory.tools import figure_data as D
 from fiberpo_theory.tools import figures as F
 from fiberpo_theory.tools.cli import main
 from fiberpo_theory.core.gates import PASS, ROLLBACK, ZEROED, g_agg
 from fiberpo_theory.core.objectives import fiberpo_parts
 
-GLOBAL = F.GLOBAL_REGIMES
-LOCAL = F.LOCAL_REGIMES
+GLOBAL = D.GLOBAL_REGIMES
+LOCAL = D.LOCAL_REGIMES
 
 
 @pytest.fixture(scope="module")
 def drift():
-    return F.drift_data(num=801, heatmap_num=101)
+    return D.drift_data(num=801, heatmap_num=101)
 
 
 @pytest.fixture(scope="module")
 def base_map():
-    return F.base_weight_map(num=201)
+    return D.base_weight_map(num=201)
 
 
 @pytest.fixture(scope="module")
 def simplex():
-    return F.simplex_map(num=161)
+    return D.simplex_map(num=161)
 
 
 def _np_channels(r):
@@ -64,7 +68,7 @@ def _np_global(rp, rn):
 
 
 def test_gate_curves_have_kinks_at_c_and_zeroing_threshold():
-    curves = F.gate_curves(c=0.15, k_values=(1, 2, 3, 8, 32))
+    curves = D.gate_curves(c=0.15, k_values=(1, 2, 3, 8, 32))
     x = curves.x
     for k, y in zip(curves.k_values, curves.values):
         c_star = (1 + 1 / k) * 0.15
@@ -137,10 +141,10 @@ def test_simplex_points_are_positive_ratios_with_mean_one(simplex):
     np.testing.assert_allclose(r.mean(axis=1), 1.0, atol=1e-12)
     assert np.all(r > 0)
     assert np.all(np.isnan(simplex.ratios[~simplex.inside]))
-    np.testing.assert_allclose(F.simplex_to_ratios(simplex.vertices), 3.0 * np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(D.simplex_to_ratios(simplex.vertices), 3.0 * np.eye(3), atol=1e-12)
     # isometric: plane distances are ratio-space distances
     a, b = r[0], r[-1]
-    assert np.linalg.norm(F.ratios_to_simplex(a) - F.ratios_to_simplex(b)) == pytest.approx(np.linalg.norm(a - b))
+    assert np.linalg.norm(D.ratios_to_simplex(a) - D.ratios_to_simplex(b)) == pytest.approx(np.linalg.norm(a - b))
 
 
 def test_simplex_regimes_match_an_independent_computation(simplex):
@@ -163,7 +167,7 @@ def test_simplex_regimes_match_an_independent_computation(simplex):
 
 
 def test_simplex_centroid_is_l1_g1_and_negative_channel_dominates():
-    zoom = F.simplex_map(half_width=0.54, num=81)
+    zoom = D.simplex_map(half_width=0.54, num=81)
     c = 40  # odd grid, symmetric around the centroid
     assert zoom.x[c] == 0.0 and zoom.y[c] == 0.0
     assert LOCAL[zoom.local_regime[c, c]] == "L-I" and GLOBAL[zoom.global_regime[c, c]] == "G-I"
@@ -175,12 +179,12 @@ def test_simplex_centroid_is_l1_g1_and_negative_channel_dominates():
 
 
 def test_simplex_labels_sit_in_their_regions(simplex):
-    zoom = F.simplex_map(half_width=0.54, num=41)
+    zoom = D.simplex_map(half_width=0.54, num=41)
     for m, names, field in ((simplex, GLOBAL, "global_regime"), (zoom, LOCAL, "local_regime")):
         assert [text for _, _, text in m.labels] == list(names)
         pts = np.array([(px, py) for px, py, _ in m.labels])
-        r = torch.as_tensor(F.simplex_to_ratios(pts), dtype=torch.float64)
-        codes = F._simplex_fields(r, eps=m.eps, c_pos=m.c_pos, c_neg=m.c_neg, k=m.k)[field]
+        r = torch.as_tensor(D.simplex_to_ratios(pts), dtype=torch.float64)
+        codes = D._simplex_fields(r, eps=m.eps, c_pos=m.c_pos, c_neg=m.c_neg, k=m.k)[field]
         assert codes.tolist() == list(range(len(names)))
 
 
@@ -193,7 +197,7 @@ def _parts_at(d, t):
 
 
 def test_drift_direction_is_seeded_and_sign_aligned(drift):
-    delta, adv = F.drift_direction()
+    delta, adv = D.drift_direction()
     np.testing.assert_array_equal(delta.numpy(), drift.delta)
     assert drift.delta.shape == (10,)
     assert np.all(np.sign(drift.delta) == np.sign(drift.advantages))
@@ -300,3 +304,11 @@ def test_cli_writes_png_and_pdf_of_every_figure(tmp_path):
         png, pdf = (out / f"{name}.png").read_bytes(), (out / f"{name}.pdf").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
         assert pdf[:5] == b"%PDF-" and len(pdf) > 5000
+
+
+def test_figure_data_computes_without_matplotlib():
+    # The data module is what other code (and these tests) check; it must not pull in the plotting stack.
+    code = ("import sys; from fiberpo_theory.tools import figure_data as D; D.gate_curves(num=11); "
+            "print('matplotlib' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
