@@ -39,7 +39,7 @@ def channel_means(x: torch.Tensor, traj: Segments) -> torch.Tensor:
     """``(M, 2)`` per-trajectory means of max(x, 0) and max(-x, 0): log s⁺_τ and log s⁻_τ (Eq. 9).
 
     Two 1-D segment sums (no stacked token-length temporary) of the same
-    values :func:`fiberpo_theory.gates.sign_split` gives the autograd
+    values :func:`fiberpo_theory.core.gates.sign_split` gives the autograd
     reference, so both round alike and agree on which regime a trajectory is in.
     """
     count = traj.count.to(x.dtype)

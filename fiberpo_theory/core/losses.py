@@ -194,7 +194,7 @@ def fiberpo_domain_loss(
     """FiberPO-Domain (Eq. 30-33); ``group_ids`` and ``domain_ids`` are ``(B,)`` per row.
 
     ``process_group`` all-reduces the group and domain aggregates across
-    data-parallel ranks (see :mod:`fiberpo_theory.distributed`); the μ weights
+    data-parallel ranks (see :mod:`fiberpo_theory.core.distributed`); the μ weights
     of ``loss_agg_mode`` and the metrics stay per rank, as in any DDP loss.
     """
     batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)

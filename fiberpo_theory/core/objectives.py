@@ -98,7 +98,7 @@ def _fiber_gate(x, sign, log_s_pos, log_s_neg, eps):
     """l·u, l·v (Eq. 14, 15) and log r̃^fiber = clip(l u, ε) - clip(l v, ε) (Eq. 16).
 
     l·u = x - l·log s^(l) and l·v = -l·log s^(-l), the channel picked by l.
-    Written exactly as the fused gate (:mod:`fiberpo_theory.fused`) computes
+    Written exactly as the fused gate (:mod:`fiberpo_theory.core.fused`) computes
     them, so the two agree bit for bit on which side of ±ε a token lies,
     also where the search puts it on the kink.
     """
@@ -138,7 +138,7 @@ def fiberpo_parts(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None) -> FiberPOPa
     Base weight (Eq. 8): ``log w_τ = g_agg(log s⁺_τ, C⁺, k) - g_agg(log s⁻_τ, C⁻, k)``
     with ``k = T_τ`` unless given.  Gated residual: Eq. 16.  This is the
     reference the fused :func:`fiberpo_gated_ratio` is tested against.
-    ``traj_id``: ``(N,)`` ids, or ready ``Segments`` (see :mod:`fiberpo_theory.segments`).
+    ``traj_id``: ``(N,)`` ids, or ready ``Segments`` (see :mod:`fiberpo_theory.core.segments`).
     """
     x, traj, eps, log_base_fn = _fiberpo_inputs(log_ratio, traj_id, eps, c_pos, c_neg, k)
     sign, channels = _trajectory_channels(x, traj)
@@ -148,7 +148,7 @@ def fiberpo_parts(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None) -> FiberPOPa
 def fiberpo_gated_ratio(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None) -> torch.Tensor:
     """FiberPO gated ratio G(r)_i = w_τ^base · r̃_i^fiber (Eq. 7, objective Eq. 6 / 80).
 
-    Computed by the fused gate of :mod:`fiberpo_theory.fused` (closed-form
+    Computed by the fused gate of :mod:`fiberpo_theory.core.fused` (closed-form
     backward, Eq. 20); equal to ``fiberpo_parts(...).gated_ratio`` and its
     autograd gradient.
 
@@ -202,7 +202,7 @@ def _domain_levels(x, traj_id, group_id, domain_id) -> _Levels:
     """The local trajectory → group → domain structure and its counts (this rank's tokens only).
 
     Only the trajectory ids are indexed per token; group and domain are
-    indexed over the trajectories (:func:`~fiberpo_theory.segments.nested_segments`,
+    indexed over the trajectories (:func:`~fiberpo_theory.core.segments.nested_segments`,
     the same indexing the FGH operator's chain hierarchies use).
     """
     traj = segments_for("traj_id", traj_id, x)
@@ -227,7 +227,7 @@ def fiberpo_domain_parts(
     With a ``process_group`` the inputs are this rank's shard of a
     data-parallel batch: the group and domain sums of log s_τ^(l), their
     trajectory counts and token counts are summed over the ranks by group /
-    domain id (:func:`fiberpo_theory.distributed.global_segment_sums`), so the
+    domain id (:func:`fiberpo_theory.core.distributed.global_segment_sums`), so the
     result equals the single-process one on the concatenated batch.  Each
     trajectory must lie on one rank (trajectory ids are only compared within
     a rank); a group must belong to the same domain on every rank (checked).
@@ -287,7 +287,7 @@ def fiberpo_domain_gated_ratio(
     Trajectories must nest in prompt groups and groups in domains; ids that
     do not nest raise ``ValueError``.  ``process_group``: see
     :func:`fiberpo_domain_parts` (data-parallel shards; ``None`` = one process).
-    Computed by the fused gate of :mod:`fiberpo_theory.fused` (closed-form
+    Computed by the fused gate of :mod:`fiberpo_theory.core.fused` (closed-form
     token-level backward); equal to ``fiberpo_domain_parts(...).gated_ratio``.
     """
     x, lv, eps, log_base_fn = _domain_inputs(log_ratio, traj_id, group_id, domain_id, eps, c_pos, c_neg, process_group)

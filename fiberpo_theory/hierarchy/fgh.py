@@ -22,7 +22,7 @@ sums completed over the ranks, once per stratum, before anything divides by
 them; everything else (reflections, gates, the way back to the tokens) is
 per element and needs no communication.  The result equals the
 single-process one on the concatenated batch.  Assumptions: those of
-:mod:`fiberpo_theory.distributed` (trajectories on one rank, global ids
+:mod:`fiberpo_theory.core.distributed` (trajectories on one rank, global ids
 above them, the same collectives on every rank).
 """
 
@@ -230,7 +230,7 @@ class FGH:
 def decompose(log_ratio: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
     """F(r)_{i,l} = 1[l_i = l] l_i log r_i / T_τ (App. E.7 item 4), as an ``(N, 2)`` density.
 
-    The split is :func:`~fiberpo_theory.gates.sign_split`, the one the
+    The split is :func:`~fiberpo_theory.core.gates.sign_split`, the one the
     closed-form FiberPO uses: a token at exactly ``r = 1`` carries derivative
     ``1/T_τ`` in its positive channel, which is what makes ``R ∘ G ∘ F`` have
     identity Jacobian there.  ``length`` is ``T_τ`` per token.
@@ -286,7 +286,7 @@ class FiberGate:
         return residual / self.mass.unsqueeze(1)
 
     def regime(self, residual: torch.Tensor) -> torch.Tensor:
-        """0 where the clip passes, 2 where it is active (codes of :mod:`~fiberpo_theory.gates`)."""
+        """0 where the clip passes, 2 where it is active (codes of :mod:`~fiberpo_theory.core.gates`)."""
         clipped = self.normalised(residual).abs() > self.eps
         return torch.where(clipped, 2, 0)
 
@@ -461,7 +461,7 @@ def fiberpo_hierarchy_gated_ratio(log_ratio, level_ids, *, eps, c_pos, c_neg, pr
     trajectory counts and token counts are summed over the ranks by id.
     Every trajectory must lie on one rank (trajectory ids are only compared
     within a rank); the ids of the levels above are global and must nest
-    globally (checked).  See :mod:`fiberpo_theory.distributed`.
+    globally (checked).  See :mod:`fiberpo_theory.core.distributed`.
     """
     x = _validate.flat_values("log_ratio", log_ratio)
     h = hier.from_ids(level_ids, like=x)

@@ -13,7 +13,7 @@ Two forms describe the same object and are tested to agree:
 
 * :class:`CompiledHierarchy` holds tensors (one projection index per stratum,
   token counts).  It is built from per-token id columns with ``torch.unique``
-  and :func:`~fiberpo_theory.segments.parent_of`, and is what the FGH
+  and :func:`~fiberpo_theory.core.segments.parent_of`, and is what the FGH
   operator uses on the hot path.
 * a NetworkX ``DiGraph`` (:func:`to_graph`, :func:`from_graph`): one node per
   element, labelled with its stratum, one edge from each element to its
@@ -174,7 +174,7 @@ def _columns(level_ids, like: torch.Tensor | None, like_name: str) -> list[torch
 
 def _nested_segments(cols: list[torch.Tensor], names: list[str]) -> tuple[list[Segments], list[torch.Tensor | None]]:
     """Dense indexing of every level and the projection of each level onto the one above (see
-    :func:`~fiberpo_theory.segments.nested_segments`, shared with FiberPO-Domain's closed form)."""
+    :func:`~fiberpo_theory.core.segments.nested_segments`, shared with FiberPO-Domain's closed form)."""
     labels = [f"{name} (level_ids[{k}])" for k, name in enumerate(names[: len(cols)])]
     return nested_segments(cols[:-1], Segments.from_ids(cols[-1]), labels)
 
@@ -560,7 +560,7 @@ def check_reflecting(
 
 
 # ---------------------------------------------------------------------------
-# Data-parallel shards (torch.distributed; assumptions in fiberpo_theory.distributed)
+# Data-parallel shards (torch.distributed; assumptions in fiberpo_theory.core.distributed)
 # ---------------------------------------------------------------------------
 
 
@@ -597,7 +597,7 @@ def global_stratum_sums(h: CompiledHierarchy, v: int, *values, process_group=Non
     tokens only.  With ``check_nesting`` it is also checked that every
     element has the same image in each stratum coarsening ``v`` on every
     rank (a ``ValueError`` on all ranks otherwise).  ``process_group=None``:
-    ``values`` unchanged.  See :func:`fiberpo_theory.distributed.global_segment_sums`.
+    ``values`` unchanged.  See :func:`fiberpo_theory.core.distributed.global_segment_sums`.
     """
     ids, name = h.ids[v], h.names[v]
     coarser = h.coarser[v] if check_nesting else ()
