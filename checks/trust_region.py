@@ -199,6 +199,16 @@ def _dyadic_delta(draw, consumed: int, count: int, denominator: int) -> tuple[in
     return draw(st.integers(1, 2 * denominator)), "δ free"
 
 
+def _derived_search(proof: str, profile: Profile, cases, prop, *, salt: int, evidence: Callable) -> Outcome:
+    """Search ``prop`` over ``cases`` and decide it against the derivation ``proof`` of ``proofs/``.
+
+    The details open with the derivation's note; ``evidence(result)`` words what the search compared.  It is
+    called after the search, so counts the property gathered while it ran are complete.
+    """
+    result = search(profile, cases, prop, salt=salt)
+    return from_search(result, proof_note(proof) + evidence(result), proved=load_derivation(proof).verified)
+
+
 # ---------------------------------------------------------------------------
 # thm-2.1
 # ---------------------------------------------------------------------------
@@ -258,7 +268,6 @@ def _closed_form_state_values(inst: tr.TabularInstance) -> np.ndarray:
        "The discount-weighted average M of the per-sample unit-TV LP values M(s)/T_s never exceeds the largest "
        "absolute advantage ‖Â‖∞.")
 def check_lemma_d2(profile: Profile, *, state_values: Callable = tr.state_values) -> Outcome:
-    derivation = load_derivation("tr_bound_m")
     worst = [0.0]
 
     def prop(example):
@@ -278,9 +287,9 @@ def check_lemma_d2(profile: Profile, *, state_values: Callable = tr.state_values
             labels.add("equality M = ‖Â‖∞")
         return labels
 
-    result = search(profile, hypothesis_instances(), prop, salt=2)
-    details = f"{proof_note('tr_bound_m')}; {result.examples} Hypothesis instances; largest M/‖Â‖∞ seen {worst[0]:.12g}."
-    return from_search(result, details, proved=derivation.verified)
+    return _derived_search("tr_bound_m", profile, hypothesis_instances(), prop, salt=2, evidence=lambda result: (
+        f"; {result.examples} Hypothesis instances; largest M/‖Â‖∞ seen {worst[0]:.12g}."
+    ))
 
 
 # ---------------------------------------------------------------------------
@@ -569,7 +578,6 @@ def _instance_with_deviation(draw):
        "Regrouping APC-Obj's token terms by state-action pair and subtracting the centring correction C(Δ)_s "
        "(Eq. 73-74) leaves the objective unchanged when advantages are centred per state.")
 def check_lemma_d6(profile: Profile, *, surrogate: Callable = tr.apc_obj_surrogate, gate: Callable = objectives.apc_obj_gated_ratio) -> Outcome:
-    derivation = load_derivation("tr_objective_equivalence")
     largest = [0.0]
 
     def prop(example):
@@ -586,13 +594,11 @@ def check_lemma_d6(profile: Profile, *, surrogate: Callable = tr.apc_obj_surroga
         over = correction > 1e-15
         return set(kinds) | {delta_mode, "C(Δ) ≠ 0 (some state over budget)" if over else "C(Δ) = 0", "γ<1" if inst.gamma < 1 else "γ=1"}
 
-    result = search(profile, _instance_with_deviation(), prop, salt=6)
-    details = (
-        f"{proof_note('tr_objective_equivalence')} (difference -C(Δ)_s Σ n Â, zero under Eq. 66); "
+    return _derived_search("tr_objective_equivalence", profile, _instance_with_deviation(), prop, salt=6, evidence=lambda result: (
+        " (difference -C(Δ)_s Σ n Â, zero under Eq. 66); "
         f"{result.examples} Hypothesis cases compared Eq. 73 with the token-level Eq. 57 built from the core gate and "
         f"rgf_objective; largest relative gap {largest[0]:.3g}."
-    )
-    return from_search(result, details, proved=derivation.verified)
+    ))
 
 
 # ---------------------------------------------------------------------------
@@ -627,7 +633,6 @@ def _gate_case(draw):
        "zeroed when the other tokens alone use up the budget (|Δ|/T_s <= D̂TV - δ), and rolled back to a smaller "
        "non-zero deviation otherwise.")
 def check_eq_61_63(profile: Profile, *, gate: Callable = objectives.apc_obj_gated_ratio) -> Outcome:
-    derivation = load_derivation("tr_regimes")
 
     def prop(case):
         state, counts, z, denominator, m, label = case
@@ -667,14 +672,12 @@ def check_eq_61_63(profile: Profile, *, gate: Callable = objectives.apc_obj_gate
             labels.add("repeated actions")
         return labels
 
-    result = search(profile, _gate_case(), prop, salt=61)
-    details = (
-        f"{proof_note('tr_regimes')} (P: D̂TV <= δ; R: δ < D̂TV < δ + |Δ|/T_s; Z: D̂TV >= δ + |Δ|/T_s; "
+    return _derived_search("tr_regimes", profile, _gate_case(), prop, salt=61, evidence=lambda result: (
+        " (P: D̂TV <= δ; R: δ < D̂TV < δ + |Δ|/T_s; Z: D̂TV >= δ + |Δ|/T_s; "
         f"a partition for Δ ≠ 0); {result.examples} Hypothesis cases with dyadic ratios (exact float64), every token's "
         "gate output checked against the regime its conditions predict, including the rolled-back size (B) - (C1). "
         "At Δ = 0 a token of an over-budget state is put in Z by the conditions; its output 0 is also the identity."
-    )
-    return from_search(result, details, proved=derivation.verified)
+    ))
 
 
 # ---------------------------------------------------------------------------
@@ -895,19 +898,16 @@ def check_lemma_d11(profile: Profile, *, delta_apc: Callable = tr.delta_apc_obj,
             labels.add("δ^(APC-Obj) differs from Eq. 72's formula")
         return labels
 
-    result = search(profile, hypothesis_instances(), prop, salt=11)
-    details = (
-        f"{proof_note('tr_lemma_d11')} (δ^(TRPO) - δ^(APC-Obj) = (1-γ)(‖Â‖∞ - M)/(8γ‖Â‖∞); the printed "
+    return _derived_search("tr_lemma_d11", profile, hypothesis_instances(), prop, salt=11, evidence=lambda result: (
+        " (δ^(TRPO) - δ^(APC-Obj) = (1-γ)(‖Â‖∞ - M)/(8γ‖Â‖∞); the printed "
         f"Def. 3.2 radius is Eq. 72's times (1-γ)/T); {result.examples} Hypothesis instances compared both radii "
         "(LP values of M) with δ^(TRPO)."
-    )
-    return from_search(result, details, proved=derivation.verified)
+    ))
 
 
 @claim("lemma-d.12", "Lemma D.12, Lemma B.2", "lp",
        "The TV-TRPO and APC-Obj updates keep every sampled state's TV within the TRPO radius (1-γ)/(8γ).")
 def check_lemma_d12(profile: Profile, *, trpo_maximizer: Callable = tr.tv_trpo_maximizer, apc_maximizer: Callable = tr.apc_obj_maximizer) -> Outcome:
-    derivation = load_derivation("tr_lemma_d12")
     subset = [0]
     ratios: list[float] = []  # Eq. 34's TV over Eq. 39's D̂TV, with π_old(a|s) read off as n_{s,a}/T_s
 
@@ -935,18 +935,20 @@ def check_lemma_d12(profile: Profile, *, trpo_maximizer: Callable = tr.tv_trpo_m
             labels.add("on the boundary (M = ‖Â‖∞)")
         return labels
 
-    result = search(profile, hypothesis_instances(), prop, salt=12)
-    details = (
-        f"{proof_note('tr_lemma_d12')}; {result.examples} Hypothesis instances: the closed-form "
-        f"TV-TRPO and APC-Obj maximizers, and on {subset[0]} of them the numeric TV-TRPO maximizer over valid ratios "
-        "(r >= 1e-6), compared with δ^(TRPO). The paper's D^max_TV over all states equals this sample max only "
-        "under App. D.1's assumption that the sample estimates are exact; unsampled states are not constrained."
-    )
-    if ratios:
-        details += (
-            f" Reading π_old(a|s) as n_sa/T_s, Eq. 34's TV of the TV-TRPO update over Eq. 39's D̂TV ranged over "
-            f"[{min(ratios):.6g}, {max(ratios):.6g}] on {len(ratios)} states: Eq. 39 omits the ½ of Eq. 34/37, so D̂TV "
-            "is twice the TV it estimates and the bound holds with room to spare (true TV = t*/2)."
+    def evidence(result):
+        details = (
+            f"; {result.examples} Hypothesis instances: the closed-form "
+            f"TV-TRPO and APC-Obj maximizers, and on {subset[0]} of them the numeric TV-TRPO maximizer over valid ratios "
+            "(r >= 1e-6), compared with δ^(TRPO). The paper's D^max_TV over all states equals this sample max only "
+            "under App. D.1's assumption that the sample estimates are exact; unsampled states are not constrained."
         )
-    return from_search(result, details, proved=derivation.verified)
+        if ratios:
+            details += (
+                f" Reading π_old(a|s) as n_sa/T_s, Eq. 34's TV of the TV-TRPO update over Eq. 39's D̂TV ranged over "
+                f"[{min(ratios):.6g}, {max(ratios):.6g}] on {len(ratios)} states: Eq. 39 omits the ½ of Eq. 34/37, so D̂TV "
+                "is twice the TV it estimates and the bound holds with room to spare (true TV = t*/2)."
+            )
+        return details
+
+    return _derived_search("tr_lemma_d12", profile, hypothesis_instances(), prop, salt=12, evidence=evidence)
 
