@@ -21,6 +21,7 @@ import torch
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 
+from fiberpo_theory.core._threads import single_thread
 from fiberpo_theory.theory.claims import Profile
 
 
@@ -114,22 +115,6 @@ def _without_local_constants():
     finally:
         providers._get_local_constants = original
         cache.cache.clear()
-
-
-@contextmanager
-def single_thread():
-    """Run tiny tensor ops on one intra-op thread.
-
-    The instances are a few hundred tokens; with a contended CPU the thread
-    pool's hand-off costs ~100x the arithmetic (measured: 0.7 ms vs 10 µs for
-    a 4x4 log_softmax), which would blow the quick profile's time budget.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def secondary_budget(profile: Profile, fraction: float = 0.5) -> int:

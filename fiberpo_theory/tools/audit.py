@@ -26,7 +26,6 @@ Use in a test suite::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 import math
@@ -38,6 +37,7 @@ from typing import Any, Callable
 import torch
 
 from ..core import _validate
+from ..core._threads import single_thread
 from ..core.layout import flatten_mask, to_padded
 from ..core.objectives import fiberpo_gated_ratio
 
@@ -441,17 +441,6 @@ def audit(
     with single_thread():
         _run_properties(fn, hyper, seed, max_examples, dtype, report)
     return report
-
-
-@contextlib.contextmanager
-def single_thread():
-    """Tiny tensors: the thread pool's hand-off would dominate on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run_properties(fn, hyper, seed, max_examples, dtype, report) -> None:
