@@ -34,20 +34,13 @@ def config(rollout_n=2, policy_keys=FIBERPO_KEYS, **overrides):
     return c
 
 
-def batch(seed=0, empty_row=False):
-    gen = torch.Generator().manual_seed(seed)
-    old = torch.randn(B, L, generator=gen, dtype=torch.float64)
-    new = old + 0.3 * torch.randn(B, L, generator=gen, dtype=torch.float64)
-    adv = torch.randn(B, L, generator=gen, dtype=torch.float64)
-    mask = torch.ones(B, L)
-    mask[0, 3:] = 0
-    mask[4, 5:] = 0
-    if empty_row:
-        mask[3, :] = 0
-    pad = mask == 0
-    new = torch.where(pad, 40 * torch.randn(B, L, generator=gen, dtype=torch.float64), new)
-    adv = torch.where(pad, 40 * torch.randn(B, L, generator=gen, dtype=torch.float64), adv)
-    return old, new, adv, mask
+@pytest.fixture
+def batch(padded_batch_of):
+    """6 rows of 7 (one of 3 response tokens, one of 5), junk in the padding; ``empty_row``: row 3 has none."""
+    def make(seed=0, empty_row=False):
+        lengths = {0: 3, 4: 5, **({3: 0} if empty_row else {})}
+        return padded_batch_of(B, L, lengths=lengths, seed=seed, junk_padding=True)
+    return make
 
 
 def loss_and_grad(fn, old, new, adv, mask, **kwargs):
@@ -68,7 +61,7 @@ def test_register_puts_every_loss_into_verls_registry():
 @pytest.mark.parametrize("overrides", [{}, dict(clip_ratio_low=0.1, clip_ratio_high=0.28, clip_ratio_c=2.0,
                                                  global_batch_info=dict(dp_size=2, global_batch_size=9,
                                                                         batch_num_tokens=50))])
-def test_baselines_equal_verls_own_losses(mode, ours, theirs, overrides):
+def test_baselines_equal_verls_own_losses(mode, ours, theirs, overrides, batch):
     c = config(**overrides)
     old, new, adv, mask = batch(seed=3, empty_row=True)
     new = new.clone()
@@ -84,7 +77,7 @@ def test_baselines_equal_verls_own_losses(mode, ours, theirs, overrides):
         assert metrics[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
 
 
-def test_rollout_is_weights_scale_the_token_loss():
+def test_rollout_is_weights_scale_the_token_loss(batch):
     c = config()
     old, new, adv, mask = batch()
     w = torch.rand(B, L, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -98,7 +91,7 @@ def test_rollout_is_weights_scale_the_token_loss():
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 @pytest.mark.parametrize("name", ["fiberpo", "fiberpo_domain", "apc_obj"])
-def test_fiberpo_losses_equal_the_package_registry(mode, name):
+def test_fiberpo_losses_equal_the_package_registry(mode, name, batch):
     c = config(policy_keys=dict(FIBERPO_KEYS, apc_delta=0.1))
     old, new, adv, mask = batch()
     uid = ["p0", "p0", "p1", "p1", "p2", "p2"]
@@ -115,7 +108,7 @@ def test_fiberpo_losses_equal_the_package_registry(mode, name):
     assert {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"} <= set(metrics)
 
 
-def test_fiberpo_on_policy_is_the_policy_gradient():
+def test_fiberpo_on_policy_is_the_policy_gradient(batch):
     """At r = 1 the gate is the identity, so the loss is -Σ μ Â and its gradient -μ Â (Eq. 2)."""
     c = config()
     old, _, adv, mask = batch()
@@ -125,7 +118,7 @@ def test_fiberpo_on_policy_is_the_policy_gradient():
     assert torch.allclose(grad, -adv * mask / n)
 
 
-def test_empty_rows_follow_verl():
+def test_empty_rows_follow_verl(batch):
     c = config()
     old, new, adv, mask = batch(empty_row=True)
     keep = mask.any(1)
@@ -135,7 +128,7 @@ def test_empty_rows_follow_verl():
         assert torch.allclose(full, dropped), mode  # verl leaves fully masked rows out of every mean
 
 
-def test_missing_key_is_named():
+def test_missing_key_is_named(batch):
     c = config(policy_keys={})
     old, new, adv, mask = batch()
     with pytest.raises(ValueError, match="policy_loss.fiberpo_c_pos"):
@@ -148,7 +141,7 @@ def test_missing_key_is_named():
         fv.fiberpo(old, new, adv, mask, loss_agg_mode="token-median", config=config())
 
 
-def test_split_prompt_group_is_refused():
+def test_split_prompt_group_is_refused(batch):
     old, new, adv, mask = batch()
     with fv.batch_ids(uid=["a", "a", "b", "b", "b", "c"], data_source=["d"] * B):
         with pytest.raises(ValueError, match=r"group uid 'b' has 3 responses .* expected 2"):
@@ -228,7 +221,7 @@ UID = ["p0", "p0", "p1", "p1", "p2", "p2"]
 SOURCE = ["math", "math", "code", "code", "math", "math"]
 
 
-def test_worker_loss_reads_uid_and_data_source_from_the_micro_batch():
+def test_worker_loss_reads_uid_and_data_source_from_the_micro_batch(batch):
     """Through verl's own ppo_loss: the TensorDict's uid/data_source reach FiberPO-Domain (Eq. 30-33)."""
     pytest.importorskip("verl.workers.utils.losses")
     fv.register()
@@ -249,7 +242,7 @@ def test_worker_loss_reads_uid_and_data_source_from_the_micro_batch():
     assert "actor/pg_loss" in metrics and "actor/channel_pos/P" in metrics
 
 
-def test_worker_loss_without_uid_column_names_it():
+def test_worker_loss_without_uid_column_names_it(batch):
     pytest.importorskip("verl.workers.utils.losses")
     fv.register()
     old, new, adv, mask = batch()
@@ -287,7 +280,7 @@ def test_verls_batching_keeps_groups_whole_unless_rows_are_reordered(shuffle):
 
 
 @pytest.mark.parametrize("arg", ["old_log_prob", "log_prob", "advantages"])
-def test_non_finite_response_token_is_named_and_padding_ignored(arg):
+def test_non_finite_response_token_is_named_and_padding_ignored(arg, batch):
     old, new, adv, mask = batch()
     inputs = dict(old_log_prob=old.clone(), log_prob=new.clone(), advantages=adv.clone())
     inputs[arg][0, 5] = float("nan")  # row 0 is padded from column 3 on

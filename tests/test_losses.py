@@ -1,5 +1,7 @@
 """Padded ⇄ flat layout, the verl-style loss registry and diagnostics (the bench command: tests/test_bench.py)."""
 
+import functools
+
 import pytest
 import torch
 
@@ -10,17 +12,10 @@ from fiberpo_theory.core.losses import POLICY_LOSSES, get_policy_loss_fn
 B, L = 5, 7
 
 
-def padded_batch(seed=0, dtype=torch.float64, device="cpu"):
-    gen = torch.Generator().manual_seed(seed)
-    old = torch.randn(B, L, generator=gen, dtype=torch.float64)
-    new = old + 0.3 * torch.randn(B, L, generator=gen, dtype=torch.float64)
-    adv = torch.randn(B, L, generator=gen, dtype=torch.float64)
-    mask = torch.ones(B, L)
-    mask[0, 3:] = 0
-    mask[2, 1:] = 0  # a length-1 trajectory
-    mask[4, 5:] = 0
-    to = dict(dtype=dtype, device=device)
-    return old.to(**to), new.to(**to), adv.to(**to), mask.to(device)
+@pytest.fixture
+def padded_batch(padded_batch_of):
+    """5 rows of 7: one of 3 response tokens, one of 1 (a length-1 trajectory), one of 5."""
+    return functools.partial(padded_batch_of, B, L, lengths={0: 3, 2: 1, 4: 5})
 
 
 EXTRA = {
@@ -57,7 +52,7 @@ def test_registry_has_every_method():
 
 
 @pytest.mark.parametrize("name", sorted(["ppo", "grpo", "gspo", "apc_obj", "fiberpo", "fiberpo_domain"]))
-def test_padded_loss_equals_flat_objective_and_backpropagates(name, device, dtype):
+def test_padded_loss_equals_flat_objective_and_backpropagates(name, device, dtype, padded_batch):
     old, new, adv, mask = padded_batch(dtype=dtype, device=device)
     extra = EXTRA.get(name, lambda d: {})(device)
     new = new.clone().requires_grad_(True)
@@ -70,7 +65,7 @@ def test_padded_loss_equals_flat_objective_and_backpropagates(name, device, dtyp
     assert all(isinstance(v, float) for v in metrics.values())
 
 
-def test_loss_agg_modes():
+def test_loss_agg_modes(padded_batch):
     old, new, adv, mask = padded_batch()
     fn = POLICY_LOSSES["grpo"]
     token, _ = fn(old, new, adv, mask, "token-mean")
@@ -85,7 +80,7 @@ def test_loss_agg_modes():
         fn(old, new, adv, mask, "token-sum-norm")
 
 
-def test_padded_flat_round_trip():
+def test_padded_flat_round_trip(padded_batch):
     _, new, _, mask = padded_batch()
     batch = flatten_mask(mask)
     flat = to_flat(new, batch)
@@ -102,14 +97,14 @@ def test_padded_flat_round_trip():
         (lambda m: m.__setitem__((1, 1), 0.5), "only 0 and 1"),
     ],
 )
-def test_bad_mask(change, name):
+def test_bad_mask(change, name, padded_batch):
     old, new, adv, mask = padded_batch()
     change(mask)
     with pytest.raises(ValueError, match=name):
         POLICY_LOSSES["fiberpo"](old, new, adv, mask)
 
 
-def test_bad_loss_inputs_name_the_argument():
+def test_bad_loss_inputs_name_the_argument(padded_batch):
     old, new, adv, mask = padded_batch()
     with pytest.raises(ValueError, match="advantages"):
         POLICY_LOSSES["ppo"](old, new, adv[:, :3], mask)
@@ -175,7 +170,7 @@ def test_non_finite_token_is_reported_by_row_and_column(name, arg):
 
 @pytest.mark.parametrize("name", sorted(POLICY_LOSSES))
 @pytest.mark.parametrize("arg", ["old_log_prob", "log_prob", "advantages"])
-def test_padded_slots_are_ignored_for_every_input(name, arg):
+def test_padded_slots_are_ignored_for_every_input(name, arg, padded_batch):
     old, new, adv, mask = padded_batch()
     extra = EXTRA.get(name, lambda d: {})("cpu")
     clean, _ = POLICY_LOSSES[name](old, new, adv, mask, None, **extra)
