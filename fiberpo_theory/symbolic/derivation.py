@@ -14,6 +14,43 @@ from typing import Any
 
 import sympy as sp
 
+__all__ = [
+    "Branch",
+    "Derivation",
+    "OddFunction",
+    "Step",
+    "Tex",
+    "Undecided",
+    "branch_condition",
+    "budget_clip",
+    "clip",
+    "clip_branches",
+    "decide",
+    "elementwise",
+    "fbg_operator",
+    "fgh_compact",
+    "fgh_operator",
+    "fiberpo_trajectory",
+    "g_agg",
+    "g_agg_branches",
+    "g_agg_slope",
+    "is_zero",
+    "lambdify",
+    "logclip",
+    "negative_part",
+    "negative_part_branches",
+    "normal_form",
+    "positive_part",
+    "positive_part_branches",
+    "pushforward_matrix",
+    "resolve",
+    "select",
+    "sign_channel",
+    "sign_channel_branches",
+    "sign_of",
+    "symmetric_clip",
+]
+
 
 @dataclass(frozen=True)
 class Step:
