@@ -417,7 +417,7 @@ def test_bad_inputs_are_rejected():
 def _engines_agree(instance, x, adv):
     """Fused and operator gated ratios and their gradients agree to 1e-10 (float64)."""
     grads, values = [], []
-    for f in (fgh.fused_gated_ratio.__get__(instance), instance.operator_gated_ratio):
+    for f in (lambda z: fgh.fused_gated_ratio(instance, z), instance.operator_gated_ratio):
         z = x.clone().requires_grad_()
         value = f(z)
         (value * adv).sum().backward()
@@ -480,3 +480,24 @@ def test_turns_and_side_branches_run_the_operator():
         assert torch.equal(instance.gated_ratio(x), instance.operator_gated_ratio(x))
         with pytest.raises(ValueError, match="instance"):
             fgh.fused_gated_ratio(instance, x)
+
+
+def test_fused_engine_equals_operator_with_a_process_group(tmp_path):
+    """The shared strata's sums over the ranks (a one-rank gloo group: the distributed code path, exact sums)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed with no default group yet")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        gen = torch.Generator().manual_seed(9)
+        traj = torch.randint(0, 12, (50,), generator=gen)
+        levels = [traj // 6, traj // 3, traj]
+        x = torch.randn(50, dtype=torch.float64, generator=gen) * 0.2
+        h = hier.from_ids(levels)
+        instance = fgh.fiberpo_fgh(h, trajectory=h.total - 1, eps=0.2, c_pos=0.03, c_neg=0.05,
+                                   process_group=dist.group.WORLD)
+        assert instance.fgh.shared == (0, 1)
+        _engines_agree(instance, x, torch.randn(50, dtype=torch.float64, generator=gen))
+    finally:
+        dist.destroy_process_group()
