@@ -324,8 +324,9 @@ class FiberPOHierarchy:
         return self.fgh.parts(decompose(log_ratio, self.length))
 
     def gated_ratio(self, log_ratio: torch.Tensor) -> torch.Tensor:
-        """R ∘ G ∘ F(r): by :func:`fused_gated_ratio` when the tokens hang off the trajectories alone, else the operator."""
-        if _tokens_below_trajectories(self.hierarchy, self.trajectory):
+        """R ∘ G ∘ F(r): by :func:`fused_gated_ratio` where it applies (tokens directly below the trajectories
+        alone, FiberPO's token gate), else by the operator."""
+        if _fused_applies(self):
             return fused_gated_ratio(self, log_ratio)
         return self.operator_gated_ratio(log_ratio)
 
@@ -354,9 +355,12 @@ class FiberPOHierarchy:
         return {name: self.fgh.gates[v].regime(parts.residuals[v]) for v, name in enumerate(self.hierarchy.names)}
 
 
-def _tokens_below_trajectories(h: CompiledHierarchy, trajectory: int) -> bool:
-    """Whether the trajectory stratum is the only one coarsening the tokens directly (no turns, no side branch)."""
-    return trajectory == h.total - 1 and h.coarser[h.total] == (trajectory,)
+def _fused_applies(instance: FiberPOHierarchy) -> bool:
+    """Whether the trajectories are the only stratum directly above the tokens (no turns, no side branch)
+    and the tokens keep FiberPO's own fiber gate."""
+    h, t, token_gate = instance.hierarchy, instance.trajectory, instance.fgh.gates[-1]
+    fiber = isinstance(token_gate, FiberGate) and token_gate.eps == instance.eps
+    return fiber and t == h.total - 1 and h.coarser[h.total] == (t,)
 
 
 def _above_tokens(instance: FiberPOHierarchy) -> FGH:
@@ -383,12 +387,19 @@ def fused_gated_ratio(instance: FiberPOHierarchy, log_ratio: torch.Tensor) -> to
     read off the trajectory stratum, where π_* F(r) = (log s⁺_τ, log s⁻_τ)
     (Eq. 9).  So :func:`fgh_operator` runs on the ``(M, 2)`` channel means,
     over M trajectories instead of N tokens, and is the same Eq. 26-28 as in
-    :meth:`FiberPOHierarchy.operator_gated_ratio` (tested equal).
+    :meth:`FiberPOHierarchy.operator_gated_ratio` (tested equal).  ``instance``
+    must have the mass kernels of :func:`fiberpo_fgh` between trajectories and
+    tokens (K = 1/T_τ), as every instance it builds has.
     """
     h, t = instance.hierarchy, instance.trajectory
-    if not _tokens_below_trajectories(h, t):
-        raise ValueError("instance: the fused engine needs the trajectory stratum to be the only one above the tokens")
+    if not _fused_applies(instance):
+        raise ValueError(
+            "instance: the fused engine needs the trajectories as the only stratum directly above the tokens "
+            "and FiberPO's token gate"
+        )
     x = _validate.flat_values("log_ratio", log_ratio)
+    if x.shape[0] != h.sizes[h.total]:
+        raise ValueError(f"log_ratio has {x.shape[0]} tokens but the hierarchy has {h.sizes[h.total]}")
     index = h.projection[t]
     # dense indices, non-decreasing when the token ids were: segment_reduce by lengths applies
     contiguous = index.numel() < 2 or bool((index[1:] >= index[:-1]).all())

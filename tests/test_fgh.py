@@ -480,6 +480,9 @@ def test_turns_and_side_branches_run_the_operator():
         assert torch.equal(instance.gated_ratio(x), instance.operator_gated_ratio(x))
         with pytest.raises(ValueError, match="instance"):
             fgh.fused_gated_ratio(instance, x)
+    chain = fgh.fiberpo_fgh(hier.from_ids([traj]), trajectory=0, eps=0.2, c_pos=0.1, c_neg=0.05)
+    with pytest.raises(ValueError, match="log_ratio has 8 tokens"):
+        fgh.fused_gated_ratio(chain, x[:8])
 
 
 def test_fused_engine_equals_operator_with_a_process_group(tmp_path):
