@@ -407,3 +407,100 @@ def test_bad_inputs_are_rejected():
         fgh.fiberpo_fgh(h, trajectory=1, eps=0.1, c_pos=0.1, c_neg=0.1)
     with pytest.raises(ValueError, match="c_pos must give a budget for each of"):
         fgh.fiberpo_fgh(h, trajectory=0, eps=0.1, c_pos={"domain": 0.1}, c_neg=0.1)
+
+
+# ---------------------------------------------------------------------------
+# The fused engine (fused.FiberGate around the operator above the tokens) = the token-level operator
+# ---------------------------------------------------------------------------
+
+
+def _engines_agree(instance, x, adv):
+    """Fused and operator gated ratios and their gradients agree to 1e-10 (float64)."""
+    grads, values = [], []
+    for f in (lambda z: fgh.fused_gated_ratio(instance, z), instance.operator_gated_ratio):
+        z = x.clone().requires_grad_()
+        value = f(z)
+        (value * adv).sum().backward()
+        values.append(value.detach())
+        grads.append(z.grad)
+    torch.testing.assert_close(values[0], values[1], rtol=0, atol=1e-10)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-10)
+    return values[0], grads[0]
+
+
+@given(example=fst.fgh_examples(min_depth=1, max_depth=6))
+def test_fused_engine_equals_operator_on_chains(example):
+    instance = _instance(example)
+    assume(instance.regime_margin(instance.parts(example.log_ratio)) > 1e-9)
+    adv = torch.linspace(-1, 1, example.log_ratio.numel(), dtype=torch.float64)
+    value, _ = _engines_agree(instance, example.log_ratio, adv)
+    assert torch.equal(instance.gated_ratio(example.log_ratio), value)  # chains dispatch to the fused engine
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fused_engine_equals_operator_on_trees(seed):
+    """Remark 6.5: two or three strata side by side above the trajectories, the trajectory residual subtracts each."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 60
+    traj = torch.randint(0, 14, (n,), generator=gen) * 7 + 3
+    cols = {"trajectory": traj, "domain": (traj // 7) % 3, "modality": (traj // 7) % 2 + 100}
+    finer = dict(TREE)
+    if seed % 2:  # a deeper branch: a super-domain above the domains
+        cols["family"], finer["family"] = cols["domain"] % 2, "domain"
+    x = torch.randn(n, dtype=torch.float64, generator=gen) * 0.3
+    h = hier.from_tree(cols, finer)
+    budgets = {name: 0.02 + 0.01 * k for k, name in enumerate(h.names[:-1])}
+    instance = fgh.fiberpo_fgh(h, trajectory="trajectory", eps=0.3, c_pos=budgets, c_neg=budgets)
+    assert instance.regime_margin(instance.parts(x)) > 1e-9  # fixed seeds: no gradient compared on a kink
+    _, grad = _engines_agree(instance, x, torch.randn(n, dtype=torch.float64, generator=gen))
+    assert float(grad.abs().max()) > 0
+    got = fgh.fiberpo_tree_gated_ratio(x, cols, finer, eps=0.3, c_pos=budgets, c_neg=budgets)
+    assert torch.equal(got, instance.gated_ratio(x))
+
+
+def test_fused_engine_identity_jacobian_at_r_equal_one():
+    x, cols = _tree_example()
+    h = hier.from_tree(cols, TREE)
+    instance = fgh.fiberpo_fgh(h, trajectory="trajectory", eps=0.3, c_pos=0.05, c_neg=0.04)
+    zero = torch.zeros_like(x)
+    jac = _jacobian(lambda z: fgh.fused_gated_ratio(instance, z), zero)
+    torch.testing.assert_close(jac, torch.eye(x.numel(), dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_turns_and_side_branches_run_the_operator():
+    """Where the tokens' residual is not FiberPO's fiber gate the instance keeps the token-level operator."""
+    gen = torch.Generator().manual_seed(8)
+    traj = torch.tensor([0] * 5 + [1] * 3 + [2])
+    x = torch.randn(9, dtype=torch.float64, generator=gen)
+    turns = hier.from_ids([traj, torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 4])], names=["trajectory", "turn"])
+    side = hier.from_tree({"trajectory": traj, "source": torch.tensor([0, 1] * 4 + [0])},
+                          {"trajectory": "token", "source": "token"})
+    for h in (turns, side):
+        instance = fgh.fiberpo_fgh(h, trajectory="trajectory", eps=0.2, c_pos=0.1, c_neg=0.05)
+        assert torch.equal(instance.gated_ratio(x), instance.operator_gated_ratio(x))
+        with pytest.raises(ValueError, match="instance"):
+            fgh.fused_gated_ratio(instance, x)
+    chain = fgh.fiberpo_fgh(hier.from_ids([traj]), trajectory=0, eps=0.2, c_pos=0.1, c_neg=0.05)
+    with pytest.raises(ValueError, match="log_ratio has 8 tokens"):
+        fgh.fused_gated_ratio(chain, x[:8])
+
+
+def test_fused_engine_equals_operator_with_a_process_group(tmp_path):
+    """The shared strata's sums over the ranks (a one-rank gloo group: the distributed code path, exact sums)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed with no default group yet")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        gen = torch.Generator().manual_seed(9)
+        traj = torch.randint(0, 12, (50,), generator=gen)
+        levels = [traj // 6, traj // 3, traj]
+        x = torch.randn(50, dtype=torch.float64, generator=gen) * 0.2
+        h = hier.from_ids(levels)
+        instance = fgh.fiberpo_fgh(h, trajectory=h.total - 1, eps=0.2, c_pos=0.03, c_neg=0.05,
+                                   process_group=dist.group.WORLD)
+        assert instance.fgh.shared == (0, 1)
+        _engines_agree(instance, x, torch.randn(50, dtype=torch.float64, generator=gen))
+    finally:
+        dist.destroy_process_group()

@@ -114,6 +114,39 @@ def test_bad_loss_inputs_name_the_argument(padded_batch):
         POLICY_LOSSES["apc_obj"](old, new, adv, mask, state_ids=torch.zeros(B, L, dtype=torch.long))
 
 
+@pytest.mark.parametrize("name", ["fiberpo", "fiberpo_domain"])
+def test_fiberpo_losses_match_the_autograd_reference_in_loss_gradient_and_metrics(name):
+    # the loss runs the fused gate; its value, gradient and metrics must be those of the autograd reference
+    old, new, adv, mask = padded_batch(seed=3)
+    new = new.clone().requires_grad_(True)
+    extra = EXTRA.get(name, lambda d: {})("cpu")
+    hyper = dict(eps=0.04, c_pos=0.12, c_neg=0.05)
+    loss, metrics = POLICY_LOSSES[name](old, new, adv, mask, None, **hyper, **extra)
+    batch = flatten_mask(mask)
+    x, a, traj = (new - old)[batch.mask], adv[batch.mask], batch.traj_id
+    if name == "fiberpo":
+        parts = obj.fiberpo_parts(x, traj, **hyper)
+    else:
+        ids = (to_flat(extra["group_ids"], batch), to_flat(extra["domain_ids"], batch))
+        parts = obj.fiberpo_domain_parts(x, traj, *ids, **hyper)
+    want = -obj.rgf_objective(parts.gated_ratio, a, obj.aggregation_weights(name, x, traj))
+    got_grad, want_grad = (torch.autograd.grad(v, new)[0] for v in (loss, want))
+    assert torch.allclose(loss, want, rtol=0, atol=1e-12)
+    assert torch.allclose(got_grad, want_grad, rtol=0, atol=1e-10) and got_grad.abs().max() > 0
+    detached = parts._replace(**{f: getattr(parts, f).detach() for f in parts._fields if f != "traj"})
+    want_metrics = diagnostics.fiberpo_metrics(detached, **hyper)
+    assert metrics.keys() == {**want_metrics, "ratio/mean": 0}.keys()
+    assert all(metrics[k] == pytest.approx(v, rel=1e-12, abs=1e-15) for k, v in want_metrics.items())
+
+
+def test_non_finite_padding_is_ignored():
+    old, new, adv, mask = padded_batch()
+    for tensor in (old, new, adv):
+        tensor[0, 5] = float("nan")  # mask[0, 3:] is padding
+    loss, _ = POLICY_LOSSES["fiberpo"](old, new, adv, mask)
+    assert torch.isfinite(loss)
+
+
 # --- diagnostics ----------------------------------------------------------------------------
 
 

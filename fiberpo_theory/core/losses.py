@@ -18,6 +18,7 @@ import torch
 
 from . import _validate, baselines, diagnostics, objectives
 from .layout import FlatBatch, flatten_mask, to_flat
+from .segments import Segments
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 POLICY_LOSSES: dict[str, Callable] = {}
@@ -50,23 +51,34 @@ def _weights(mode: str | None, method: str, batch: FlatBatch, like: torch.Tensor
     raise ValueError(f"loss_agg_mode must be one of {AGG_MODES} or None, got {mode!r}")
 
 
-def _padded(name: str, value, like: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A float ``(B, L)`` tensor shaped like ``like``, finite on the response tokens.
+def _padded(name: str, value, like: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A float ``(B, L)`` tensor shaped like ``like`` and on its device.
 
-    Padded slots are ignored for every input (their values never reach the
-    loss), as verl and TRL ignore them; a bad response token is reported by
-    row and column.
+    With ``mask`` it must also be finite on the response tokens (see
+    :func:`_report_non_finite`); without, the caller checks the flat values.
     """
     value = _validate.as_float(name, value)
     if value.shape != like.shape:
         raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(like.shape)}")
     if value.device != like.device:
         raise ValueError(f"{name} is on {value.device}, expected {like.device}")
-    bad = ~torch.isfinite(value.detach()) & mask
-    if bool(bad.any()):
-        row, col = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"{name} has a non-finite value at row {row}, column {col}: {value[row, col].item()}")
+    if mask is not None:
+        _report_non_finite({name: value}, mask)
     return value
+
+
+def _report_non_finite(padded: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
+    """Raise for the first input with a non-finite response token, by row and column.
+
+    Padded slots are ignored for every input (their values never reach the
+    loss), as verl and TRL ignore them.  Only called once the flat values
+    were found non-finite, so a clean batch never scans the padded tensors.
+    """
+    for name, value in padded.items():
+        bad = ~torch.isfinite(value.detach()) & mask
+        if bool(bad.any()):
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"{name} has a non-finite value at row {row}, column {col}: {value[row, col].item()}")
 
 
 def _flat_inputs(old_log_prob, log_prob, advantages, response_mask):
@@ -77,11 +89,17 @@ def _flat_inputs(old_log_prob, log_prob, advantages, response_mask):
         shape = tuple(response_mask.shape) if isinstance(response_mask, torch.Tensor) else type(response_mask).__name__
         raise ValueError(f"response_mask has shape {shape}, expected {tuple(log_prob.shape)}")
     batch = flatten_mask(response_mask)
-    log_prob = _padded("log_prob", log_prob, log_prob, batch.mask)
-    old = _padded("old_log_prob", old_log_prob, log_prob, batch.mask)
-    adv = _padded("advantages", advantages, log_prob, batch.mask)
-    log_ratio = log_prob[batch.mask] - old.detach()[batch.mask]
-    return batch, log_ratio, adv[batch.mask]
+    padded = {
+        "log_prob": log_prob,
+        "old_log_prob": _padded("old_log_prob", old_log_prob, log_prob),
+        "advantages": _padded("advantages", advantages, log_prob),
+    }
+    # one masked selection of the difference instead of one per operand (padding may hold anything)
+    log_ratio = (log_prob - padded["old_log_prob"].detach())[batch.mask]
+    adv = padded["advantages"][batch.mask]
+    if not (_validate._all_finite(log_ratio) and _validate._all_finite(adv)):
+        _report_non_finite(padded, batch.mask)
+    return batch, log_ratio, adv
 
 
 def _row_ids(name: str, ids, batch: FlatBatch) -> torch.Tensor:
@@ -169,11 +187,18 @@ def apc_obj_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mod
 def fiberpo_loss(
     old_log_prob, log_prob, advantages, response_mask, loss_agg_mode=None, *, eps=0.04, c_pos=0.12, c_neg=0.05, k=None
 ):
-    """FiberPO (Eq. 6-16); defaults are the illustrative values of the paper's Fig. 4."""
+    """FiberPO (Eq. 6-16); defaults are the illustrative values of the paper's Fig. 4.
+
+    The loss runs the fused gate (:func:`~fiberpo_theory.objectives.fiberpo_gated_ratio`);
+    the metrics come from the autograd reference evaluated without a graph.
+    """
     batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)
-    parts = objectives.fiberpo_parts(x, batch.traj_id, eps=eps, c_pos=c_pos, c_neg=c_neg, k=k)
-    metrics = diagnostics.fiberpo_metrics(_detached(parts), eps=eps, c_pos=c_pos, c_neg=c_neg, k=k)
-    return _finish("fiberpo", parts.gated_ratio, x, adv, batch, loss_agg_mode, metrics, traj=parts.traj)
+    traj = _trajectories(batch)
+    hyper = dict(eps=eps, c_pos=c_pos, c_neg=c_neg, k=k)
+    gated = objectives.fiberpo_gated_ratio(x, traj, **hyper)
+    with torch.no_grad():
+        metrics = diagnostics.fiberpo_metrics(objectives.fiberpo_parts(x.detach(), traj, **hyper), **hyper)
+    return _finish("fiberpo", gated, x, adv, batch, loss_agg_mode, metrics, traj=traj)
 
 
 @register_policy_loss("fiberpo_domain")
@@ -196,16 +221,27 @@ def fiberpo_domain_loss(
     ``process_group`` all-reduces the group and domain aggregates across
     data-parallel ranks (see :mod:`fiberpo_theory.core.distributed`); the μ weights
     of ``loss_agg_mode`` and the metrics stay per rank, as in any DDP loss.
+    The loss runs the fused gate; the metrics, the autograd reference without
+    a graph (with a ``process_group`` both make the same collectives on every rank).
     """
     batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)
+    traj = _trajectories(batch)
     groups = _row_ids("group_ids", group_ids, batch)
     domains = _row_ids("domain_ids", domain_ids, batch)
-    parts = objectives.fiberpo_domain_parts(
-        x, batch.traj_id, groups, domains, eps=eps, c_pos=c_pos, c_neg=c_neg, process_group=process_group
-    )
-    metrics = diagnostics.fiberpo_metrics(_detached(parts), eps=eps, c_pos=c_pos, c_neg=c_neg)
-    return _finish("fiberpo_domain", parts.gated_ratio, x, adv, batch, loss_agg_mode, metrics, traj=parts.traj)
+    hyper = dict(eps=eps, c_pos=c_pos, c_neg=c_neg, process_group=process_group)
+    gated = objectives.fiberpo_domain_gated_ratio(x, traj, groups, domains, **hyper)
+    with torch.no_grad():
+        parts = objectives.fiberpo_domain_parts(x.detach(), traj, groups, domains, **hyper)
+    metrics = diagnostics.fiberpo_metrics(parts, eps=eps, c_pos=c_pos, c_neg=c_neg)
+    return _finish("fiberpo_domain", gated, x, adv, batch, loss_agg_mode, metrics, traj=traj)
 
 
-def _detached(parts):
-    return parts._replace(**{name: getattr(parts, name).detach() for name in parts._fields if name != "traj"})
+def _trajectories(batch: FlatBatch) -> Segments:
+    """The rows as trajectory ``Segments`` over the row index ``flatten_mask`` already built (no sort, no pass).
+
+    Every row has a response token (:func:`~fiberpo_theory.layout.flatten_mask`
+    checks it) and ``batch.traj_id`` is non-decreasing, so the segments are
+    the rows ``0..B-1``, contiguous, with the row lengths as counts.
+    """
+    rows = torch.arange(batch.shape[0], device=batch.mask.device)
+    return Segments(index=batch.traj_id, count=batch.mask.sum(1), ids=rows, contiguous=True)

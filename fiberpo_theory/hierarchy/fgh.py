@@ -12,7 +12,10 @@ only Python loop runs over strata.
 The FiberPO family (App. E.5.4 for one level, App. E.7 for three) is the
 instance whose kernels weight every element by its trajectory mass and whose
 gates are ``m·g_agg(ρ/m, C, T)`` above the tokens and ``m·clip(ρ/m, ε)`` on
-them; :func:`fiberpo_hierarchy_gated_ratio` evaluates it through the operator.
+them.  :func:`fgh_operator` is the specification; :func:`fused_gated_ratio`
+evaluates the same instance with the fused token gate of :mod:`fiberpo_theory.fused`
+around the operator on the strata above the tokens (M trajectories instead of
+N tokens), which is what :func:`fiberpo_hierarchy_gated_ratio` runs.
 
 Data-parallel shards (``process_group``): each rank compiles the hierarchy
 of its own tokens.  The strata above the trajectories
@@ -38,7 +41,9 @@ from . import structure as hier
 from ..core.distributed import global_segment_sums
 from ..core.gates import g_agg, g_agg_regime, g_agg_thresholds, sign_split, symmetric_clip
 from .structure import CompiledHierarchy, reflect, sum_children
+from ..core.fused import fiber_gated_ratio
 from ..core.objectives import rgf_objective
+from ..core.segments import Segments
 
 __all__ = [
     "GateContext",
@@ -56,6 +61,7 @@ __all__ = [
     "fiberpo_fgh",
     "fiberpo_hierarchy_gated_ratio",
     "fiberpo_tree_gated_ratio",
+    "fused_gated_ratio",
     "fgh_surrogate",
 ]
 
@@ -363,6 +369,14 @@ class FiberPOHierarchy:
         return self.fgh.parts(decompose(log_ratio, self.length))
 
     def gated_ratio(self, log_ratio: torch.Tensor) -> torch.Tensor:
+        """R ∘ G ∘ F(r): by :func:`fused_gated_ratio` where it applies (tokens directly below the trajectories
+        alone, FiberPO's token gate), else by the operator."""
+        if _fused_applies(self):
+            return fused_gated_ratio(self, log_ratio)
+        return self.operator_gated_ratio(log_ratio)
+
+    def operator_gated_ratio(self, log_ratio: torch.Tensor) -> torch.Tensor:
+        """R ∘ G ∘ F(r) by the generic token-level operator :func:`fgh_operator` (the specification)."""
         return recover(self.parts(log_ratio).output, self.length)
 
     def regime_margin(self, parts: FGHParts) -> float:
@@ -384,6 +398,64 @@ class FiberPOHierarchy:
     def regimes(self, parts: FGHParts) -> dict[str, torch.Tensor]:
         """Gate regime of every element and channel, by stratum name (P=0, R=1, Z=2; clipped tokens: 2)."""
         return {name: self.fgh.gates[v].regime(parts.residuals[v]) for v, name in enumerate(self.hierarchy.names)}
+
+
+def _fused_applies(instance: FiberPOHierarchy) -> bool:
+    """Whether the trajectories are the only stratum directly above the tokens (no turns, no side branch)
+    and the tokens keep FiberPO's own fiber gate."""
+    h, t, token_gate = instance.hierarchy, instance.trajectory, instance.fgh.gates[-1]
+    fiber = isinstance(token_gate, FiberGate) and token_gate.eps == instance.eps
+    return fiber and t == h.total - 1 and h.coarser[h.total] == (t,)
+
+
+def _above_tokens(instance: FiberPOHierarchy) -> FGH:
+    """The FGH instance on the strata above the tokens, the trajectories being its total space.
+
+    Same strata, kernels, gates and shared strata as ``instance`` minus the
+    tokens; its token counts stay the real ones (the k of every g_agg).
+    """
+    h, t = instance.hierarchy, instance.trajectory
+    sub = CompiledHierarchy(
+        h.names[:-1], h.sizes[:-1], h.finer[:t] + (-1,), h.projection[:t] + (None,), h.ids[:-1], h.token_count[:-1]
+    )
+    f = instance.fgh
+    return FGH(sub, f.kernels[:t] + (None,), f.gates[:-1], validate=False, process_group=f.process_group, shared=f.shared)
+
+
+def fused_gated_ratio(instance: FiberPOHierarchy, log_ratio: torch.Tensor) -> torch.Tensor:
+    """R ∘ G ∘ F(r) of a FiberPO hierarchy whose tokens hang off the trajectory stratum alone, by the fused gate.
+
+    Engine: :class:`fiberpo_theory.fused.FiberGate` (token level, closed-form
+    backward) around the FGH operator on the strata above the tokens.  With
+    the mass kernels, the token stratum's part of Eq. 27 after R is
+    FiberPO's fiber gate (Eq. 16) and the rest is ``log w_τ = T_τ (G_+ − G_−)``
+    read off the trajectory stratum, where π_* F(r) = (log s⁺_τ, log s⁻_τ)
+    (Eq. 9).  So :func:`fgh_operator` runs on the ``(M, 2)`` channel means,
+    over M trajectories instead of N tokens, and is the same Eq. 26-28 as in
+    :meth:`FiberPOHierarchy.operator_gated_ratio` (tested equal).  ``instance``
+    must have the mass kernels of :func:`fiberpo_fgh` between trajectories and
+    tokens (K = 1/T_τ), as every instance it builds has.
+    """
+    h, t = instance.hierarchy, instance.trajectory
+    if not _fused_applies(instance):
+        raise ValueError(
+            "instance: the fused engine needs the trajectories as the only stratum directly above the tokens "
+            "and FiberPO's token gate"
+        )
+    x = _validate.flat_values("log_ratio", log_ratio)
+    if x.shape[0] != h.sizes[h.total]:
+        raise ValueError(f"log_ratio has {x.shape[0]} tokens but the hierarchy has {h.sizes[h.total]}")
+    index = h.projection[t]
+    # dense indices, non-decreasing when the token ids were: segment_reduce by lengths applies
+    contiguous = index.numel() < 2 or bool((index[1:] >= index[:-1]).all())
+    traj = Segments(index=index, count=h.token_count[t], ids=h.ids[t], contiguous=contiguous)
+    above = _above_tokens(instance)
+
+    def log_base(channels: torch.Tensor) -> torch.Tensor:
+        gated = above(channels)  # a density on the trajectories, mass 1 each: T_τ K_{n←τ} = 1
+        return gated[:, 0] - gated[:, 1]
+
+    return fiber_gated_ratio(x, traj, log_base, instance.eps)
 
 
 def _budgets(name: str, value, strata: Sequence[str]) -> tuple[float, ...]:
@@ -444,7 +516,11 @@ def fiberpo_fgh(
 
 
 def fiberpo_hierarchy_gated_ratio(log_ratio, level_ids, *, eps, c_pos, c_neg, process_group=None) -> torch.Tensor:
-    """FiberPO on a chain hierarchy of any depth, computed by the FGH operator (Eq. 26-29).
+    """FiberPO on a chain hierarchy of any depth, the FGH instance of Eq. 26-29.
+
+    Engine: :func:`fused_gated_ratio` (the fused token gate around the
+    operator on the strata above the tokens), equal to the token-level
+    :func:`fgh_operator` (:meth:`FiberPOHierarchy.operator_gated_ratio`).
 
     ``level_ids`` lists per-token id tensors from the coarsest level to the
     trajectory level: ``[traj_id]`` is FiberPO (Eq. 80), ``[domain_id,
@@ -476,6 +552,9 @@ def fiberpo_tree_gated_ratio(
     log_ratio, columns, finer, *, trajectory="trajectory", eps, c_pos, c_neg, process_group=None
 ) -> torch.Tensor:
     """FiberPO on a tree of strata (Remark 6.5), e.g. domain and modality side by side above trajectories.
+
+    Engine: :meth:`FiberPOHierarchy.gated_ratio` (fused when the trajectories
+    are the only stratum directly above the tokens, the operator otherwise).
 
     ``columns`` and ``finer`` are as in :func:`~fiberpo_theory.hierarchy.from_tree`;
     budgets are a number or a mapping stratum name → value.  ``process_group``:
