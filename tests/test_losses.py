@@ -115,7 +115,7 @@ def test_bad_loss_inputs_name_the_argument(padded_batch):
 
 
 @pytest.mark.parametrize("name", ["fiberpo", "fiberpo_domain"])
-def test_fiberpo_losses_match_the_autograd_reference_in_loss_gradient_and_metrics(name):
+def test_fiberpo_losses_match_the_autograd_reference_in_loss_gradient_and_metrics(name, padded_batch):
     # the loss runs the fused gate; its value, gradient and metrics must be those of the autograd reference
     old, new, adv, mask = padded_batch(seed=3)
     new = new.clone().requires_grad_(True)
@@ -139,7 +139,7 @@ def test_fiberpo_losses_match_the_autograd_reference_in_loss_gradient_and_metric
     assert all(metrics[k] == pytest.approx(v, rel=1e-12, abs=1e-15) for k, v in want_metrics.items())
 
 
-def test_non_finite_padding_is_ignored():
+def test_non_finite_padding_is_ignored(padded_batch):
     old, new, adv, mask = padded_batch()
     for tensor in (old, new, adv):
         tensor[0, 5] = float("nan")  # mask[0, 3:] is padding
