@@ -4,13 +4,14 @@ import pytest
 import torch
 
 from fiberpo_theory import objectives as obj
+from fiberpo_theory.fused_apc import state_table
 from fiberpo_theory.segments import Segments
 
 KINK = 1e-4  # finite differences need this much room from every kink of the gate
 
 
-def _batch(gen, n_states, scale, *, zeros=False, singles=0):
-    counts = torch.randint(1, 6, (n_states,), generator=gen)
+def _batch(gen, n_states, scale, *, zeros=False, singles=0, longest=5):
+    counts = torch.randint(1, longest + 1, (n_states,), generator=gen)
     counts[:singles] = 1
     state = torch.repeat_interleave(torch.arange(n_states) * 7 + 2, counts)
     deviation = torch.randn(state.numel(), generator=gen, dtype=torch.float64) * scale
@@ -61,18 +62,20 @@ def test_gradcheck_float64_in_every_regime():
     assert checked >= 30 and not missing, (checked, reached)
 
 
-@pytest.mark.parametrize("layout", ["sorted", "shuffled", "segments", "wide-range"])
+@pytest.mark.parametrize("layout", ["sorted", "shuffled", "segments", "long-runs", "wide-range"])
 def test_fused_equals_autograd_reference(layout):
     gen = torch.Generator().manual_seed(1)
     ties = over = 0
     for _ in range(60):
+        longest = 80 if layout == "long-runs" else 5
         ratio, state = _batch(gen, int(torch.randint(1, 8, (1,), generator=gen)),
-                              float(torch.empty(1).uniform_(0.01, 0.6, generator=gen)), zeros=True, singles=1)
-        if layout == "shuffled":
+                              float(torch.empty(1).uniform_(0.01, 0.6, generator=gen)) / longest**0.5 * 2,
+                              zeros=True, singles=1, longest=longest)
+        if layout in ("segments", "long-runs"):  # padded rows: lengths, no ids at all (long runs reduce by them)
+            state = Segments.from_lengths(torch.unique_consecutive(state, return_counts=True)[1])
+        elif layout == "shuffled":
             perm = torch.randperm(state.numel(), generator=gen)
             ratio, state = ratio[perm], state[perm]
-        elif layout == "segments":  # padded rows: lengths, no ids at all
-            state = Segments.from_lengths(torch.unique_consecutive(state, return_counts=True)[1])
         elif layout == "wide-range":  # ids far beyond their number: the sorting path
             perm = torch.randperm(state.numel(), generator=gen)
             ratio, state = ratio[perm], state[perm] * 10**9
@@ -154,3 +157,15 @@ def test_fused_saves_less_for_backward_than_autograd():
 def test_bad_input_names_the_argument(call, name):
     with pytest.raises(ValueError, match=name):
         call()
+
+
+def test_state_table_takes_each_layout_its_own_way():
+    like = torch.ones(64)
+    ids = torch.randint(0, 9, (64,), generator=torch.Generator().manual_seed(6))
+    index, size, lengths = state_table(ids, like)
+    assert index is ids and size == int(ids.max()) + 1 and lengths is None  # slots are the ids: nothing ranked
+    wide = ids * 10**9
+    index, size, lengths = state_table(wide, like)
+    assert size == int(torch.unique(wide).numel()) and torch.equal(index, Segments.from_ids(wide).index)
+    assert state_table(Segments.from_lengths(torch.tensor([40, 24])), like)[2].tolist() == [40, 24]
+    assert state_table(Segments.from_lengths(torch.full((16,), 4)), like)[2] is None  # short runs scatter
