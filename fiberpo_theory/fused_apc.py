@@ -26,12 +26,18 @@ that subset once and run every per-token formula on it alone, so a batch
 whose states mostly keep their budget costs one segment sum, one one-byte
 gather and a few elementwise passes forward, a copy of g backward.
 
+When most states are over budget the subset is everything: then every token
+goes through the general per-token formula (clip = sign(d) min(|d|, B⁺),
+which is the pass-through inside) and nothing is gathered.
+
 Conventions at the kinks, where the gate has no derivative: b_s = 0 (sample
 TV exactly δ) counts as within budget (autograd of ``minimum`` would split the
 derivative between r_i and the bound); B_i = 0 counts as zeroed; sign(0) = 0,
 so a token with r = 1 moves no other token's bound (torch's abs'(0) = 0).
-Saved for backward, over the over-budget tokens only: their positions and
-state slots and the float factors sign(d), c and m.
+Only where b_s = 0 and r_i = 1 at once do the two paths differ: the subset
+path gives that token its pass-through derivative 1, the every-token path 0.
+Saved for backward: the subset's positions and state slots and the float
+factors sign(d), c and m (over every token on the every-token path).
 """
 
 from __future__ import annotations
@@ -85,15 +91,15 @@ class ApcGate(torch.autograd.Function):
         # b_s = Σ (δ - |d|), summed negated (the same bits): |d| - δ is one in-place pass after abs
         budget = _segment_sum(deviation.abs().sub_(delta), index, size, lengths).neg_()
         rows = _over_budget_rows(budget, index)
-        state = index.index_select(0, rows)
-        dev = deviation.index_select(0, rows)
-        gated = deviation.add_(1)  # every token of a state within budget passes (rounded as the reference)
-        bound = budget.index_select(0, state).add_(dev.abs()).clamp_(min=0)  # B⁺ <= |d| here
-        sign = dev.sign()
-        live = bound.sign()  # m: B > 0
-        clip = bound.mul_(sign)  # clip(d, B) = sign(d) B⁺ here, exact
-        clipped = dev.sub_(clip).sign_().mul_(live)  # c: sign(d) where |d| > B⁺ > 0
-        gated.index_copy_(0, rows, clip.add_(1))
+        if rows is None:  # most states over budget: every token, no subset to gather
+            state = index
+            clip, sign, clipped, live = _gate_tokens(deviation, budget.index_select(0, index))
+            gated = clip.add_(1)
+        else:
+            state = index.index_select(0, rows)
+            clip, sign, clipped, live = _gate_tokens(deviation.index_select(0, rows), budget.index_select(0, state))
+            # every token of a state within budget passes (rounded as the reference)
+            gated = deviation.add_(1).index_copy_(0, rows, clip.add_(1))
         ctx.save_for_backward(rows, state, sign, clipped, live)
         ctx.size = size
         return gated
@@ -102,20 +108,42 @@ class ApcGate(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_gated):
         rows, state, sign, clipped, live = ctx.saved_tensors
-        if rows.numel() == 0:
+        if rows is not None and rows.numel() == 0:
             return grad_gated, None, None, None, None
-        grad = grad_gated.index_select(0, rows)
+        grad = grad_gated if rows is None else grad_gated.index_select(0, rows)
         # out of place: under vmap (batched jacobians) grad is batched and the zero table is not
         total = clipped.new_zeros(ctx.size).scatter_add(0, state, grad * clipped)  # W_s
         grad = torch.addcmul(grad * live, sign, total.index_select(0, state), value=-1)
-        return grad_gated.index_copy(0, rows, grad), None, None, None, None
+        return grad if rows is None else grad_gated.index_copy(0, rows, grad), None, None, None, None
 
 
-def _over_budget_rows(budget: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Positions of the tokens whose state is over budget (b_s < 0): the only ones clipped or coupled."""
+def _gate_tokens(deviation: torch.Tensor, budget: torch.Tensor):
+    """``(clip(d, B), sign(d), c, m)`` per token from d and its state's b_s (both overwritten).
+
+    The float 0/1 factors are signs of non-negative values: mixed-dtype
+    products in backward would cost twice a float one.
+    """
+    magnitude = deviation.abs()
+    bound = budget.add_(magnitude).clamp_(min=0)  # B⁺
+    sign = deviation.sign()
+    live = bound.sign()  # m: B > 0
+    clip = torch.minimum(magnitude, bound, out=magnitude).mul_(sign)  # sign(d) min(|d|, B⁺), exact
+    clipped = deviation.sub_(clip).sign_().mul_(live)  # c: d - clip is 0 inside, sign(d) where clipped
+    return clip, sign, clipped, live
+
+
+def _over_budget_rows(budget: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
+    """Positions of the tokens whose state is over budget (b_s < 0), the only ones clipped or coupled.
+
+    ``None`` when most occupied states are over budget (empty table slots
+    have b = 0): gathering the subset would then cost more than it saves.
+    """
     over = budget < 0
-    if not bool(over.any()):
+    count = int(over.sum())
+    if count == 0:
         return index.new_zeros(0)
+    if 2 * count > int((budget != 0).sum()):
+        return None
     return over.index_select(0, index).nonzero().squeeze(1)
 
 

@@ -343,7 +343,7 @@ def apc_obj_gated_ratio(ratio, state_id, *, delta, fused: bool = True) -> torch.
     r = _validate.positive_values("ratio", ratio)
     delta = _validate.positive("delta", delta)
     if fused:
-        from .fused_apc import apc_gated_ratio  # local: no import cycle, hoistable
+        from .fused_apc import apc_gated_ratio  # here so that this change stays inside the function; no cycle: it can move up
 
         return apc_gated_ratio(r, state_id, delta)
     state = segments_for("state_id", state_id, r)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fiberpo_theory import objectives as obj
-from fiberpo_theory.fused_apc import state_table
+from fiberpo_theory.fused_apc import _over_budget_rows, state_table
 from fiberpo_theory.segments import Segments
 
 KINK = 1e-4  # finite differences need this much room from every kink of the gate
@@ -169,3 +169,22 @@ def test_state_table_takes_each_layout_its_own_way():
     assert size == int(torch.unique(wide).numel()) and torch.equal(index, Segments.from_ids(wide).index)
     assert state_table(Segments.from_lengths(torch.tensor([40, 24])), like)[2].tolist() == [40, 24]
     assert state_table(Segments.from_lengths(torch.full((16,), 4)), like)[2] is None  # short runs scatter
+
+
+def test_the_subset_is_the_over_budget_tokens_or_everything():
+    index = torch.tensor([0, 2, 2, 0, 3])
+    within = torch.tensor([0.1, 0.0, 0.2, 0.3])  # slot 1 is empty (b = 0)
+    assert _over_budget_rows(within, index).numel() == 0
+    assert _over_budget_rows(torch.tensor([0.1, 0.0, -0.2, 0.3]), index).tolist() == [1, 2]
+    assert _over_budget_rows(torch.tensor([-0.1, 0.0, -0.2, 0.3]), index) is None  # two of three occupied
+
+
+def test_every_token_path_equals_the_reference():
+    gen = torch.Generator().manual_seed(7)
+    ratio, state = _batch(gen, 40, 0.6, longest=3)
+    b = _regimes(ratio, state, 0.05)[0]
+    assert _over_budget_rows(Segments.from_ids(state).sum(0.05 - (ratio - 1).abs()), Segments.from_ids(state).index) is None
+    weight = torch.randn(ratio.numel(), generator=gen, dtype=torch.float64)
+    fused, reference, fused_grad, reference_grad = _reference_and_fused(ratio, state, 0.05, weight)
+    assert bool((b >= 0).any()) and (fused - reference).abs().max() <= 1e-10
+    assert (fused_grad - reference_grad).abs().max() <= 1e-10
