@@ -330,18 +330,25 @@ def fiberpo_jacobian(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None) -> torch.
 # ---------------------------------------------------------------------------
 
 
-def apc_obj_gated_ratio(ratio, state_id, *, delta) -> torch.Tensor:
+def apc_obj_gated_ratio(ratio, state_id, *, delta, fused: bool = True) -> torch.Tensor:
     """APC-Obj gated ratio (Eq. 59): ``1 + clip(r_i - 1, B_i)``.
 
     ``B_i = T_s δ - Σ_{j at s, j≠i} |r_j - 1|`` couples every token at the
-    same state s (T_s tokens); ``clip(a, B) = clip(a, -B⁺, B⁺)``.
+    same state s (T_s tokens); ``clip(a, B) = clip(a, -B⁺, B⁺)``.  The budget
+    is summed as ``Σ_{j at s} (δ - |r_j - 1|) + |r_i - 1|`` (same value, one
+    segment sum).  ``state_id`` is ``(N,)`` ids or a ``Segments``.  ``fused``
+    runs the closed-form backward of :mod:`fiberpo_theory.fused_apc`;
+    ``fused=False`` differentiates this formula by autograd (its reference).
     """
     r = _validate.positive_values("ratio", ratio)
     delta = _validate.positive("delta", delta)
+    if fused:
+        from .fused_apc import apc_gated_ratio  # here so that this change stays inside the function; no cycle: it can move up
+
+        return apc_gated_ratio(r, state_id, delta)
     state = segments_for("state_id", state_id, r)
     deviation = r - 1
-    consumed = state.gather(state.sum(deviation.abs()))
-    bound = state.gather(state.count.to(r.dtype)) * delta - (consumed - deviation.abs())
+    bound = state.gather(state.sum(delta - deviation.abs())) + deviation.abs()
     return 1 + budget_clip(deviation, bound)
 
 
