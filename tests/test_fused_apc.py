@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from fiberpo_theory import objectives as obj
-from fiberpo_theory.fused_apc import _over_budget_rows, state_table
-from fiberpo_theory.segments import Segments
+from fiberpo_theory.core.fused_apc import _over_budget_rows, state_table
+from fiberpo_theory.core.segments import Segments
 
 KINK = 1e-4  # finite differences need this much room from every kink of the gate
 

@@ -16,6 +16,7 @@ import torch
 from . import _validate
 from .distributed import global_segment_sums
 from .fused import fiber_gated_ratio
+from .fused_apc import apc_gated_ratio
 from .gates import budget_clip, g_agg, sign_channel, sign_split, symmetric_clip
 from .segments import Segments, nested_segments, segments_for
 # the clip baselines live in their own module; re-exported under the names users import from here
@@ -337,14 +338,12 @@ def apc_obj_gated_ratio(ratio, state_id, *, delta, fused: bool = True) -> torch.
     same state s (T_s tokens); ``clip(a, B) = clip(a, -B⁺, B⁺)``.  The budget
     is summed as ``Σ_{j at s} (δ - |r_j - 1|) + |r_i - 1|`` (same value, one
     segment sum).  ``state_id`` is ``(N,)`` ids or a ``Segments``.  ``fused``
-    runs the closed-form backward of :mod:`fiberpo_theory.fused_apc`;
+    runs the closed-form backward of :mod:`fiberpo_theory.core.fused_apc`;
     ``fused=False`` differentiates this formula by autograd (its reference).
     """
     r = _validate.positive_values("ratio", ratio)
     delta = _validate.positive("delta", delta)
     if fused:
-        from .fused_apc import apc_gated_ratio  # here so that this change stays inside the function; no cycle: it can move up
-
         return apc_gated_ratio(r, state_id, delta)
     state = segments_for("state_id", state_id, r)
     deviation = r - 1
