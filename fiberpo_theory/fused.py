@@ -38,12 +38,18 @@ from .segments import Segments
 def channel_means(x: torch.Tensor, traj: Segments) -> torch.Tensor:
     """``(M, 2)`` per-trajectory means of max(x, 0) and max(-x, 0): log s⁺_τ and log s⁻_τ (Eq. 9).
 
-    Two 1-D segment sums (no stacked token-length temporary) of the same
-    values :func:`fiberpo_theory.gates.sign_split` gives the autograd
-    reference, so both round alike and agree on which regime a trajectory is in.
+    Two 1-D segment sums (no stacked token-length temporary) of the values
+    :func:`fiberpo_theory.gates.sign_split` gives the autograd reference, up
+    to an exact negation, so both round alike and agree on which regime a
+    trajectory is in.
     """
     count = traj.count.to(x.dtype)
-    positive, negative = traj.sum(x.clamp(min=0)), traj.sum((-x).clamp(min=0))
+    part = x.clamp(min=0)
+    positive = traj.sum(part)
+    # Σ max(-x, 0) = -Σ min(x, 0) exactly (negation commutes with rounding); without a graph min(x, 0) reuses
+    # the buffer of max(x, 0): one fresh N-sized tensor and no negated copy of x
+    part = x.clamp(max=0) if x.requires_grad else torch.clamp(x, max=0, out=part)
+    negative = 0.0 - traj.sum(part)  # 0 - Σ, not -Σ: an all-positive trajectory keeps log s⁻ = +0.0, as the reference
     return torch.stack([positive / count, negative / count], dim=1)
 
 
@@ -64,10 +70,13 @@ class FiberGate(torch.autograd.Function):
         with torch.enable_grad():
             channels = channel_means(x.detach(), traj).requires_grad_(True)
             same, offset = _sign_tables(channels, log_base_fn(channels), eps)
-        key = traj.key_base + (x < 0)  # the (trajectory, sign) entry of every token; l = +1 at x = 0
-        residual = x - same.detach().index_select(0, key)
-        inside = residual.abs() <= eps
-        gated = torch.exp(offset.detach().index_select(0, key) + residual.clamp_(-eps, eps))
+        key = traj.sign_key(x)  # the (trajectory, sign) entry of every token; l = +1 at x = 0
+        # one work buffer carries S, the residual, A and G in turn: fresh N-sized buffers page-fault
+        work = torch.sub(x, same.detach().index_select(0, key), out=torch.empty_like(x))
+        clipped = work.clamp(-eps, eps)
+        inside = clipped == work  # |x - S| <= ε, one comparison
+        torch.index_select(offset.detach(), 0, key, out=work)
+        gated = work.add_(clipped).exp_()
         ctx.save_for_backward(gated, key, inside)
         ctx.traj, ctx.channels, ctx.tables = traj, channels, (same, offset)
         return gated
@@ -78,15 +87,15 @@ class FiberGate(torch.autograd.Function):
         gated, key, inside = ctx.saved_tensors
         traj, channels, (same, offset) = ctx.traj, ctx.channels, ctx.tables
         a = grad_gated * gated
-        a_inside = a * inside
-        grad_same = -same.new_zeros(same.shape).index_add(0, key, a_inside)  # out of place: vmap (jacobian) batches a
-        grad_offset = offset.new_zeros(offset.shape).index_add(0, key, a)
+        grad_offset = offset.new_zeros(offset.shape).index_add(0, key, a)  # out of place: vmap (jacobian) batches a
+        a.mul_(inside.view(torch.uint8))  # a·1u in place; a uint8 factor multiplies without the bool promotion copy
+        grad_same = -same.new_zeros(same.shape).index_add(0, key, a)
         # retain: gradcheck and retain_graph users call backward more than once (the graph is M-sized)
         (grad_channels,) = torch.autograd.grad((same, offset), channels, (grad_same, grad_offset), retain_graph=True)
         # ∂ log s⁺/∂x_j = 1[x_j >= 0]/T, ∂ log s⁻/∂x_j = -1[x_j < 0]/T
         per_channel = grad_channels / traj.count.to(a.dtype).unsqueeze(1)
         per_channel = torch.stack([per_channel[:, 0], -per_channel[:, 1]], dim=1).reshape(-1)
-        return a_inside + per_channel.index_select(0, key), None, None, None
+        return per_channel.index_select(0, key).add_(a), None, None, None
 
 
 def fiber_gated_ratio(x: torch.Tensor, traj: Segments, log_base_fn, eps: float) -> torch.Tensor:
