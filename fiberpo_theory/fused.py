@@ -72,7 +72,8 @@ class FiberGate(torch.autograd.Function):
             same, offset = _sign_tables(channels, log_base_fn(channels), eps)
         key = traj.sign_key(x)  # the (trajectory, sign) entry of every token; l = +1 at x = 0
         # one work buffer carries S, the residual, A and G in turn: fresh N-sized buffers page-fault
-        work = torch.sub(x, same.detach().index_select(0, key), out=torch.empty_like(x))
+        work = same.detach().index_select(0, key)
+        torch.sub(x, work, out=work)
         clipped = work.clamp(-eps, eps)
         inside = clipped == work  # |x - S| <= ε, one comparison
         torch.index_select(offset.detach(), 0, key, out=work)

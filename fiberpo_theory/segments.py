@@ -231,6 +231,25 @@ def carried_ids(child: Segments, columns: torch.Tensor) -> tuple[torch.Tensor, t
     return low, low != high
 
 
+def _carried_by_runs(child: Segments, columns: list[torch.Tensor]) -> torch.Tensor | None:
+    """The ``(M, K)`` coarser ids of contiguous child segments, or ``None`` when some column does not nest.
+
+    A column is constant on every run of the child iff each place where it
+    changes is a run start: compare its number of changes with the number
+    found just before the starts (a change pass and a sum, no scatter).
+    Each segment then carries its first element's id.
+    """
+    starts = child.count.cumsum(0) - child.count
+    before_start = starts[1:] - 1
+    nests = []
+    for column in columns:
+        change = column[1:] != column[:-1]
+        nests.append(change.sum() == change.index_select(0, before_start).sum())
+    if not bool(torch.stack(nests).all()):
+        return None
+    return torch.stack([column.index_select(0, starts) for column in columns], dim=1).long()
+
+
 def nested_segments(
     coarser: list[torch.Tensor], finest: Segments, labels: list[str]
 ) -> tuple[list[Segments], list[torch.Tensor]]:
@@ -247,7 +266,11 @@ def nested_segments(
     """
     if not coarser:
         return [finest], []
-    low, split = carried_ids(finest, torch.stack(coarser, dim=1))
+    low = _carried_by_runs(finest, coarser) if finest.contiguous else None
+    if low is None:  # scattered segments, or ids that do not nest: the min/max pass names the culprit
+        low, split = carried_ids(finest, torch.stack(coarser, dim=1))
+    else:
+        split = torch.zeros(low.shape, dtype=torch.bool, device=low.device)
     for k in reversed(range(len(coarser))):  # the nearest parent first
         if bool(split[:, k].any()):
             bad = int(split[:, k].nonzero()[0, 0])

@@ -235,3 +235,22 @@ def test_fast_channel_means_equal_the_shared_sign_split():
     leaf = x.clone().requires_grad_(True)  # the graph-keeping branch gives the same values
     assert torch.equal(channel_means(leaf, traj).detach(), fast)
     assert sign_split(x)[:, 1].tolist() == [0.0, 0.0, 0.2, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_nesting_read_off_the_runs_of_sorted_trajectories_matches_the_scatter_path():
+    from fiberpo_theory.segments import nested_segments
+
+    traj = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3])
+    group = torch.tensor([5, 5, 5, 5, 5, 9, 9, 9])
+    domain = torch.tensor([1, 1, 1, 1, 1, 0, 0, 0])
+    perm = torch.tensor([3, 0, 7, 5, 1, 6, 2, 4])
+    labels = ["domain", "prompt group", "trajectory"]
+    runs, runs_parent = nested_segments([domain, group], Segments.from_ids(traj), labels)
+    scattered, scattered_parent = nested_segments([domain[perm], group[perm]], Segments.from_ids(traj[perm]), labels)
+    assert Segments.from_ids(traj).contiguous and not Segments.from_ids(traj[perm]).contiguous
+    for a, b in zip(runs, scattered):
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.count, b.count)
+    assert all(torch.equal(a, b) for a, b in zip(runs_parent, scattered_parent))
+    group[4] = 6  # trajectory 1 now spans two groups; the change is not at a run start
+    with pytest.raises(ValueError, match="trajectory does not nest in prompt group: trajectory 1"):
+        nested_segments([domain, group], Segments.from_ids(traj), labels)
