@@ -73,14 +73,19 @@ def ids(name: str, value: torch.Tensor, like: torch.Tensor, *, sign: bool = True
     return value.long() if sign else value  # Segments.from_ids indexes any integer dtype
 
 
-def same_shape(name: str, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A finite float tensor with the same shape and device as ``like``."""
+def same_shape(name: str, value: torch.Tensor, like: torch.Tensor, *, finite: bool = True) -> torch.Tensor:
+    """A finite float tensor with the same shape and device as ``like``.
+
+    ``finite=False`` checks the metadata only, for a caller that proves
+    finiteness from a reduction it computes anyway (and calls again to name
+    the culprit when that fails).
+    """
     value = as_float(name, value)
     if value.shape != like.shape:
         raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(like.shape)}")
     if value.device != like.device:
         raise ValueError(f"{name} is on {value.device}, expected {like.device}")
-    if not _all_finite(value):
+    if finite and not _all_finite(value):
         raise ValueError(f"{name} has non-finite values")
     return value
 

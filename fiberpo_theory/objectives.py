@@ -389,8 +389,14 @@ def rgf_objective(gated_ratio, advantages, weights) -> torch.Tensor:
     gradient and autograd saves one tensor instead of two.
     """
     g = _validate.as_float("gated_ratio", gated_ratio)
-    adv = _validate.same_shape("advantages", advantages, g)
-    mu = _validate.same_shape("weights", weights, g)
+    adv = _validate.same_shape("advantages", advantages, g, finite=False)
+    mu = _validate.same_shape("weights", weights, g, finite=False)
     if mu.requires_grad or adv.requires_grad:
+        adv, mu = _validate.same_shape("advantages", adv, g), _validate.same_shape("weights", mu, g)
         return (mu * g * adv).sum()
-    return (g * (mu * adv)).sum()
+    with torch.no_grad():
+        coef = mu * adv
+    # a non-finite μ_i or Â_i makes μ_i Â_i, hence the sum, non-finite: one reduction checks both
+    if not bool(torch.isfinite(coef.sum())):
+        _validate.same_shape("advantages", adv, g), _validate.same_shape("weights", mu, g)
+    return (g * coef).sum()

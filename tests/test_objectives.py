@@ -292,3 +292,13 @@ def test_rgf_objective_gradients_reach_whichever_inputs_ask_for_them():
     value = obj.rgf_objective(only_g, adv, mu)
     value.backward()
     assert float(value.detach()) == pytest.approx(0.3 + 0.6 - 1.0) and torch.equal(only_g.grad, leaves[0].grad)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_rgf_objective_names_a_non_finite_input_even_where_the_other_is_zero(bad):
+    g, ok = t([1.0, 1.0]), t([0.0, 1.0])
+    for name, adv, mu in (("advantages", t([bad, 1.0]), ok), ("weights", ok, t([bad, 0.5]))):
+        with pytest.raises(ValueError, match=f"{name} has non-finite values"):
+            obj.rgf_objective(g, adv, mu)
+    huge = t([1e300, 1e300])  # finite inputs whose products overflow are not rejected
+    assert obj.rgf_objective(g, huge, huge).isinf()
