@@ -254,3 +254,24 @@ def test_nesting_read_off_the_runs_of_sorted_trajectories_matches_the_scatter_pa
     group[4] = 6  # trajectory 1 now spans two groups; the change is not at a run start
     with pytest.raises(ValueError, match="trajectory does not nest in prompt group: trajectory 1"):
         nested_segments([domain, group], Segments.from_ids(traj), labels)
+
+
+def test_chunked_token_passes_equal_one_chunk_bit_for_bit_also_under_vmap(monkeypatch):
+    import fiberpo_theory.fused as fused
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(50, generator=gen, dtype=torch.float64) * 0.3
+    traj = torch.arange(5).repeat_interleave(10)[torch.randperm(50, generator=gen)]
+    weight = torch.randn(50, generator=gen, dtype=torch.float64)
+
+    def run():
+        leaf = x.clone().requires_grad_(True)
+        gated = obj.fiberpo_gated_ratio(leaf, traj, **HYPER)
+        (gated * weight).sum().backward()
+        jac = torch.autograd.functional.jacobian(lambda z: obj.fiberpo_gated_ratio(z, traj, **HYPER), x, vectorize=True)
+        return gated.detach(), leaf.grad, jac
+
+    whole = run()
+    monkeypatch.setattr(fused, "_CHUNK", 7)  # 8 chunks, the last one short
+    chunked = run()
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
