@@ -51,7 +51,7 @@ def channel_means(x: torch.Tensor, traj: Segments) -> torch.Tensor:
     # Σ max(-x, 0) = -Σ min(x, 0) exactly (negation commutes with rounding); without a graph min(x, 0) reuses
     # the buffer of max(x, 0): one fresh N-sized tensor and no negated copy of x
     part = x.clamp(max=0) if x.requires_grad else torch.clamp(x, max=0, out=part)
-    negative = 0.0 - traj.sum(part)  # 0 - Σ, not -Σ: an all-positive trajectory keeps log s⁻ = +0.0, as the reference
+    negative = 0.0 - traj.sum(part)  # not -Σ: an all-positive trajectory keeps log s⁻ = +0.0, as the reference
     return torch.stack([positive / count, negative / count], dim=1)
 
 

@@ -7,13 +7,15 @@ once, taking the layout as it comes:
 * padded ``(B, L)`` batches and packed ``cu_seqlens``-style batches give the
   segment lengths directly (:meth:`Segments.from_lengths`): nothing is sorted;
 * ids that are already sorted (every packed layout, and the row ids of a
-  flattened padded batch) are detected by one comparison pass and indexed by
-  ``unique_consecutive`` (a boundary pass), not a sort;
+  flattened padded batch) are indexed by their runs: one pass marks where the
+  id changes, a cumulative sum of the marks is the index, and the ids are
+  sorted iff the M run values increase (no separate sortedness pass, no sort);
 * unsorted ids in a range a few times their number are ranked by counting
   (``bincount``); only the others are sorted (``torch.unique``).
 
 Contiguous segments (the first two cases) reduce with ``segment_reduce`` by
-lengths; the others with ``index_add``.
+lengths; the others with ``index_add``.  The index is held as int32 where it
+fits (the long one is built only when asked for).
 """
 
 from __future__ import annotations
