@@ -128,13 +128,35 @@ def test_fused_saves_less_for_backward_than_autograd():
         torch.tensor([5, 5, 2, 9, 9, 2]),  # small range, unsorted: bincount ranking
         torch.tensor([10**12, 3, 3, 10**12, 7]),  # huge range: sort
         torch.tensor([6]),
+        torch.tensor([0, 0, 1, 1, 0]),  # runs 0, 1, 0: the run values do not increase, so not sorted
+        torch.arange(5000).repeat_interleave(3).roll(-1),  # one descent where the neighbour probes do not look
+        torch.tensor([3, 3, 8, 8, 8], dtype=torch.int32),
     ],
 )
 def test_segments_from_ids_equals_torch_unique_on_every_path(ids):
     seg = Segments.from_ids(ids)
-    unique, inverse, count = torch.unique(ids, sorted=True, return_inverse=True, return_counts=True)
+    unique, inverse, count = torch.unique(ids.long(), sorted=True, return_inverse=True, return_counts=True)
     assert torch.equal(seg.ids, unique) and torch.equal(seg.index, inverse) and torch.equal(seg.count, count)
     assert seg.contiguous == bool((ids[1:] >= ids[:-1]).all())
+    assert seg.index.dtype == torch.long and seg.narrow_index.dtype == torch.int32
+    assert torch.equal(seg.narrow_index.long(), inverse) and seg.elements == ids.numel()
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [torch.tensor([-3, -3, 0, 2]), torch.tensor([4, -1, 4, 0]), torch.tensor([10**12, -5, 3]), torch.tensor([-2])],
+    ids=["sorted", "counted", "sorted by unique", "one"],
+)
+def test_negative_ids_are_named_on_every_path(ids):
+    with pytest.raises(ValueError, match="traj_id must be non-negative, found -"):
+        obj.fiberpo_gated_ratio(torch.zeros(ids.numel()), ids, **HYPER)
+
+
+def test_sign_key_is_twice_the_index_plus_the_negative_sign():
+    traj = Segments.from_ids(torch.tensor([2, 2, 5, 5, 9]))
+    x = torch.tensor([0.0, -0.0, -0.1, 0.3, -2.0])
+    key = traj.sign_key(x)
+    assert key.dtype == torch.int32 and key.tolist() == [0, 0, 3, 2, 5]  # l = +1 at x = ±0 (Eq. 13)
 
 
 def test_segments_from_lengths_is_the_padded_layout():
@@ -206,7 +228,50 @@ def test_fast_channel_means_equal_the_shared_sign_split():
     from fiberpo_theory.core.fused import channel_means
     from fiberpo_theory.core.gates import sign_split
 
-    x = torch.tensor([0.3, 0.0, -0.2, -0.0, 0.1, -0.4], dtype=torch.float64)
-    traj = Segments.from_ids(torch.tensor([1, 1, 1, 2, 2, 2]))
-    assert torch.allclose(channel_means(x, traj), traj.mean(sign_split(x)), atol=1e-15)
-    assert sign_split(x)[:, 1].tolist() == [0.0, 0.0, 0.2, 0.0, 0.0, 0.4]
+    x = torch.tensor([0.3, 0.0, -0.2, -0.0, 0.1, 0.4, 0.5], dtype=torch.float64)  # trajectory 2 has no negative
+    traj = Segments.from_ids(torch.tensor([1, 1, 1, 1, 2, 2, 2]))
+    fast, reference = channel_means(x, traj), traj.mean(sign_split(x))
+    assert torch.equal(fast, reference) and torch.equal(fast.signbit(), reference.signbit())  # +0.0, as the reference
+    leaf = x.clone().requires_grad_(True)  # the graph-keeping branch gives the same values
+    assert torch.equal(channel_means(leaf, traj).detach(), fast)
+    assert sign_split(x)[:, 1].tolist() == [0.0, 0.0, 0.2, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_nesting_read_off_the_runs_of_sorted_trajectories_matches_the_scatter_path():
+    from fiberpo_theory.core.segments import nested_segments
+
+    traj = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3])
+    group = torch.tensor([5, 5, 5, 5, 5, 9, 9, 9])
+    domain = torch.tensor([1, 1, 1, 1, 1, 0, 0, 0])
+    perm = torch.tensor([3, 0, 7, 5, 1, 6, 2, 4])
+    labels = ["domain", "prompt group", "trajectory"]
+    runs, runs_parent = nested_segments([domain, group], Segments.from_ids(traj), labels)
+    scattered, scattered_parent = nested_segments([domain[perm], group[perm]], Segments.from_ids(traj[perm]), labels)
+    assert Segments.from_ids(traj).contiguous and not Segments.from_ids(traj[perm]).contiguous
+    for a, b in zip(runs, scattered):
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.count, b.count)
+    assert all(torch.equal(a, b) for a, b in zip(runs_parent, scattered_parent))
+    group[4] = 6  # trajectory 1 now spans two groups; the change is not at a run start
+    with pytest.raises(ValueError, match="trajectory does not nest in prompt group: trajectory 1"):
+        nested_segments([domain, group], Segments.from_ids(traj), labels)
+
+
+def test_chunked_token_passes_equal_one_chunk_bit_for_bit_also_under_vmap(monkeypatch):
+    import fiberpo_theory.core.fused as fused
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(50, generator=gen, dtype=torch.float64) * 0.3
+    traj = torch.arange(5).repeat_interleave(10)[torch.randperm(50, generator=gen)]
+    weight = torch.randn(50, generator=gen, dtype=torch.float64)
+
+    def run():
+        leaf = x.clone().requires_grad_(True)
+        gated = obj.fiberpo_gated_ratio(leaf, traj, **HYPER)
+        (gated * weight).sum().backward()
+        jac = torch.autograd.functional.jacobian(lambda z: obj.fiberpo_gated_ratio(z, traj, **HYPER), x, vectorize=True)
+        return gated.detach(), leaf.grad, jac
+
+    whole = run()
+    monkeypatch.setattr(fused, "_CHUNK", 7)  # 8 chunks, the last one short
+    chunked = run()
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked))

@@ -279,3 +279,26 @@ def test_aggregation_weights_reuse_the_objectives_trajectory_segments():
     assert torch.allclose(from_ids, torch.tensor([1 / 6, 1 / 4, 1 / 6, 1 / 6, 1 / 4], dtype=torch.float64))
     with pytest.raises(ValueError, match="traj_id"):
         obj.aggregation_weights("trajectory", x[:4], parts.traj)
+
+
+def test_rgf_objective_gradients_reach_whichever_inputs_ask_for_them():
+    g, adv, mu = t([1.2, 0.8, 1.0]), t([1.0, 3.0, -2.0]), t([0.25, 0.25, 0.5])
+    leaves = [v.clone().requires_grad_(True) for v in (g, adv, mu)]
+    obj.rgf_objective(*leaves).backward()
+    assert leaves[0].grad.tolist() == pytest.approx((mu * adv).tolist())
+    assert leaves[1].grad.tolist() == pytest.approx((mu * g).tolist())
+    assert leaves[2].grad.tolist() == pytest.approx((g * adv).tolist())
+    only_g = g.clone().requires_grad_(True)  # μ and Â constant: their product is taken outside the graph
+    value = obj.rgf_objective(only_g, adv, mu)
+    value.backward()
+    assert float(value.detach()) == pytest.approx(0.3 + 0.6 - 1.0) and torch.equal(only_g.grad, leaves[0].grad)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_rgf_objective_names_a_non_finite_input_even_where_the_other_is_zero(bad):
+    g, ok = t([1.0, 1.0]), t([0.0, 1.0])
+    for name, adv, mu in (("advantages", t([bad, 1.0]), ok), ("weights", ok, t([bad, 0.5]))):
+        with pytest.raises(ValueError, match=f"{name} has non-finite values"):
+            obj.rgf_objective(g, adv, mu)
+    huge = t([1e300, 1e300])  # finite inputs whose products overflow are not rejected
+    assert obj.rgf_objective(g, huge, huge).isinf()

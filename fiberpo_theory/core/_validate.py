@@ -52,8 +52,12 @@ def positive_values(name: str, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def ids(name: str, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Integer segment ids, same length and device as ``like``, non-negative."""
+def ids(name: str, value: torch.Tensor, like: torch.Tensor, *, sign: bool = True) -> torch.Tensor:
+    """Integer segment ids, same length and device as ``like``, non-negative.
+
+    ``sign=False`` leaves the non-negativity pass to the caller, for one
+    that reads it off what it computes anyway (:meth:`Segments.from_ids`).
+    """
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of integer ids, got {type(value).__name__}")
     if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
@@ -64,19 +68,24 @@ def ids(name: str, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{name} has length {value.numel()} but the log-ratios have length {like.numel()}")
     if value.device != like.device:
         raise ValueError(f"{name} is on {value.device} but the log-ratios are on {like.device}")
-    if value.numel() and bool((value < 0).any()):
+    if sign and value.numel() and int(value.min()) < 0:  # min: one reduction, no boolean temporary
         raise ValueError(f"{name} must be non-negative, found {int(value.min())}")
-    return value.long()
+    return value.long() if sign else value  # Segments.from_ids indexes any integer dtype
 
 
-def same_shape(name: str, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A finite float tensor with the same shape and device as ``like``."""
+def same_shape(name: str, value: torch.Tensor, like: torch.Tensor, *, finite: bool = True) -> torch.Tensor:
+    """A finite float tensor with the same shape and device as ``like``.
+
+    ``finite=False`` checks the metadata only, for a caller that proves
+    finiteness from a reduction it computes anyway (and calls again to name
+    the culprit when that fails).
+    """
     value = as_float(name, value)
     if value.shape != like.shape:
         raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(like.shape)}")
     if value.device != like.device:
         raise ValueError(f"{name} is on {value.device}, expected {like.device}")
-    if not _all_finite(value):
+    if finite and not _all_finite(value):
         raise ValueError(f"{name} has non-finite values")
     return value
 

@@ -23,7 +23,9 @@ Proposition 5.2 (Eq. 20); the per-trajectory chain (A, S → channels through
 the base weight) is a graph over M trajectories, differentiated by autograd.
 Saved for backward: G, the int32 (trajectory, sign) key and a one-byte
 flag per token; the token-level passes are two segment sums, two table
-gathers and a handful of elementwise ops each way.
+gathers and a handful of elementwise ops each way, run over chunks of
+``_CHUNK`` tokens so that each chain of them works in cache and needs no
+N-sized temporary.
 """
 
 from __future__ import annotations
@@ -38,12 +40,18 @@ from .segments import Segments
 def channel_means(x: torch.Tensor, traj: Segments) -> torch.Tensor:
     """``(M, 2)`` per-trajectory means of max(x, 0) and max(-x, 0): log s⁺_τ and log s⁻_τ (Eq. 9).
 
-    Two 1-D segment sums (no stacked token-length temporary) of the same
-    values :func:`fiberpo_theory.core.gates.sign_split` gives the autograd
-    reference, so both round alike and agree on which regime a trajectory is in.
+    Two 1-D segment sums (no stacked token-length temporary) of the values
+    :func:`fiberpo_theory.core.gates.sign_split` gives the autograd reference, up
+    to an exact negation, so both round alike and agree on which regime a
+    trajectory is in.
     """
     count = traj.count.to(x.dtype)
-    positive, negative = traj.sum(x.clamp(min=0)), traj.sum((-x).clamp(min=0))
+    part = x.clamp(min=0)
+    positive = traj.sum(part)
+    # Σ max(-x, 0) = -Σ min(x, 0) exactly (negation commutes with rounding); without a graph min(x, 0) reuses
+    # the buffer of max(x, 0): one fresh N-sized tensor and no negated copy of x
+    part = x.clamp(max=0) if x.requires_grad else torch.clamp(x, max=0, out=part)
+    negative = 0.0 - traj.sum(part)  # not -Σ: an all-positive trajectory keeps log s⁻ = +0.0, as the reference
     return torch.stack([positive / count, negative / count], dim=1)
 
 
@@ -56,6 +64,29 @@ def _sign_tables(channels: torch.Tensor, log_base: torch.Tensor, eps: float):
     return same, offset
 
 
+# tokens per chunk of the token-level chain: its few live buffers stay in a core's L2 cache
+_CHUNK = 1 << 16
+
+
+def _gate_tokens(x, key, same, offset, eps, gated, inside) -> None:
+    """``gated = exp(A[key] + clip(x - S[key], ε))`` and ``inside = |x - S[key]| <= ε``, chunk by chunk.
+
+    ``gated`` carries S, the residual, A and G in turn and the clipped
+    residual lives in one chunk-sized scratch buffer: no N-sized temporary.
+    """
+    clipped = torch.empty(min(_CHUNK, x.numel()), dtype=x.dtype, device=x.device)
+    for start in range(0, x.numel(), _CHUNK):
+        part = slice(start, start + _CHUNK)
+        k, work = key[part], gated[part]
+        clip = clipped[: work.numel()]
+        torch.index_select(same, 0, k, out=work)
+        torch.sub(x[part], work, out=work)
+        torch.clamp(work, -eps, eps, out=clip)
+        torch.eq(clip, work, out=inside[part])  # |x - S| <= ε, one comparison
+        torch.index_select(offset, 0, k, out=work)
+        work.add_(clip).exp_()
+
+
 class FiberGate(torch.autograd.Function):
     """``G = exp(A + clip(x - S, ε))`` from raw log-ratios, with the closed-form backward above."""
 
@@ -64,10 +95,9 @@ class FiberGate(torch.autograd.Function):
         with torch.enable_grad():
             channels = channel_means(x.detach(), traj).requires_grad_(True)
             same, offset = _sign_tables(channels, log_base_fn(channels), eps)
-        key = traj.key_base + (x < 0)  # the (trajectory, sign) entry of every token; l = +1 at x = 0
-        residual = x - same.detach().index_select(0, key)
-        inside = residual.abs() <= eps
-        gated = torch.exp(offset.detach().index_select(0, key) + residual.clamp_(-eps, eps))
+        key = traj.sign_key(x)  # the (trajectory, sign) entry of every token; l = +1 at x = 0
+        gated, inside = torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool, device=x.device)
+        _gate_tokens(x, key, same.detach(), offset.detach(), eps, gated, inside)
         ctx.save_for_backward(gated, key, inside)
         ctx.traj, ctx.channels, ctx.tables = traj, channels, (same, offset)
         return gated
@@ -77,16 +107,36 @@ class FiberGate(torch.autograd.Function):
     def backward(ctx, grad_gated):
         gated, key, inside = ctx.saved_tensors
         traj, channels, (same, offset) = ctx.traj, ctx.channels, ctx.tables
-        a = grad_gated * gated
-        a_inside = a * inside
-        grad_same = -same.new_zeros(same.shape).index_add(0, key, a_inside)  # out of place: vmap (jacobian) batches a
-        grad_offset = offset.new_zeros(offset.shape).index_add(0, key, a)
+        a_inside, grad_offset, grad_same = _reduce_tokens(grad_gated, gated, key, inside, offset.numel())
         # retain: gradcheck and retain_graph users call backward more than once (the graph is M-sized)
         (grad_channels,) = torch.autograd.grad((same, offset), channels, (grad_same, grad_offset), retain_graph=True)
         # ∂ log s⁺/∂x_j = 1[x_j >= 0]/T, ∂ log s⁻/∂x_j = -1[x_j < 0]/T
-        per_channel = grad_channels / traj.count.to(a.dtype).unsqueeze(1)
+        per_channel = grad_channels / traj.count.to(grad_offset.dtype).unsqueeze(1)
         per_channel = torch.stack([per_channel[:, 0], -per_channel[:, 1]], dim=1).reshape(-1)
-        return a_inside + per_channel.index_select(0, key), None, None, None
+        chunks = [per_channel.index_select(0, key[start : start + _CHUNK]).add_(part)
+                  for start, part in zip(range(0, key.numel(), _CHUNK), a_inside)]
+        return torch.cat(chunks) if len(chunks) > 1 else chunks[0], None, None, None
+
+
+def _reduce_tokens(grad_gated, gated, key, inside, size):
+    """Chunks of a·1u and the (2M,) sums ∂L/∂A = Σ a and ∂L/∂S = -Σ a·1u of the module docstring.
+
+    Chunk by chunk so that each chunk's products stay in cache; the tables
+    accumulate in token order, as one ``index_add`` would.  Nothing is
+    written into a buffer made here from outside values: under vmap
+    (``jacobian(vectorize=True)``) the gradient is batched and such writes fail.
+    """
+    dtype = torch.promote_types(grad_gated.dtype, gated.dtype)
+    grad_offset = grad_inside = torch.zeros(size, dtype=dtype, device=gated.device)
+    kept = []
+    for start in range(0, gated.numel(), _CHUNK):
+        part, k = slice(start, start + _CHUNK), key[start : start + _CHUNK]
+        a = grad_gated[part] * gated[part]
+        grad_offset = grad_offset.index_add(0, k, a)
+        a.mul_(inside[part].view(torch.uint8))  # a uint8 factor multiplies without the bool promotion copy
+        grad_inside = grad_inside.index_add(0, k, a)
+        kept.append(a)
+    return kept, grad_offset, -grad_inside
 
 
 def fiber_gated_ratio(x: torch.Tensor, traj: Segments, log_base_fn, eps: float) -> torch.Tensor:

@@ -239,7 +239,7 @@ def fiberpo_domain_loss(
 def _trajectories(batch: FlatBatch) -> Segments:
     """The rows as trajectory ``Segments`` over the row index ``flatten_mask`` already built (no sort, no pass).
 
-    Every row has a response token (:func:`~fiberpo_theory.layout.flatten_mask`
+    Every row has a response token (:func:`~fiberpo_theory.core.layout.flatten_mask`
     checks it) and ``batch.traj_id`` is non-decreasing, so the segments are
     the rows ``0..B-1``, contiguous, with the row lengths as counts.
     """

@@ -381,15 +381,28 @@ def aggregation_weights(kind: str, like: torch.Tensor, traj_id=None) -> torch.Te
         if traj_id is None:
             raise ValueError("traj_id is required for trajectory-normalised weights")
         traj = traj_id if isinstance(traj_id, Segments) else segments_for("traj_id", traj_id, x)
-        if traj.index.shape != x.shape:
-            raise ValueError(f"traj_id segments index {traj.index.numel()} tokens but like has {x.numel()}")
-        return 1.0 / (traj.size * traj.gather(traj.count.to(x.dtype)))
+        if x.dim() != 1 or traj.elements != x.numel():
+            raise ValueError(f"traj_id segments index {traj.elements} tokens but like has {x.numel()}")
+        return traj.gather(1.0 / (traj.size * traj.count.to(x.dtype)))  # per trajectory, then one gather
     raise ValueError(f"kind must be 'token', 'trajectory' or a method name, got {kind!r}")
 
 
 def rgf_objective(gated_ratio, advantages, weights) -> torch.Tensor:
-    """J = Σ_i μ_i G(r)_i Â_i (Eq. 2)."""
+    """J = Σ_i μ_i G(r)_i Â_i (Eq. 2).
+
+    When neither μ nor Â needs a gradient (the usual case) their product is
+    taken outside the graph, so the backward is one product with G's
+    gradient and autograd saves one tensor instead of two.
+    """
     g = _validate.as_float("gated_ratio", gated_ratio)
-    adv = _validate.same_shape("advantages", advantages, g)
-    mu = _validate.same_shape("weights", weights, g)
-    return (mu * g * adv).sum()
+    adv = _validate.same_shape("advantages", advantages, g, finite=False)
+    mu = _validate.same_shape("weights", weights, g, finite=False)
+    if mu.requires_grad or adv.requires_grad:
+        adv, mu = _validate.same_shape("advantages", adv, g), _validate.same_shape("weights", mu, g)
+        return (mu * g * adv).sum()
+    with torch.no_grad():
+        coef = mu * adv
+    # a non-finite μ_i or Â_i makes μ_i Â_i, hence the sum, non-finite: one reduction checks both
+    if not bool(torch.isfinite(coef.sum())):
+        _validate.same_shape("advantages", adv, g), _validate.same_shape("weights", mu, g)
+    return (g * coef).sum()

@@ -7,19 +7,18 @@ once, taking the layout as it comes:
 * padded ``(B, L)`` batches and packed ``cu_seqlens``-style batches give the
   segment lengths directly (:meth:`Segments.from_lengths`): nothing is sorted;
 * ids that are already sorted (every packed layout, and the row ids of a
-  flattened padded batch) are detected by one comparison pass and indexed by
-  ``unique_consecutive`` (a boundary pass), not a sort;
+  flattened padded batch) are indexed by their runs: one pass marks where the
+  id changes, a cumulative sum of the marks is the index, and the ids are
+  sorted iff the M run values increase (no separate sortedness pass, no sort);
 * unsorted ids in a range a few times their number are ranked by counting
   (``bincount``); only the others are sorted (``torch.unique``).
 
 Contiguous segments (the first two cases) reduce with ``segment_reduce`` by
-lengths; the others with ``index_add``.
+lengths; the others with ``index_add``.  The index is held as int32 where it
+fits (the long one is built only when asked for).
 """
 
 from __future__ import annotations
-
-import functools
-from dataclasses import dataclass
 
 import torch
 
@@ -30,51 +29,102 @@ from . import _validate
 _DENSE_FACTOR = 4
 
 
-@dataclass(frozen=True)
+def _index_dtype(size: int) -> torch.dtype:
+    """int32 when a (segment, sign) key ``2 * index + 1`` of ``size`` segments fits: half the index traffic."""
+    return torch.int32 if 2 * size + 2 < torch.iinfo(torch.int32).max else torch.long
+
+
 class Segments:
     """Dense indexing of the segments named by one id column.
 
     Attributes:
-        index: ``(N,)`` long, the dense segment index of each element.
+        index: ``(N,)`` long, the dense segment index of each element (built
+            on first use from :attr:`narrow_index` where that is int32).
+        narrow_index: ``(N,)`` the same index as int32 where it fits: what
+            the package's own gathers, segment sums and sign keys read.
         count: ``(M,)`` long, the number of elements in each segment.
         ids: ``(M,)`` long, the original id of each segment (sorted).
         contiguous: every segment is one run of consecutive elements, in
             segment order (``index`` is non-decreasing), so reductions can go
             by lengths.
+
+    A ready ``Segments`` is what validates a batch once: functions given one
+    do not look at the ids again.
     """
 
-    index: torch.Tensor
-    count: torch.Tensor
-    ids: torch.Tensor
-    contiguous: bool = False
+    def __init__(self, index=None, count=None, ids=None, contiguous: bool = False, *, narrow_index=None):
+        if index is None and narrow_index is None:
+            raise ValueError("Segments needs index or narrow_index")
+        self._index, self._narrow = index, narrow_index
+        self.count, self.ids, self.contiguous = count, ids, contiguous
+
+    @property
+    def index(self) -> torch.Tensor:
+        if self._index is None:
+            self._index = self._narrow.long()
+        return self._index
+
+    @property
+    def narrow_index(self) -> torch.Tensor:
+        if self._narrow is None:
+            dtype = _index_dtype(self.size)
+            self._narrow = self._index if dtype == self._index.dtype else self._index.to(dtype)
+        return self._narrow
 
     @property
     def size(self) -> int:
         return int(self.count.numel())
 
-    @functools.cached_property
-    def key_base(self) -> torch.Tensor:
-        """``2 * index`` as int32 (when it fits): the base of a (segment, sign) key, built once per ``Segments``."""
-        dtype = torch.int32 if 2 * self.index.numel() < torch.iinfo(torch.int32).max else torch.long
-        return self.index.to(dtype) * 2
+    @property
+    def elements(self) -> int:
+        """N, the number of indexed elements (without building the long index)."""
+        return (self._narrow if self._index is None else self._index).numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.count.device
+
+    def sign_key(self, x: torch.Tensor) -> torch.Tensor:
+        """``2 * index + 1[x < 0]``: the (segment, sign) entry of every element, l = +1 at x = 0 (Eq. 13).
+
+        Written into one fresh buffer by a comparison and an in-place add
+        (``bool + int`` would promote through a second temporary).
+        """
+        narrow = self.narrow_index
+        key = torch.lt(x, 0, out=torch.empty(x.shape, dtype=narrow.dtype, device=x.device))
+        return key.add_(narrow, alpha=2)
 
     @classmethod
-    def from_ids(cls, ids: torch.Tensor) -> "Segments":
+    def from_ids(cls, ids: torch.Tensor, *, name: str = "ids") -> "Segments":
         """Index an id column, equal to ``torch.unique(ids, sorted=True, ...)`` whatever the path.
 
-        Sorted ids cost one comparison pass and a boundary pass; unsorted
-        ids whose largest value is below a few times their number are
-        ranked by a ``bincount`` (two passes, no sort); only the rest sort.
+        Sorted ids cost a boundary pass and a count pass (no sort, no
+        separate sortedness pass: they are sorted iff the run values increase);
+        unsorted ids whose largest value is below a few times their number
+        are ranked by a ``bincount`` (no sort); only the rest sort.  Negative
+        ids raise ``ValueError`` naming ``name``, read off the run values or
+        the min that ranking needs anyway.
         """
-        if ids.numel() < 2 or bool((ids[1:] >= ids[:-1]).all()):
-            unique, inverse, count = torch.unique_consecutive(ids, return_inverse=True, return_counts=True)
+        if ids.numel() >= 2 and _maybe_sorted(ids):
+            segs = _sorted_runs(ids)
+            if segs is not None:
+                if int(segs.ids[0]) < 0:
+                    raise ValueError(f"{name} must be non-negative, found {int(segs.ids[0])}")
+                return segs
+        if ids.numel() < 2:
+            unique, inverse, count = torch.unique_consecutive(ids.long(), return_inverse=True, return_counts=True)
+            if ids.numel() and int(unique[0]) < 0:
+                raise ValueError(f"{name} must be non-negative, found {int(unique[0])}")
             return cls(index=inverse, count=count, ids=unique, contiguous=True)
-        if int(ids.max()) < _DENSE_FACTOR * ids.numel() + 1024:
+        low, high = (int(v) for v in torch.aminmax(ids))
+        if low < 0:
+            raise ValueError(f"{name} must be non-negative, found {low}")
+        if high < _DENSE_FACTOR * ids.numel() + 1024:
             count = torch.bincount(ids)
             present = count > 0
-            rank = present.cumsum(0) - 1
-            return cls(index=rank.index_select(0, ids), count=count[present], ids=present.nonzero().squeeze(1))
-        unique, inverse, count = torch.unique(ids, sorted=True, return_inverse=True, return_counts=True)
+            rank = present.cumsum(0, dtype=_index_dtype(count.numel())) - 1
+            return cls(narrow_index=rank.index_select(0, ids), count=count[present], ids=present.nonzero().squeeze(1))
+        unique, inverse, count = torch.unique(ids.long(), sorted=True, return_inverse=True, return_counts=True)
         return cls(index=inverse, count=count, ids=unique)
 
     @classmethod
@@ -82,7 +132,8 @@ class Segments:
         """Contiguous segments of the given lengths (a padded batch's ``mask.sum(1)``, or ``diff(cu_seqlens)``).
 
         ``ids`` (default ``0..M-1``) must be increasing so that ``ids`` stays
-        sorted as :meth:`from_ids` would give it.
+        sorted as :meth:`from_ids` would give it.  The index is repeated as
+        int32 where it fits (a long ``repeat_interleave`` costs several times more).
         """
         if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.is_floating_point():
             raise ValueError("lengths must be a 1-D integer tensor")
@@ -93,14 +144,15 @@ class Segments:
         ids = dense if ids is None else ids.long()
         if ids.shape != lengths.shape or (ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all())):
             raise ValueError("ids must be increasing, one per length")
-        return cls(index=dense.repeat_interleave(lengths), count=lengths, ids=ids, contiguous=True)
+        narrow = dense.to(_index_dtype(lengths.numel())).repeat_interleave(lengths)
+        return cls(narrow_index=narrow, count=lengths, ids=ids, contiguous=True)
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """Per-segment sum of ``values`` (first dimension indexed like ``index``)."""
         if self.contiguous and values.is_floating_point():  # segment_reduce has no integer kernels
             return torch.segment_reduce(values, "sum", lengths=self.count, axis=0)
         out = values.new_zeros((self.size,) + tuple(values.shape[1:]))
-        return out.index_add(0, self.index, values)
+        return out.index_add(0, self.narrow_index, values)
 
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         counts = self.count.to(values.dtype)
@@ -110,7 +162,36 @@ class Segments:
 
     def gather(self, per_segment: torch.Tensor) -> torch.Tensor:
         """Broadcast a per-segment tensor back to its elements."""
-        return per_segment.index_select(0, self.index)
+        return per_segment.index_select(0, self.narrow_index)
+
+
+def _maybe_sorted(ids: torch.Tensor, probes: int = 4096) -> bool:
+    """False when some of ``probes`` evenly spread neighbour pairs decrease: shuffled ids skip the run passes.
+
+    A cheap filter only (True does not prove sorted ids); costs O(probes).
+    """
+    stride = max(1, (ids.numel() - 1) // probes)
+    return bool((ids[1::stride] >= ids[:-1:stride]).all())
+
+
+def _sorted_runs(ids: torch.Tensor) -> "Segments | None":
+    """Segments of ids in non-decreasing order by their runs, or ``None`` when they are not sorted.
+
+    One pass marks where the id changes, a cumulative sum over the marks is
+    the (int32) index; the ids are sorted iff the run values strictly
+    increase, an M-sized check instead of an N-sized one.
+    """
+    n = ids.numel()
+    change = torch.empty(n, dtype=torch.bool, device=ids.device)
+    change[0] = False  # written in place so that the cumulative sum below needs no shifted copy
+    torch.ne(ids[1:], ids[:-1], out=change[1:])
+    starts = torch.cat([torch.zeros(1, dtype=torch.long, device=ids.device), change.nonzero().squeeze(1)])
+    unique = ids.index_select(0, starts).long()
+    if unique.numel() > 1 and not bool((unique[1:] > unique[:-1]).all()):
+        return None
+    count = torch.diff(starts, append=torch.full((1,), n, dtype=torch.long, device=ids.device))
+    index = change.cumsum(0, dtype=_index_dtype(unique.numel()))
+    return Segments(narrow_index=index, count=count, ids=unique, contiguous=True)
 
 
 def parent_of(child: Segments, parent_index: torch.Tensor, *, child_name: str, parent_name: str) -> torch.Tensor:
@@ -152,6 +233,25 @@ def carried_ids(child: Segments, columns: torch.Tensor) -> tuple[torch.Tensor, t
     return low, low != high
 
 
+def _carried_by_runs(child: Segments, columns: list[torch.Tensor]) -> torch.Tensor | None:
+    """The ``(M, K)`` coarser ids of contiguous child segments, or ``None`` when some column does not nest.
+
+    A column is constant on every run of the child iff each place where it
+    changes is a run start: compare its number of changes with the number
+    found just before the starts (a change pass and a sum, no scatter).
+    Each segment then carries its first element's id.
+    """
+    starts = child.count.cumsum(0) - child.count
+    before_start = starts[1:] - 1
+    nests = []
+    for column in columns:
+        change = column[1:] != column[:-1]
+        nests.append(change.sum() == change.index_select(0, before_start).sum())
+    if not bool(torch.stack(nests).all()):
+        return None
+    return torch.stack([column.index_select(0, starts) for column in columns], dim=1).long()
+
+
 def nested_segments(
     coarser: list[torch.Tensor], finest: Segments, labels: list[str]
 ) -> tuple[list[Segments], list[torch.Tensor]]:
@@ -168,7 +268,11 @@ def nested_segments(
     """
     if not coarser:
         return [finest], []
-    low, split = carried_ids(finest, torch.stack(coarser, dim=1))
+    low = _carried_by_runs(finest, coarser) if finest.contiguous else None
+    if low is None:  # scattered segments, or ids that do not nest: the min/max pass names the culprit
+        low, split = carried_ids(finest, torch.stack(coarser, dim=1))
+    else:
+        split = torch.zeros(low.shape, dtype=torch.bool, device=low.device)
     for k in reversed(range(len(coarser))):  # the nearest parent first
         if bool(split[:, k].any()):
             bad = int(split[:, k].nonzero()[0, 0])
@@ -191,7 +295,7 @@ def segments_for(name: str, ids, like: torch.Tensor) -> Segments:
     or an earlier call), which is only checked to cover ``like``.
     """
     if isinstance(ids, Segments):
-        if ids.index.shape != like.shape or ids.index.device != like.device:
-            raise ValueError(f"{name} segments index {ids.index.numel()} elements but the values have {like.numel()}")
+        if like.dim() != 1 or ids.elements != like.numel() or ids.device != like.device:
+            raise ValueError(f"{name} segments index {ids.elements} elements but the values have {like.numel()}")
         return ids
-    return Segments.from_ids(_validate.ids(name, ids, like))
+    return Segments.from_ids(_validate.ids(name, ids, like, sign=False), name=name)

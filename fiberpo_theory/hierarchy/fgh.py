@@ -13,7 +13,7 @@ The FiberPO family (App. E.5.4 for one level, App. E.7 for three) is the
 instance whose kernels weight every element by its trajectory mass and whose
 gates are ``m·g_agg(ρ/m, C, T)`` above the tokens and ``m·clip(ρ/m, ε)`` on
 them.  :func:`fgh_operator` is the specification; :func:`fused_gated_ratio`
-evaluates the same instance with the fused token gate of :mod:`fiberpo_theory.fused`
+evaluates the same instance with the fused token gate of :mod:`fiberpo_theory.core.fused`
 around the operator on the strata above the tokens (M trajectories instead of
 N tokens), which is what :func:`fiberpo_hierarchy_gated_ratio` runs.
 
@@ -425,7 +425,7 @@ def _above_tokens(instance: FiberPOHierarchy) -> FGH:
 def fused_gated_ratio(instance: FiberPOHierarchy, log_ratio: torch.Tensor) -> torch.Tensor:
     """R ∘ G ∘ F(r) of a FiberPO hierarchy whose tokens hang off the trajectory stratum alone, by the fused gate.
 
-    Engine: :class:`fiberpo_theory.fused.FiberGate` (token level, closed-form
+    Engine: :class:`fiberpo_theory.core.fused.FiberGate` (token level, closed-form
     backward) around the FGH operator on the strata above the tokens.  With
     the mass kernels, the token stratum's part of Eq. 27 after R is
     FiberPO's fiber gate (Eq. 16) and the rest is ``log w_τ = T_τ (G_+ − G_−)``
