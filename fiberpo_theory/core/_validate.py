@@ -46,7 +46,7 @@ def flat_values(name: str, value: torch.Tensor, *, allow_empty: bool = False) ->
 def positive_values(name: str, value: torch.Tensor) -> torch.Tensor:
     """Flat finite ratios that are strictly positive."""
     value = flat_values(name, value)
-    if not bool((value > 0).all()):
+    if not bool(value.min() > 0):  # one reduction, no boolean temporary
         bad = int((value <= 0).nonzero()[0, 0])
         raise ValueError(f"{name} must be strictly positive (a probability ratio); index {bad} is {value[bad].item()}")
     return value
