@@ -152,6 +152,17 @@ def test_negative_ids_are_named_on_every_path(ids):
         obj.fiberpo_gated_ratio(torch.zeros(ids.numel()), ids, **HYPER)
 
 
+@pytest.mark.parametrize(
+    "ids, message",
+    [(torch.tensor([0.0, 1.0]), "integer dtype"), (torch.tensor([True, False]), "integer dtype"),
+     (torch.tensor([[0, 1]]), "1-D"), ([0, 1], "torch.Tensor")],
+)
+def test_segments_built_directly_name_bad_ids(ids, message):
+    # Segments.from_ids is the documented way to index a batch once; it must refuse what segments_for refuses
+    with pytest.raises(ValueError, match=f"traj_id .*{message}"):
+        Segments.from_ids(ids, name="traj_id")
+
+
 def test_sign_key_is_twice_the_index_plus_the_negative_sign():
     traj = Segments.from_ids(torch.tensor([2, 2, 5, 5, 9]))
     x = torch.tensor([0.0, -0.0, -0.1, 0.3, -2.0])

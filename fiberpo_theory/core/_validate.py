@@ -52,18 +52,24 @@ def positive_values(name: str, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def ids(name: str, value: torch.Tensor, like: torch.Tensor, *, sign: bool = True) -> torch.Tensor:
-    """Integer segment ids, same length and device as ``like``, non-negative.
-
-    ``sign=False`` leaves the non-negativity pass to the caller, for one
-    that reads it off what it computes anyway (:meth:`Segments.from_ids`).
-    """
+def id_column(name: str, value) -> torch.Tensor:
+    """A 1-D tensor of an integer dtype (metadata only: no pass over the values)."""
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of integer ids, got {type(value).__name__}")
     if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
         raise ValueError(f"{name} must have an integer dtype, got {value.dtype}")
     if value.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(value.shape)}")
+    return value
+
+
+def ids(name: str, value: torch.Tensor, like: torch.Tensor, *, sign: bool = True) -> torch.Tensor:
+    """Integer segment ids, same length and device as ``like``, non-negative.
+
+    ``sign=False`` leaves the non-negativity pass to the caller, for one
+    that reads it off what it computes anyway (:meth:`Segments.from_ids`).
+    """
+    id_column(name, value)
     if value.shape != like.shape:
         raise ValueError(f"{name} has length {value.numel()} but the log-ratios have length {like.numel()}")
     if value.device != like.device:

@@ -105,6 +105,7 @@ class Segments:
         ids raise ``ValueError`` naming ``name``, read off the run values or
         the min that ranking needs anyway.
         """
+        _validate.id_column(name, ids)
         if ids.numel() >= 2 and _maybe_sorted(ids):
             segs = _sorted_runs(ids)
             if segs is not None:
