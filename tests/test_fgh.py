@@ -485,6 +485,22 @@ def test_turns_and_side_branches_run_the_operator():
         fgh.fused_gated_ratio(chain, x[:8])
 
 
+def test_fused_engine_builds_no_token_level_pieces():
+    """The fused engine reads only the strata above the tokens: T_τ per token and the token kernel stay unbuilt."""
+    gen = torch.Generator().manual_seed(10)
+    traj = torch.randint(0, 9, (40,), generator=gen).sort().values
+    x = torch.randn(40, dtype=torch.float64, generator=gen) * 0.2
+    h = hier.from_ids([traj // 4, traj // 2, traj])
+    lazy = fgh.fiberpo_fgh(h, trajectory=h.total - 1, eps=0.2, c_pos=0.03, c_neg=0.05, validate=False)
+    value = lazy.gated_ratio(x)
+    assert "length" not in vars(lazy) and "fgh" not in vars(lazy)
+    eager = fgh.fiberpo_fgh(h, trajectory=h.total - 1, eps=0.2, c_pos=0.03, c_neg=0.05)  # validating builds it
+    assert "fgh" in vars(eager)
+    torch.testing.assert_close(value, lazy.operator_gated_ratio(x), rtol=0, atol=1e-12)
+    moved = fgh.fiberpo_fgh(h.to("cpu"), trajectory=h.total - 1, eps=0.2, c_pos=0.03, c_neg=0.05)
+    assert h.to("cpu").segments == () and torch.equal(moved.gated_ratio(x), value)  # Segments rebuilt
+
+
 def test_fused_engine_equals_operator_with_a_process_group(tmp_path):
     """The shared strata's sums over the ranks (a one-rank gloo group: the distributed code path, exact sums)."""
     import torch.distributed as dist

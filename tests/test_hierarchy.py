@@ -95,6 +95,31 @@ def test_from_ids_rejects_bad_input():
         hier.from_ids([t], names=["a", "b", "c"])
 
 
+def test_from_ids_keeps_the_trajectory_segments():
+    """The Segments the finest ids were indexed with are kept (and their counts reused) as the finest stratum's."""
+    traj = torch.tensor([4, 4, 9, 9, 9, 11])
+    h = hier.from_ids([traj // 5, traj])
+    t = h.total - 1
+    assert h.segments[:t] == (None,) * t and h.segments[h.total] is None
+    seg = h.segments[t]
+    assert seg.contiguous and seg.count is h.token_count[t]
+    assert torch.equal(seg.index, h.projection[t]) and torch.equal(seg.ids, h.ids[t])
+    assert h.token_count[h.total].tolist() == [1] * 6
+    assert h.to("cpu").segments == ()  # Segments of another device are not carried over
+    shuffled = hier.from_ids([torch.tensor([1, 0, 1]), torch.tensor([8, 2, 8])])
+    assert not shuffled.segments[1].contiguous and shuffled.token_count[1].tolist() == [1, 2]
+
+
+def test_negative_finest_ids_are_named():
+    """The finest column's sign is checked by its indexing, which still names the argument."""
+    good = torch.tensor([0, 0, 1, 1])
+    for bad in (torch.tensor([-3, -3, 1, 1]), torch.tensor([1, -3, 1, 2])):  # the sorted and the unsorted path
+        with pytest.raises(ValueError, match=r"level_ids\[1\] must be non-negative"):
+            hier.from_ids([good, bad])
+        with pytest.raises(ValueError, match=r"columns\['trajectory'\] must be non-negative"):
+            hier.from_tree({"trajectory": bad}, {"trajectory": "token"})
+
+
 def test_ids_that_do_not_nest_are_rejected():
     group = torch.tensor([0, 0, 1, 1])
     traj = torch.tensor([5, 6, 6, 7])  # trajectory 6 has tokens in groups 0 and 1
@@ -199,6 +224,8 @@ def test_from_tree_domain_and_modality_side_by_side():
     assert _same(hier.from_graph(hier.to_graph(h)), h)
     d = h.index("domain")
     assert h.token_count[d].tolist() == [5, 1]
+    t = h.index("trajectory")
+    assert h.segments[t].count is h.token_count[t] and h.segments[d] is None
     assert hier.compose(h, d, h.total).tolist() == [0, 0, 0, 0, 0, 1]
 
 

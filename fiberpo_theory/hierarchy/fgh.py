@@ -31,7 +31,8 @@ above them, the same collectives on every rank).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
@@ -352,26 +353,40 @@ def mass_kernels(h: CompiledHierarchy, mass: Sequence[torch.Tensor]) -> tuple[to
 class FiberPOHierarchy:
     """FiberPO as an FGH instance on any hierarchy (App. E.5.4 for one level, E.7 for three).
 
-    ``length`` is T_τ per token; ``trajectory`` the stratum index that
-    defines it.  ``gated_ratio`` is ``R ∘ G ∘ F`` (the map inside Eq. 29).
+    ``trajectory`` is the stratum index that defines T_τ; ``gated_ratio`` is
+    ``R ∘ G ∘ F`` (the map inside Eq. 29).  The token-level pieces (``length``,
+    T_τ per token, and the full instance ``fgh`` with its N-sized token
+    kernel and gate) are built on first use: the fused engine never needs
+    them.  ``above`` is the instance on the strata above the tokens (the
+    trajectories as its total space) where the fused engine applies, else
+    ``None``.  Built by :func:`fiberpo_fgh`.
     """
 
-    fgh: FGH
-    length: torch.Tensor
+    hierarchy: CompiledHierarchy
     trajectory: int
     eps: float
+    above: FGH | None
+    build: Callable[[torch.Tensor], FGH] = field(repr=False, compare=False)  # T_τ per token -> full instance
+    dtype: torch.dtype = torch.float64
+    process_group: object = None
 
-    @property
-    def hierarchy(self) -> CompiledHierarchy:
-        return self.fgh.hierarchy
+    @cached_property
+    def length(self) -> torch.Tensor:
+        """T_τ of every token."""
+        return hier.trajectory_length(self.hierarchy, self.trajectory, self.dtype)
+
+    @cached_property
+    def fgh(self) -> FGH:
+        """The token-level FGH instance (mass kernels, aggregate gates, FiberPO's token gate)."""
+        return self.build(self.length)
 
     def parts(self, log_ratio: torch.Tensor) -> FGHParts:
         return self.fgh.parts(decompose(log_ratio, self.length))
 
     def gated_ratio(self, log_ratio: torch.Tensor) -> torch.Tensor:
         """R ∘ G ∘ F(r): by :func:`fused_gated_ratio` where it applies (tokens directly below the trajectories
-        alone, FiberPO's token gate), else by the operator."""
-        if _fused_applies(self):
+        alone), else by the operator."""
+        if self.above is not None:
             return fused_gated_ratio(self, log_ratio)
         return self.operator_gated_ratio(log_ratio)
 
@@ -400,26 +415,30 @@ class FiberPOHierarchy:
         return {name: self.fgh.gates[v].regime(parts.residuals[v]) for v, name in enumerate(self.hierarchy.names)}
 
 
-def _fused_applies(instance: FiberPOHierarchy) -> bool:
-    """Whether the trajectories are the only stratum directly above the tokens (no turns, no side branch)
-    and the tokens keep FiberPO's own fiber gate."""
-    h, t, token_gate = instance.hierarchy, instance.trajectory, instance.fgh.gates[-1]
-    fiber = isinstance(token_gate, FiberGate) and token_gate.eps == instance.eps
-    return fiber and t == h.total - 1 and h.coarser[h.total] == (t,)
+def _fused_applies(h: CompiledHierarchy, trajectory: int) -> bool:
+    """Whether the trajectories are the only stratum directly above the tokens (no turns, no side branch)."""
+    return trajectory == h.total - 1 and h.coarser[h.total] == (trajectory,)
 
 
-def _above_tokens(instance: FiberPOHierarchy) -> FGH:
-    """The FGH instance on the strata above the tokens, the trajectories being its total space.
+def _without_tokens(h: CompiledHierarchy) -> CompiledHierarchy:
+    """The hierarchy of the strata above the tokens, the trajectories (stratum ``h.total - 1``) its total space.
 
-    Same strata, kernels, gates and shared strata as ``instance`` minus the
-    tokens; its token counts stay the real ones (the k of every g_agg).
+    Its token counts stay the real ones (the k of every g_agg).
     """
-    h, t = instance.hierarchy, instance.trajectory
-    sub = CompiledHierarchy(
+    t = h.total - 1
+    return CompiledHierarchy(
         h.names[:-1], h.sizes[:-1], h.finer[:t] + (-1,), h.projection[:t] + (None,), h.ids[:-1], h.token_count[:-1]
     )
-    f = instance.fgh
-    return FGH(sub, f.kernels[:t] + (None,), f.gates[:-1], validate=False, process_group=f.process_group, shared=f.shared)
+
+
+def _trajectory_segments(h: CompiledHierarchy, t: int) -> Segments:
+    """The Segments the trajectory ids were indexed with, or (hierarchies from a graph, moved ones) rebuilt."""
+    if h.segments and h.segments[t] is not None:
+        return h.segments[t]
+    index = h.projection[t]
+    # dense indices, non-decreasing when the token ids were: segment_reduce by lengths applies
+    contiguous = index.numel() < 2 or bool((index[1:] >= index[:-1]).all())
+    return Segments(index=index, count=h.token_count[t], ids=h.ids[t], contiguous=contiguous)
 
 
 def fused_gated_ratio(instance: FiberPOHierarchy, log_ratio: torch.Tensor) -> torch.Tensor:
@@ -433,11 +452,10 @@ def fused_gated_ratio(instance: FiberPOHierarchy, log_ratio: torch.Tensor) -> to
     (Eq. 9).  So :func:`fgh_operator` runs on the ``(M, 2)`` channel means,
     over M trajectories instead of N tokens, and is the same Eq. 26-28 as in
     :meth:`FiberPOHierarchy.operator_gated_ratio` (tested equal).  ``instance``
-    must have the mass kernels of :func:`fiberpo_fgh` between trajectories and
-    tokens (K = 1/T_τ), as every instance it builds has.
+    must come from :func:`fiberpo_fgh` on such a hierarchy (``instance.above`` set).
     """
     h, t = instance.hierarchy, instance.trajectory
-    if not _fused_applies(instance):
+    if instance.above is None:
         raise ValueError(
             "instance: the fused engine needs the trajectories as the only stratum directly above the tokens "
             "and FiberPO's token gate"
@@ -445,17 +463,13 @@ def fused_gated_ratio(instance: FiberPOHierarchy, log_ratio: torch.Tensor) -> to
     x = _validate.flat_values("log_ratio", log_ratio)
     if x.shape[0] != h.sizes[h.total]:
         raise ValueError(f"log_ratio has {x.shape[0]} tokens but the hierarchy has {h.sizes[h.total]}")
-    index = h.projection[t]
-    # dense indices, non-decreasing when the token ids were: segment_reduce by lengths applies
-    contiguous = index.numel() < 2 or bool((index[1:] >= index[:-1]).all())
-    traj = Segments(index=index, count=h.token_count[t], ids=h.ids[t], contiguous=contiguous)
-    above = _above_tokens(instance)
+    above = instance.above
 
     def log_base(channels: torch.Tensor) -> torch.Tensor:
         gated = above(channels)  # a density on the trajectories, mass 1 each: T_τ K_{n←τ} = 1
         return gated[:, 0] - gated[:, 1]
 
-    return fiber_gated_ratio(x, traj, log_base, instance.eps)
+    return fiber_gated_ratio(x, _trajectory_segments(h, t), log_base, instance.eps)
 
 
 def _budgets(name: str, value, strata: Sequence[str]) -> tuple[float, ...]:
@@ -501,18 +515,37 @@ def fiberpo_fgh(
     eps = _validate.positive("eps", eps)
     strata = h.names[:-1]
     pos, neg = _budgets("c_pos", c_pos, strata), _budgets("c_neg", c_neg, strata)
+    budgets = [torch.tensor([pos[v], neg[v]], dtype=dtype, device=h.device) for v in range(h.total)]
     shared = hier.shared_strata(h, traj, process_group)
-    trajectory_count, token_count = hier.global_counts(h, traj, process_group)
-    length = hier.trajectory_length(h, traj, dtype)  # T_τ: a trajectory lies on one rank
+    counts = hier.global_counts(h, traj, process_group)
+    options = dict(process_group=process_group, shared=shared)
+
+    def build(length: torch.Tensor) -> FGH:  # T_τ: a trajectory lies on one rank
+        return _mass_instance(h, traj, length, counts, budgets, lambda mass: FiberGate(mass, eps), dtype,
+                              validate=validate, **options)
+
+    above = None
+    if _fused_applies(h, traj):
+        sub = _without_tokens(h)
+        one = torch.ones(h.sizes[traj], dtype=dtype, device=h.device)  # each trajectory weighs 1 (mass of App. E.7)
+        traj_gate = lambda mass: AggregateGate(mass, counts[1][traj].to(dtype), budgets[traj])  # noqa: E731
+        above = _mass_instance(sub, traj, one, counts, budgets, traj_gate, dtype, validate=False, **options)
+    instance = FiberPOHierarchy(h, traj, eps, above, build, dtype, process_group)
+    if validate:
+        instance.fgh  # noqa: B018  Def. 6.2 (i) is checked when the token-level instance is built
+    return instance
+
+
+def _mass_instance(h, traj, length, counts, budgets, last_gate, dtype, **options) -> FGH:
+    """Mass kernels and aggregate gates on every stratum but the last (App. E.7), ``last_gate(mass)`` on the last.
+
+    ``length`` is the per-element T_τ of the last stratum (its mass is 1/T_τ); ``counts`` the
+    ``(trajectory_count, token_count)`` of :func:`~fiberpo_theory.hierarchy.structure.global_counts`.
+    """
+    trajectory_count, token_count = counts
     mass = trajectory_mass(h, traj, dtype=dtype, length=length, trajectory_count=trajectory_count)
-    kernels = mass_kernels(h, mass)
-    gates: list[Gate] = []
-    for v in range(h.total):
-        budget = torch.tensor([pos[v], neg[v]], dtype=dtype, device=h.device)
-        gates.append(AggregateGate(mass[v], token_count[v].to(dtype), budget))
-    gates.append(FiberGate(mass[h.total], eps))
-    fgh = FGH(h, kernels, tuple(gates), validate=validate, process_group=process_group, shared=shared)
-    return FiberPOHierarchy(fgh, length, traj, eps)
+    gates = [AggregateGate(mass[v], token_count[v].to(dtype), budgets[v]) for v in range(h.total)]
+    return FGH(h, mass_kernels(h, mass), tuple(gates) + (last_gate(mass[h.total]),), **options)
 
 
 def fiberpo_hierarchy_gated_ratio(log_ratio, level_ids, *, eps, c_pos, c_neg, process_group=None) -> torch.Tensor:
@@ -589,5 +622,5 @@ def _trajectory_total(instance: FiberPOHierarchy) -> int:
     """|Tj| of the whole batch: trajectories lie on one rank each, so the ranks' counts add up."""
     h = instance.hierarchy
     local = torch.tensor([h.sizes[instance.trajectory]], device=h.device)
-    (total,) = global_segment_sums(torch.zeros_like(local), local, process_group=instance.fgh.process_group)
+    (total,) = global_segment_sums(torch.zeros_like(local), local, process_group=instance.process_group)
     return int(total)

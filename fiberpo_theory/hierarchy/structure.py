@@ -81,6 +81,11 @@ class CompiledHierarchy:
             total space).  In the paper's chain notation ``projection[k] = π_{k+1}``.
         ids: the original id of every element, sorted (tokens: their position).
         token_count: ``(sizes[v],)`` long, the tokens below each element (T_τ, T_g, T_D).
+        segments: for each stratum directly above the tokens, the
+            :class:`~fiberpo_theory.core.segments.Segments` its token ids were
+            indexed with (``None`` elsewhere; empty when unknown, e.g. after
+            :meth:`to` or :func:`from_graph`).  The fused FiberPO engine reads
+            its int32 index and contiguity from there instead of recomputing them.
     """
 
     names: tuple[str, ...]
@@ -89,6 +94,7 @@ class CompiledHierarchy:
     projection: tuple[torch.Tensor | None, ...]
     ids: tuple[torch.Tensor, ...]
     token_count: tuple[torch.Tensor, ...]
+    segments: tuple[Segments | None, ...] = ()
 
     @property
     def total(self) -> int:
@@ -149,14 +155,16 @@ class CompiledHierarchy:
 # ---------------------------------------------------------------------------
 
 
-def _id_column(name: str, ids: torch.Tensor, like: torch.Tensor | None, like_name: str) -> torch.Tensor:
+def _id_column(
+    name: str, ids: torch.Tensor, like: torch.Tensor | None, like_name: str, *, sign: bool = True
+) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of integer ids, got {type(ids).__name__}")
     if like is not None and ids.dim() == 1 and ids.shape != like.shape:
         raise ValueError(f"{name} has length {ids.numel()} but {like_name} has length {like.numel()}")
     if like is not None and ids.device != like.device:
         raise ValueError(f"{name} is on {ids.device} but {like_name} is on {like.device}")
-    ids = _validate.ids(name, ids, ids if like is None else like)
+    ids = _validate.ids(name, ids, ids if like is None else like, sign=sign)
     if ids.numel() == 0:
         raise ValueError(f"{name} is empty: at least one token is needed")
     return ids
@@ -166,9 +174,12 @@ def _columns(level_ids, like: torch.Tensor | None, like_name: str) -> list[torch
     if isinstance(level_ids, torch.Tensor) or not isinstance(level_ids, Sequence) or len(level_ids) == 0:
         raise ValueError("level_ids must be a non-empty list of id tensors (coarsest level first)")
     out = []
+    last = len(level_ids) - 1
     for k, ids in enumerate(level_ids):
         ref = like if like is not None else (out[0] if out else None)
-        out.append(_id_column(f"level_ids[{k}]", ids, ref, like_name if like is not None else "level_ids[0]"))
+        # the finest column's sign is read off its run values by Segments.from_ids: no separate min pass
+        out.append(_id_column(f"level_ids[{k}]", ids, ref, like_name if like is not None else "level_ids[0]",
+                              sign=k < last))
     return out
 
 
@@ -176,7 +187,8 @@ def _nested_segments(cols: list[torch.Tensor], names: list[str]) -> tuple[list[S
     """Dense indexing of every level and the projection of each level onto the one above (see
     :func:`~fiberpo_theory.core.segments.nested_segments`, shared with FiberPO-Domain's closed form)."""
     labels = [f"{name} (level_ids[{k}])" for k, name in enumerate(names[: len(cols)])]
-    return nested_segments(cols[:-1], Segments.from_ids(cols[-1]), labels)
+    finest = Segments.from_ids(cols[-1], name=f"level_ids[{len(cols) - 1}]")
+    return nested_segments(cols[:-1], finest, labels)
 
 
 def from_ids(
@@ -205,6 +217,7 @@ def from_ids(
         projection=tuple(projection),
         ids=tuple(s.ids for s in segs) + (torch.arange(cols[0].numel(), device=cols[0].device),),
         token_count=(),
+        segments=(None,) * (n - 1) + (segs[-1], None),
     )
     return _with_token_counts(h, cols[0].device)
 
@@ -272,9 +285,9 @@ def from_tree(
     cols = {}
     for name in order[:-1]:
         ref_name = like_name if like is not None else f"columns[{order[0]!r}]"
-        cols[name] = _id_column(f"columns[{name!r}]", columns[name], first, ref_name)
+        cols[name] = _id_column(f"columns[{name!r}]", columns[name], first, ref_name, sign=False)
         first = cols[name] if first is None else first
-    segs = {name: Segments.from_ids(cols[name]) for name in order[:-1]}
+    segs = {name: Segments.from_ids(cols[name], name=f"columns[{name!r}]") for name in order[:-1]}
     position = {name: i for i, name in enumerate(order)}
     projection: list[torch.Tensor | None] = []
     for name in order[:-1]:
@@ -292,6 +305,7 @@ def from_tree(
         projection=tuple(projection),
         ids=tuple(segs[s].ids for s in order[:-1]) + (torch.arange(n_tok, device=first.device),),
         token_count=(),
+        segments=tuple(segs[s] if finer[s] == total else None for s in order[:-1]) + (None,),
     )
     return _with_token_counts(h, first.device)
 
@@ -400,12 +414,21 @@ def _graph_projection(graph, labels, coarse: str, fine: str, dense) -> torch.Ten
 
 
 def _with_token_counts(h: CompiledHierarchy, device) -> CompiledHierarchy:
-    """Fill ``token_count`` by pushing one per token up every fibration (through :func:`sum_children`)."""
+    """Fill ``token_count`` by pushing one per token up every fibration (through :func:`sum_children`).
+
+    A stratum directly above the tokens whose Segments are known already
+    has its counts there, so no N-sized push is made for it.
+    """
+    known = h.segments or (None,) * len(h.names)
     counts: list[torch.Tensor | None] = [None] * len(h.names)
-    counts[h.total] = torch.ones(h.sizes[h.total], dtype=torch.long, device=device)
+    # one per token as a broadcast view: read-only, and no N-sized buffer to fill
+    counts[h.total] = torch.ones(1, dtype=torch.long, device=device).expand(h.sizes[h.total])
     for v in reversed(range(h.total)):
-        counts[v] = sum_children(counts[h.finer[v]], h.projection[v], h.sizes[v])
-    return CompiledHierarchy(h.names, h.sizes, h.finer, h.projection, h.ids, tuple(counts))
+        f = h.finer[v]
+        counts[v] = known[v].count if f == h.total and known[v] is not None else sum_children(
+            counts[f], h.projection[v], h.sizes[v]
+        )
+    return CompiledHierarchy(h.names, h.sizes, h.finer, h.projection, h.ids, tuple(counts), h.segments)
 
 
 # ---------------------------------------------------------------------------
