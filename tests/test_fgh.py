@@ -493,7 +493,7 @@ def test_fused_engine_builds_no_token_level_pieces():
     h = hier.from_ids([traj // 4, traj // 2, traj])
     lazy = fgh.fiberpo_fgh(h, trajectory=h.total - 1, eps=0.2, c_pos=0.03, c_neg=0.05, validate=False)
     value = lazy.gated_ratio(x)
-    assert "length" not in vars(lazy) and "fgh" not in vars(lazy)
+    assert "length" not in vars(lazy) and "fgh" not in vars(lazy) and "ids" not in vars(h)
     eager = fgh.fiberpo_fgh(h, trajectory=h.total - 1, eps=0.2, c_pos=0.03, c_neg=0.05)  # validating builds it
     assert "fgh" in vars(eager)
     torch.testing.assert_close(value, lazy.operator_gated_ratio(x), rtol=0, atol=1e-12)

@@ -105,6 +105,7 @@ def test_from_ids_keeps_the_trajectory_segments():
     assert seg.contiguous and seg.count is h.token_count[t]
     assert torch.equal(seg.index, h.projection[t]) and torch.equal(seg.ids, h.ids[t])
     assert h.token_count[h.total].tolist() == [1] * 6
+    assert h.element_ids[h.total] is None and h.ids[h.total].tolist() == list(range(6))  # positions on demand
     assert h.to("cpu").segments == ()  # Segments of another device are not carried over
     shuffled = hier.from_ids([torch.tensor([1, 0, 1]), torch.tensor([8, 2, 8])])
     assert not shuffled.segments[1].contiguous and shuffled.token_count[1].tolist() == [1, 2]

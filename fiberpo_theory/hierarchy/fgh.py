@@ -427,7 +427,8 @@ def _without_tokens(h: CompiledHierarchy) -> CompiledHierarchy:
     """
     t = h.total - 1
     return CompiledHierarchy(
-        h.names[:-1], h.sizes[:-1], h.finer[:t] + (-1,), h.projection[:t] + (None,), h.ids[:-1], h.token_count[:-1]
+        h.names[:-1], h.sizes[:-1], h.finer[:t] + (-1,), h.projection[:t] + (None,), h.element_ids[:-1],
+        h.token_count[:-1],
     )
 
 
@@ -438,7 +439,7 @@ def _trajectory_segments(h: CompiledHierarchy, t: int) -> Segments:
     index = h.projection[t]
     # dense indices, non-decreasing when the token ids were: segment_reduce by lengths applies
     contiguous = index.numel() < 2 or bool((index[1:] >= index[:-1]).all())
-    return Segments(index=index, count=h.token_count[t], ids=h.ids[t], contiguous=contiguous)
+    return Segments(index=index, count=h.token_count[t], ids=h.element_ids[t], contiguous=contiguous)
 
 
 def fused_gated_ratio(instance: FiberPOHierarchy, log_ratio: torch.Tensor) -> torch.Tensor:

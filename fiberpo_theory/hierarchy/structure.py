@@ -30,6 +30,7 @@ kernel ``K_v: v → finer[v]`` is one weight per element of ``finer[v]``:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Mapping, Sequence
 
 import networkx as nx
@@ -79,7 +80,9 @@ class CompiledHierarchy:
         projection: ``projection[v]`` is a ``(sizes[finer[v]],)`` long tensor,
             the fibration ``π_v`` from ``finer[v]`` onto ``v`` (``None`` for the
             total space).  In the paper's chain notation ``projection[k] = π_{k+1}``.
-        ids: the original id of every element, sorted (tokens: their position).
+        element_ids: the original id of every element, sorted; ``None`` for the
+            tokens when their ids are their positions (read :attr:`ids`, which
+            builds those on first use: the fused engine never needs N of them).
         token_count: ``(sizes[v],)`` long, the tokens below each element (T_τ, T_g, T_D).
         segments: for each stratum directly above the tokens, the
             :class:`~fiberpo_theory.core.segments.Segments` its token ids were
@@ -92,9 +95,16 @@ class CompiledHierarchy:
     sizes: tuple[int, ...]
     finer: tuple[int, ...]
     projection: tuple[torch.Tensor | None, ...]
-    ids: tuple[torch.Tensor, ...]
+    element_ids: tuple[torch.Tensor | None, ...]
     token_count: tuple[torch.Tensor, ...]
     segments: tuple[Segments | None, ...] = ()
+
+    @cached_property
+    def ids(self) -> tuple[torch.Tensor, ...]:
+        """The original id of every element, sorted (tokens: their positions)."""
+        last = self.element_ids[-1]
+        positions = torch.arange(self.sizes[self.total], device=self.device) if last is None else last
+        return self.element_ids[:-1] + (positions,)
 
     @property
     def total(self) -> int:
@@ -145,7 +155,7 @@ class CompiledHierarchy:
             self.sizes,
             self.finer,
             tuple(move(p) for p in self.projection),
-            tuple(move(i) for i in self.ids),
+            tuple(move(i) for i in self.element_ids),
             tuple(move(c) for c in self.token_count),
         )
 
@@ -215,7 +225,7 @@ def from_ids(
         sizes=tuple(s.size for s in segs) + (cols[0].numel(),),
         finer=tuple(range(1, n + 1)) + (-1,),
         projection=tuple(projection),
-        ids=tuple(s.ids for s in segs) + (torch.arange(cols[0].numel(), device=cols[0].device),),
+        element_ids=tuple(s.ids for s in segs) + (None,),
         token_count=(),
         segments=(None,) * (n - 1) + (segs[-1], None),
     )
@@ -303,7 +313,7 @@ def from_tree(
         sizes=tuple(segs[s].size for s in order[:-1]) + (n_tok,),
         finer=tuple(position[finer[s]] for s in order[:-1]) + (-1,),
         projection=tuple(projection),
-        ids=tuple(segs[s].ids for s in order[:-1]) + (torch.arange(n_tok, device=first.device),),
+        element_ids=tuple(segs[s].ids for s in order[:-1]) + (None,),
         token_count=(),
         segments=tuple(segs[s] if finer[s] == total else None for s in order[:-1]) + (None,),
     )
@@ -388,7 +398,7 @@ def from_graph(graph: nx.DiGraph) -> CompiledHierarchy:
         sizes=tuple(len(members[s]) for s in order),
         finer=tuple(position[finer[s]] for s in order[:-1]) + (-1,),
         projection=tuple(projection),
-        ids=tuple(torch.tensor(members[s], dtype=torch.long) for s in order),
+        element_ids=tuple(torch.tensor(members[s], dtype=torch.long) for s in order),
         token_count=(),
     )
     return _with_token_counts(h, torch.device("cpu"))
@@ -428,7 +438,7 @@ def _with_token_counts(h: CompiledHierarchy, device) -> CompiledHierarchy:
         counts[v] = known[v].count if f == h.total and known[v] is not None else sum_children(
             counts[f], h.projection[v], h.sizes[v]
         )
-    return CompiledHierarchy(h.names, h.sizes, h.finer, h.projection, h.ids, tuple(counts), h.segments)
+    return CompiledHierarchy(h.names, h.sizes, h.finer, h.projection, h.element_ids, tuple(counts), h.segments)
 
 
 # ---------------------------------------------------------------------------
