@@ -499,6 +499,9 @@ def test_fused_engine_builds_no_token_level_pieces():
     torch.testing.assert_close(value, lazy.operator_gated_ratio(x), rtol=0, atol=1e-12)
     moved = fgh.fiberpo_fgh(h.to("cpu"), trajectory=h.total - 1, eps=0.2, c_pos=0.03, c_neg=0.05)
     assert h.to("cpu").segments == () and torch.equal(moved.gated_ratio(x), value)  # Segments rebuilt
+    for bad in (lambda: lazy.gated_ratio(x.clone().fill_(float("nan"))), lambda: fgh.fused_gated_ratio(lazy, x[None])):
+        with pytest.raises(ValueError, match="log_ratio"):
+            bad()
 
 
 def test_fused_engine_equals_operator_with_a_process_group(tmp_path):

@@ -386,9 +386,11 @@ class FiberPOHierarchy:
     def gated_ratio(self, log_ratio: torch.Tensor) -> torch.Tensor:
         """R ∘ G ∘ F(r): by :func:`fused_gated_ratio` where it applies (tokens directly below the trajectories
         alone), else by the operator."""
-        if self.above is not None:
-            return fused_gated_ratio(self, log_ratio)
-        return self.operator_gated_ratio(log_ratio)
+        return self._gated_ratio(_validate.flat_values("log_ratio", log_ratio))
+
+    def _gated_ratio(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`gated_ratio` of log-ratios already checked to be flat and finite (checked once per call)."""
+        return _fused(self, x) if self.above is not None else self.operator_gated_ratio(x)
 
     def operator_gated_ratio(self, log_ratio: torch.Tensor) -> torch.Tensor:
         """R ∘ G ∘ F(r) by the generic token-level operator :func:`fgh_operator` (the specification)."""
@@ -455,16 +457,19 @@ def fused_gated_ratio(instance: FiberPOHierarchy, log_ratio: torch.Tensor) -> to
     :meth:`FiberPOHierarchy.operator_gated_ratio` (tested equal).  ``instance``
     must come from :func:`fiberpo_fgh` on such a hierarchy (``instance.above`` set).
     """
-    h, t = instance.hierarchy, instance.trajectory
     if instance.above is None:
         raise ValueError(
             "instance: the fused engine needs the trajectories as the only stratum directly above the tokens "
             "and FiberPO's token gate"
         )
-    x = _validate.flat_values("log_ratio", log_ratio)
+    return _fused(instance, _validate.flat_values("log_ratio", log_ratio))
+
+
+def _fused(instance: FiberPOHierarchy, x: torch.Tensor) -> torch.Tensor:
+    """:func:`fused_gated_ratio` on log-ratios already checked to be flat and finite."""
+    h, t, above = instance.hierarchy, instance.trajectory, instance.above
     if x.shape[0] != h.sizes[h.total]:
         raise ValueError(f"log_ratio has {x.shape[0]} tokens but the hierarchy has {h.sizes[h.total]}")
-    above = instance.above
 
     def log_base(channels: torch.Tensor) -> torch.Tensor:
         gated = above(channels)  # a density on the trajectories, mass 1 each: T_τ K_{n←τ} = 1
@@ -579,7 +584,7 @@ def fiberpo_hierarchy_gated_ratio(log_ratio, level_ids, *, eps, c_pos, c_neg, pr
         h, trajectory=h.total - 1, eps=eps, c_pos=c_pos, c_neg=c_neg, dtype=x.dtype, validate=False,
         process_group=process_group,
     )
-    return instance.gated_ratio(x)
+    return instance._gated_ratio(x)
 
 
 def fiberpo_tree_gated_ratio(
@@ -601,7 +606,7 @@ def fiberpo_tree_gated_ratio(
         h, trajectory=trajectory, eps=eps, c_pos=c_pos, c_neg=c_neg, dtype=x.dtype, validate=False,
         process_group=process_group,
     )
-    return instance.gated_ratio(x)
+    return instance._gated_ratio(x)
 
 
 def fgh_surrogate(log_ratio, advantages, instance: FiberPOHierarchy, weights=None) -> torch.Tensor:
@@ -612,7 +617,7 @@ def fgh_surrogate(log_ratio, advantages, instance: FiberPOHierarchy, weights=Non
     sum is then over this rank's tokens, and the ranks' values add up to Ĵ.
     """
     x = _validate.flat_values("log_ratio", log_ratio)
-    gated = instance.gated_ratio(x)
+    gated = instance._gated_ratio(x)
     if weights is None:
         n_traj = _trajectory_total(instance)
         weights = 1.0 / (n_traj * instance.length.to(gated.dtype))
