@@ -12,9 +12,10 @@ space, so there is a single leaf space for the gated densities to return to.
 Two forms describe the same object and are tested to agree:
 
 * :class:`CompiledHierarchy` holds tensors (one projection index per stratum,
-  token counts).  It is built from per-token id columns with ``torch.unique``
-  and :func:`~fiberpo_theory.core.segments.parent_of`, and is what the FGH
-  operator uses on the hot path.
+  token counts).  It is built from per-token id columns by the indexing of
+  :mod:`fiberpo_theory.core.segments` (only the finest column per token, the
+  coarser ones over its segments), and is what the FGH operator uses on the
+  hot path.
 * a NetworkX ``DiGraph`` (:func:`to_graph`, :func:`from_graph`): one node per
   element, labelled with its stratum, one edge from each element to its
   image.  It is the structural API for users, fuzzing and validation; it is
