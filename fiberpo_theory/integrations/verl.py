@@ -70,6 +70,7 @@ from verl.trainer.ppo import core_algos
 
 from ..core import baselines, diagnostics, objectives
 from ..core.losses import _padded
+from ..core.segments import segments_for
 from ._common import require_whole_groups, string_ids
 
 __all__ = [
@@ -186,10 +187,6 @@ def _finish(batch: _Batch, gated, response_mask, loss_agg_mode, config, rollout_
     return pg_loss, metrics
 
 
-def _detached(parts):
-    return parts._replace(**{name: getattr(parts, name).detach() for name in parts._fields if name != "traj"})
-
-
 # --- the losses ---------------------------------------------------------------------------------
 
 
@@ -227,12 +224,14 @@ def _fiberpo_hyper(config) -> dict:
 
 def fiberpo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
             rollout_is_weights=None):
-    """FiberPO (Eq. 6-16), one trajectory per row."""
+    """FiberPO (Eq. 6-16), one trajectory per row: the loss by the fused gate, the metrics by the reference without a graph."""
     batch = _Batch(old_log_prob, log_prob, advantages, response_mask)
     hyper = dict(_fiberpo_hyper(config), k=_hyper(config, "fiberpo_k", optional=True))
-    parts = objectives.fiberpo_parts(batch.log_ratio, batch.traj_id, **hyper)
-    metrics = diagnostics.fiberpo_metrics(_detached(parts), **hyper)
-    return _finish(batch, parts.gated_ratio, response_mask, loss_agg_mode, config, rollout_is_weights, metrics)
+    traj = segments_for("traj_id", batch.traj_id, batch.log_ratio)  # indexed once for the loss and the metrics
+    gated = objectives.fiberpo_gated_ratio(batch.log_ratio, traj, **hyper)
+    with torch.no_grad():
+        metrics = diagnostics.fiberpo_metrics(objectives.fiberpo_parts(batch.log_ratio.detach(), traj, **hyper), **hyper)
+    return _finish(batch, gated, response_mask, loss_agg_mode, config, rollout_is_weights, metrics)
 
 
 def fiberpo_domain(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
@@ -247,11 +246,13 @@ def fiberpo_domain(old_log_prob, log_prob, advantages, response_mask, loss_agg_m
         labels = None if isinstance(uid, torch.Tensor) else list(dict.fromkeys(uid))  # string_ids' order
         require_whole_groups(groups, int(rollout_n), name="prompt group uid", labels=labels)
     hyper = _fiberpo_hyper(config)
-    parts = objectives.fiberpo_domain_parts(
-        batch.log_ratio, batch.traj_id, groups[batch.traj_id], domains[batch.traj_id], **hyper
-    )
-    metrics = diagnostics.fiberpo_metrics(_detached(parts), **hyper)
-    return _finish(batch, parts.gated_ratio, response_mask, loss_agg_mode, config, rollout_is_weights, metrics)
+    traj = segments_for("traj_id", batch.traj_id, batch.log_ratio)
+    levels = (traj, groups[batch.traj_id], domains[batch.traj_id])
+    gated = objectives.fiberpo_domain_gated_ratio(batch.log_ratio, *levels, **hyper)  # the fused gate
+    with torch.no_grad():  # the metrics read the reference's intermediate quantities; no graph is kept
+        parts = objectives.fiberpo_domain_parts(batch.log_ratio.detach(), *levels, **hyper)
+        metrics = diagnostics.fiberpo_metrics(parts, **hyper)
+    return _finish(batch, gated, response_mask, loss_agg_mode, config, rollout_is_weights, metrics)
 
 
 def apc_obj(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
