@@ -41,11 +41,16 @@ def global_regime(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
 
 def local_regime(parts: FiberPOParts, *, eps) -> torch.Tensor:
     """Per-trajectory L-I (0) / L-II (1) / L-III (2) by how many |u_i| >= ε (Sec. 5.2)."""
-    over = (parts.u.abs() >= eps).to(parts.length.dtype)
+    over = (parts.signed_u.abs() >= eps).to(parts.length.dtype)  # |u| = |l·u|
     n_over = parts.traj.sum(over)
     label = torch.ones_like(n_over, dtype=torch.long)
     label = torch.where(n_over == 0, torch.zeros_like(label), label)
     return torch.where(n_over == parts.length, torch.full_like(label, 2), label)
+
+
+def _share(mask: torch.Tensor) -> float:
+    """Fraction of True entries (exact count over N, no float copy of the mask)."""
+    return int(torch.count_nonzero(mask)) / max(mask.numel(), 1)
 
 
 def _fractions(labels: torch.Tensor, names: tuple[str, ...], prefix: str) -> dict[str, float]:
@@ -66,8 +71,8 @@ def fiberpo_metrics(parts: FiberPOParts, *, eps, c_pos, c_neg, k=None) -> dict[s
     metrics.update(_fractions(neg, REGIME_NAMES, "channel_neg"))
     metrics.update(_fractions(global_regime(pos, neg), GLOBAL_REGIMES, "global"))
     metrics.update(_fractions(local_regime(parts, eps=eps), LOCAL_REGIMES, "local"))
-    metrics["clipfrac/numerator"] = float((parts.u.abs() > eps).double().mean())
-    metrics["clipfrac/denominator"] = float((parts.v.abs() > eps).double().mean())
+    metrics["clipfrac/numerator"] = _share(parts.signed_u.abs() > eps)  # |u| = |l·u|, |v| = |l·v|
+    metrics["clipfrac/denominator"] = _share(parts.signed_v.abs() > eps)
     metrics["log_s_pos/mean"] = float(parts.log_s_pos.double().mean())
     metrics["log_s_neg/mean"] = float(parts.log_s_neg.double().mean())
     metrics["log_base_weight/abs_mean"] = float(parts.log_base_weight.double().abs().mean())

@@ -55,12 +55,23 @@ def channel_means(x: torch.Tensor, traj: Segments) -> torch.Tensor:
     return torch.stack([positive / count, negative / count], dim=1)
 
 
-def _sign_tables(channels: torch.Tensor, log_base: torch.Tensor, eps: float):
-    """``(2M,)`` tables S and A of the module docstring, entry 2τ for l = +1 and 2τ + 1 for l = -1."""
+def sign_tables(channels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(2M,)`` per-(trajectory, sign) tables of l·log s^(l) and l·v = -l·log s^(-l) (Eq. 14, 15).
+
+    Entry 2τ is l = +1, entry 2τ + 1 is l = -1, so :meth:`Segments.sign_key`
+    indexes them: a token's l·u is ``x - same[key]`` and its l·v is
+    ``opposite[key]``.  The autograd reference reads the same tables.
+    """
     s_pos, s_neg = channels[:, 0], channels[:, 1]
     same = torch.stack([s_pos, -s_neg], dim=1).reshape(-1)
-    opposite = torch.stack([-s_neg, s_pos], dim=1)
-    offset = (log_base.unsqueeze(1) - opposite.clamp(-eps, eps)).reshape(-1)
+    opposite = torch.stack([-s_neg, s_pos], dim=1).reshape(-1)
+    return same, opposite
+
+
+def _sign_tables(channels: torch.Tensor, log_base: torch.Tensor, eps: float):
+    """``(2M,)`` tables S and A of the module docstring, entry 2τ for l = +1 and 2τ + 1 for l = -1."""
+    same, opposite = sign_tables(channels)
+    offset = log_base.repeat_interleave(2) - opposite.clamp(-eps, eps)
     return same, offset
 
 

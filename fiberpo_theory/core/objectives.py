@@ -15,7 +15,7 @@ import torch
 
 from . import _validate
 from .distributed import global_segment_sums
-from .fused import fiber_gated_ratio
+from .fused import channel_means, fiber_gated_ratio, sign_tables
 from .fused_apc import apc_gated_ratio
 from .gates import budget_clip, g_agg, sign_channel, sign_split, symmetric_clip
 from .segments import Segments, nested_segments, segments_for
@@ -85,34 +85,33 @@ def _check_budgets(eps, c_pos, c_neg) -> tuple[float, float, float]:
 
 
 def _trajectory_channels(x: torch.Tensor, traj: Segments):
-    """Sign labels and the signed trajectory means of Eq. 9 as an ``(M, 2)`` tensor (split by :func:`sign_split`)."""
-    return sign_channel(x), traj.mean(sign_split(x))  # columns: log s⁺, log s⁻
+    """Sign labels and the signed trajectory means of Eq. 9 as an ``(M, 2)`` tensor, columns log s⁺, log s⁻.
 
-
-def _per_token(traj: Segments, channels: torch.Tensor, log_base: torch.Tensor):
-    """One gather of what every token needs from its trajectory: log s⁺, log s⁻, log w."""
-    per_token = traj.gather(torch.cat([channels, log_base.unsqueeze(1)], dim=1))
-    return per_token[:, 0], per_token[:, 1], per_token[:, 2]
-
-
-def _fiber_gate(x, sign, log_s_pos, log_s_neg, eps):
-    """l·u, l·v (Eq. 14, 15) and log r̃^fiber = clip(l u, ε) - clip(l v, ε) (Eq. 16).
-
-    l·u = x - l·log s^(l) and l·v = -l·log s^(-l), the channel picked by l.
-    Written exactly as the fused gate (:mod:`fiberpo_theory.core.fused`) computes
-    them, so the two agree bit for bit on which side of ±ε a token lies,
-    also where the search puts it on the kink.
+    With a graph the channels come from :func:`sign_split`, whose derivative
+    at x = 0 is 1 in the positive channel and 0 in the negative one; without
+    one (metrics, checks on values) from :func:`~fiberpo_theory.core.fused.channel_means`,
+    which gives the same values bit for bit without the N-sized ``where``.
     """
-    positive = sign > 0
-    signed_u = x - torch.where(positive, log_s_pos, -log_s_neg)
-    signed_v = torch.where(positive, -log_s_neg, log_s_pos)
-    return signed_u, signed_v, symmetric_clip(signed_u, eps) - symmetric_clip(signed_v, eps)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return sign_channel(x), traj.mean(sign_split(x))
+    return sign_channel(x), channel_means(x, traj)
 
 
 def _assemble(traj, sign, channels, log_base, x, eps) -> FiberPOParts:
-    """Token-level assembly shared by FiberPO and FiberPO-Domain: G = w · r̃ (Eq. 7 / Eq. 30)."""
-    log_s_pos_tok, log_s_neg_tok, log_base_tok = _per_token(traj, channels, log_base)
-    signed_u, signed_v, log_residual = _fiber_gate(x, sign, log_s_pos_tok, log_s_neg_tok, eps)
+    """Token-level assembly shared by FiberPO and FiberPO-Domain: G = w · r̃ (Eq. 7 / Eq. 30).
+
+    l·u = x - l·log s^(l) and l·v = -l·log s^(-l) (Eq. 14, 15) are read off
+    the per-(trajectory, sign) tables the fused gate reads
+    (:func:`~fiberpo_theory.core.fused.sign_tables`, by the same key), so the two
+    agree bit for bit on which side of ±ε a token lies, also where a search
+    puts it on the kink; log r̃^fiber = clip(l u, ε) - clip(l v, ε) (Eq. 16).
+    """
+    key = traj.sign_key(x)
+    same, opposite = sign_tables(channels)
+    signed_u = x - same.index_select(0, key)
+    signed_v = opposite.index_select(0, key)
+    log_residual = symmetric_clip(signed_u, eps) - symmetric_clip(signed_v, eps)
+    log_base_tok = traj.gather(log_base)
     gated = torch.exp(log_base_tok + log_residual)
     length = traj.count.to(x.dtype)
     return FiberPOParts(
