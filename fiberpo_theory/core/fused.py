@@ -25,7 +25,9 @@ Saved for backward: G, the int32 (trajectory, sign) key and a one-byte
 flag per token; the token-level passes are two segment sums, two table
 gathers and a handful of elementwise ops each way, run over chunks of
 ``_CHUNK`` tokens so that each chain of them works in cache and needs no
-N-sized temporary.
+N-sized temporary: the forward writes the key, G and the flag, the backward
+its products straight into the gradient (out of place only under vmap,
+whose batched gradients cannot be written into our buffers).
 """
 
 from __future__ import annotations
@@ -79,19 +81,23 @@ def _sign_tables(channels: torch.Tensor, log_base: torch.Tensor, eps: float):
 _CHUNK = 1 << 16
 
 
-def _gate_tokens(x, key, same, offset, eps, gated, inside) -> None:
-    """``gated = exp(A[key] + clip(x - S[key], ε))`` and ``inside = |x - S[key]| <= ε``, chunk by chunk.
+def _gate_tokens(x, narrow, same, offset, eps, gated, inside, key) -> None:
+    """``key = 2τ + 1[x < 0]``, ``gated = exp(A[key] + clip(x - S[key], ε))`` and ``inside = |x - S[key]| <= ε``.
 
-    ``gated`` carries S, the residual, A and G in turn and the clipped
+    Chunk by chunk, so each chunk's key is built while its log-ratios are in
+    cache; ``gated`` carries S, the residual, A and G in turn and the clipped
     residual lives in one chunk-sized scratch buffer: no N-sized temporary.
+    The key is :meth:`Segments.sign_key`'s, written in place.
     """
     clipped = torch.empty(min(_CHUNK, x.numel()), dtype=x.dtype, device=x.device)
     for start in range(0, x.numel(), _CHUNK):
         part = slice(start, start + _CHUNK)
-        k, work = key[part], gated[part]
+        k, work, xs = key[part], gated[part], x[part]
+        torch.lt(xs, 0, out=k)
+        k.add_(narrow[part], alpha=2)
         clip = clipped[: work.numel()]
         torch.index_select(same, 0, k, out=work)
-        torch.sub(x[part], work, out=work)
+        torch.sub(xs, work, out=work)
         torch.clamp(work, -eps, eps, out=clip)
         torch.eq(clip, work, out=inside[part])  # |x - S| <= ε, one comparison
         torch.index_select(offset, 0, k, out=work)
@@ -106,9 +112,10 @@ class FiberGate(torch.autograd.Function):
         with torch.enable_grad():
             channels = channel_means(x.detach(), traj).requires_grad_(True)
             same, offset = _sign_tables(channels, log_base_fn(channels), eps)
-        key = traj.sign_key(x)  # the (trajectory, sign) entry of every token; l = +1 at x = 0
+        narrow = traj.narrow_index
         gated, inside = torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool, device=x.device)
-        _gate_tokens(x, key, same.detach(), offset.detach(), eps, gated, inside)
+        key = torch.empty(x.shape, dtype=narrow.dtype, device=x.device)  # (trajectory, sign) entry; l = +1 at x = 0
+        _gate_tokens(x, narrow, same.detach(), offset.detach(), eps, gated, inside, key)
         ctx.save_for_backward(gated, key, inside)
         ctx.traj, ctx.channels, ctx.tables = traj, channels, (same, offset)
         return gated
@@ -118,24 +125,46 @@ class FiberGate(torch.autograd.Function):
     def backward(ctx, grad_gated):
         gated, key, inside = ctx.saved_tensors
         traj, channels, (same, offset) = ctx.traj, ctx.channels, ctx.tables
-        a_inside, grad_offset, grad_same = _reduce_tokens(grad_gated, gated, key, inside, offset.numel())
+        reduce = _reduce_tokens_batched if _is_batched(grad_gated) else _reduce_tokens
+        grad_x, grad_offset, grad_same = reduce(grad_gated, gated, key, inside, offset.numel())
         # retain: gradcheck and retain_graph users call backward more than once (the graph is M-sized)
         (grad_channels,) = torch.autograd.grad((same, offset), channels, (grad_same, grad_offset), retain_graph=True)
         # ∂ log s⁺/∂x_j = 1[x_j >= 0]/T, ∂ log s⁻/∂x_j = -1[x_j < 0]/T
         per_channel = grad_channels / traj.count.to(grad_offset.dtype).unsqueeze(1)
         per_channel = torch.stack([per_channel[:, 0], -per_channel[:, 1]], dim=1).reshape(-1)
-        chunks = [per_channel.index_select(0, key[start : start + _CHUNK]).add_(part)
-                  for start, part in zip(range(0, key.numel(), _CHUNK), a_inside)]
-        return torch.cat(chunks) if len(chunks) > 1 else chunks[0], None, None, None
+        return _add_channel_terms(grad_x, per_channel, key), None, None, None
+
+
+def _is_batched(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a vmap-batched gradient (``jacobian(vectorize=True)``): no writes into our buffers then."""
+    functorch = torch._C._functorch  # jacobian(vectorize=True) batches with the legacy wrapper, torch.func with the new
+    return bool(functorch.is_legacy_batchedtensor(tensor) or functorch.is_batchedtensor(tensor))
 
 
 def _reduce_tokens(grad_gated, gated, key, inside, size):
-    """Chunks of a·1u and the (2M,) sums ∂L/∂A = Σ a and ∂L/∂S = -Σ a·1u of the module docstring.
+    """a·1u written into the gradient buffer, and the (2M,) sums ∂L/∂A = Σ a and ∂L/∂S = -Σ a·1u.
 
     Chunk by chunk so that each chunk's products stay in cache; the tables
-    accumulate in token order, as one ``index_add`` would.  Nothing is
-    written into a buffer made here from outside values: under vmap
-    (``jacobian(vectorize=True)``) the gradient is batched and such writes fail.
+    accumulate in token order, as one ``index_add`` would.
+    """
+    dtype = torch.promote_types(grad_gated.dtype, gated.dtype)
+    grad_offset, grad_inside = (torch.zeros(size, dtype=dtype, device=gated.device) for _ in range(2))
+    grad_x = torch.empty(gated.shape, dtype=dtype, device=gated.device)
+    for start in range(0, gated.numel(), _CHUNK):
+        part, k = slice(start, start + _CHUNK), key[start : start + _CHUNK]
+        a = torch.mul(grad_gated[part], gated[part], out=grad_x[part])
+        grad_offset.index_add_(0, k, a)
+        a.mul_(inside[part].view(torch.uint8))  # a uint8 factor multiplies without the bool promotion copy
+        grad_inside.index_add_(0, k, a)
+    return grad_x, grad_offset, -grad_inside
+
+
+def _reduce_tokens_batched(grad_gated, gated, key, inside, size):
+    """:func:`_reduce_tokens` for a vmap-batched gradient: the same sums, out of place.
+
+    Under vmap nothing may be written into a buffer made here from batched
+    values, so each chunk's a·1u is a fresh tensor and the tables are
+    rebuilt by out-of-place ``index_add``; the chunks are joined at the end.
     """
     dtype = torch.promote_types(grad_gated.dtype, gated.dtype)
     grad_offset = grad_inside = torch.zeros(size, dtype=dtype, device=gated.device)
@@ -144,10 +173,25 @@ def _reduce_tokens(grad_gated, gated, key, inside, size):
         part, k = slice(start, start + _CHUNK), key[start : start + _CHUNK]
         a = grad_gated[part] * gated[part]
         grad_offset = grad_offset.index_add(0, k, a)
-        a.mul_(inside[part].view(torch.uint8))  # a uint8 factor multiplies without the bool promotion copy
+        a = a * inside[part]
         grad_inside = grad_inside.index_add(0, k, a)
         kept.append(a)
-    return kept, grad_offset, -grad_inside
+    return torch.cat(kept) if len(kept) > 1 else kept[0], grad_offset, -grad_inside
+
+
+def _add_channel_terms(grad_x, per_channel, key):
+    """``grad_x += per_channel[key]``: each token's share of its trajectory's channel-mean gradient.
+
+    In place, chunk by chunk through one scratch buffer, unless ``grad_x``
+    is vmap-batched (then out of place).
+    """
+    if _is_batched(grad_x) or _is_batched(per_channel):
+        return grad_x + per_channel.index_select(0, key)
+    scratch = torch.empty(min(_CHUNK, key.numel()), dtype=per_channel.dtype, device=per_channel.device)
+    for start in range(0, key.numel(), _CHUNK):
+        k = key[start : start + _CHUNK]
+        grad_x[start : start + _CHUNK].add_(torch.index_select(per_channel, 0, k, out=scratch[: k.numel()]))
+    return grad_x
 
 
 def fiber_gated_ratio(x: torch.Tensor, traj: Segments, log_base_fn, eps: float) -> torch.Tensor:
