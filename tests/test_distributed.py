@@ -80,65 +80,75 @@ def _worker(rank, world, init_file, shards, generic, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     pg = dist.group.WORLD
-    shard = shards[rank]
     result = {}
     try:
-        # 1. FiberPO-Domain on the shard, global μ = 1 / (|Tj| T_τ) with the global trajectory count
-        x = shard["x"].clone().requires_grad_(True)
-        parts = obj.fiberpo_domain_parts(x, shard["traj"], shard["group"], shard["domain"],
-                                         process_group=pg, **HYPER)
-        n_traj = torch.tensor([parts.traj.size])
-        dist.all_reduce(n_traj, group=pg)
-        mu = 1.0 / (n_traj.item() * parts.traj.gather(parts.traj.count.to(x.dtype)))
-        (mu * parts.gated_ratio * shard["adv"]).sum().backward()
-        result.update(gated=parts.gated_ratio.detach(), log_base=parts.log_base_weight.detach(), grad=x.grad)
-        result["same_api"] = obj.fiberpo_domain_gated_ratio(
-            shard["x"], shard["traj"], shard["group"], shard["domain"], process_group=pg, **HYPER)
-        result["local_only"] = obj.fiberpo_domain_gated_ratio(
-            shard["x"], shard["traj"], shard["group"], shard["domain"], **HYPER)
-
-        # 2. the generic function: totals per id and the gradient of Σ_ranks Σ_m weight·total
-        g = generic[rank]
-        value = g["value"].clone().requires_grad_(True)
-        total_value, total_count = global_segment_sums(g["ids"], value, g["count"], process_group=pg)
-        (g["weight"] * total_value).sum().backward()
-        result.update(total_value=total_value.detach(), total_count=total_count, value_grad=value.grad)
-
-        # 3. a group that belongs to two domains on two different ranks must fail on every rank
-        bad_domain = 1 if rank == 1 else 0
-        try:
-            obj.fiberpo_domain_gated_ratio(torch.tensor([0.1, -0.2], dtype=torch.float64),
-                                           torch.tensor([0, 0]), torch.tensor([500, 500]),
-                                           torch.tensor([bad_domain, bad_domain]), process_group=pg, **HYPER)
-            result["nesting_error"] = None
-        except ValueError as err:
-            result["nesting_error"] = str(err)
-
-        # 4. a process_group that is not a ProcessGroup (no collective is entered)
-        try:
-            global_segment_sums(g["ids"], g["count"], process_group="world")
-            result["type_error"] = None
-        except ValueError as err:
-            result["type_error"] = str(err)
-
-        # 5. the verl-style registry loss passes process_group through to the aggregates
-        gen = torch.Generator().manual_seed(100 + rank)
-        old_lp = -torch.rand(2, 3, generator=gen, dtype=torch.float64)
-        new_lp = old_lp + 0.3 * torch.randn(2, 3, generator=gen, dtype=torch.float64)
-        adv = torch.randn(2, 1, generator=gen, dtype=torch.float64).expand(2, 3)
-        mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-        rows = dict(group_ids=torch.tensor([7, 8]), domain_ids=torch.tensor([1, 1]))  # both groups span every rank
-        loss_fn = POLICY_LOSSES["fiberpo_domain"]
-        result["registry_loss"] = loss_fn(old_lp, new_lp, adv, mask, "token-mean", process_group=pg, **rows, **HYPER)[0]
-        result["registry_local"] = loss_fn(old_lp, new_lp, adv, mask, "token-mean", **rows, **HYPER)[0]
-        on = mask.bool()
-        gated = obj.fiberpo_domain_gated_ratio((new_lp - old_lp)[on], torch.tensor([0, 0, 0, 1, 1]),
-                                               torch.tensor([7, 7, 7, 8, 8]), torch.tensor([1] * 5),
-                                               process_group=pg, **HYPER)
-        result["registry_expected"] = -(gated * adv[on]).mean()
+        result.update(_domain_on_shard(shards[rank], pg))
+        result.update(_generic_sums(generic[rank], pg))
+        result["nesting_error"] = _error_of(lambda: _split_group_across_ranks(rank, pg))
+        # a process_group that is not a ProcessGroup (no collective is entered)
+        result["type_error"] = _error_of(lambda: global_segment_sums(generic[rank]["ids"], generic[rank]["count"],
+                                                                     process_group="world"))
+        result.update(_registry_loss(rank, pg))
     finally:
         torch.save(result, f"{out_dir}/rank{rank}.pt")
         dist.destroy_process_group()
+
+
+def _error_of(call):
+    """The ValueError message ``call`` raises, or None when it returns."""
+    try:
+        call()
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _domain_on_shard(shard, pg):
+    """FiberPO-Domain on one shard, global μ = 1 / (|Tj| T_τ) with the global trajectory count."""
+    x = shard["x"].clone().requires_grad_(True)
+    parts = obj.fiberpo_domain_parts(x, shard["traj"], shard["group"], shard["domain"], process_group=pg, **HYPER)
+    n_traj = torch.tensor([parts.traj.size])
+    dist.all_reduce(n_traj, group=pg)
+    mu = 1.0 / (n_traj.item() * parts.traj.gather(parts.traj.count.to(x.dtype)))
+    (mu * parts.gated_ratio * shard["adv"]).sum().backward()
+    ids = (shard["x"], shard["traj"], shard["group"], shard["domain"])
+    return dict(gated=parts.gated_ratio.detach(), log_base=parts.log_base_weight.detach(), grad=x.grad,
+                same_api=obj.fiberpo_domain_gated_ratio(*ids, process_group=pg, **HYPER),
+                local_only=obj.fiberpo_domain_gated_ratio(*ids, **HYPER))
+
+
+def _generic_sums(g, pg):
+    """The generic function: totals per id and the gradient of Σ_ranks Σ_m weight·total."""
+    value = g["value"].clone().requires_grad_(True)
+    total_value, total_count = global_segment_sums(g["ids"], value, g["count"], process_group=pg)
+    (g["weight"] * total_value).sum().backward()
+    return dict(total_value=total_value.detach(), total_count=total_count, value_grad=value.grad)
+
+
+def _split_group_across_ranks(rank, pg):
+    """A group that belongs to two domains on two different ranks: must fail on every rank."""
+    bad_domain = 1 if rank == 1 else 0
+    obj.fiberpo_domain_gated_ratio(torch.tensor([0.1, -0.2], dtype=torch.float64), torch.tensor([0, 0]),
+                                   torch.tensor([500, 500]), torch.tensor([bad_domain, bad_domain]),
+                                   process_group=pg, **HYPER)
+
+
+def _registry_loss(rank, pg):
+    """The verl-style registry loss passes process_group through to the aggregates."""
+    gen = torch.Generator().manual_seed(100 + rank)
+    old_lp = -torch.rand(2, 3, generator=gen, dtype=torch.float64)
+    new_lp = old_lp + 0.3 * torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    adv = torch.randn(2, 1, generator=gen, dtype=torch.float64).expand(2, 3)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    rows = dict(group_ids=torch.tensor([7, 8]), domain_ids=torch.tensor([1, 1]))  # both groups span every rank
+    loss_fn = POLICY_LOSSES["fiberpo_domain"]
+    on = mask.bool()
+    gated = obj.fiberpo_domain_gated_ratio((new_lp - old_lp)[on], torch.tensor([0, 0, 0, 1, 1]),
+                                           torch.tensor([7, 7, 7, 8, 8]), torch.tensor([1] * 5),
+                                           process_group=pg, **HYPER)
+    return dict(registry_loss=loss_fn(old_lp, new_lp, adv, mask, "token-mean", process_group=pg, **rows, **HYPER)[0],
+                registry_local=loss_fn(old_lp, new_lp, adv, mask, "token-mean", **rows, **HYPER)[0],
+                registry_expected=-(gated * adv[on]).mean())
 
 
 def _reference(batch):

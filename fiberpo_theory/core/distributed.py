@@ -168,12 +168,7 @@ def global_segment_sums(
     when ``parent_ids`` is given.
     """
     ids = _check_ids("ids", ids)
-    for k, value in enumerate(values):
-        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != ids.numel():
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"values[{k}] must be a tensor with {ids.numel()} rows (one per id), got {shape}")
-        if value.device != ids.device:
-            raise ValueError(f"values[{k}] is on {value.device} but ids are on {ids.device}")
+    _check_values(ids, values)
     if parent_ids is not None:
         parent_ids = _check_ids("parent_ids", parent_ids)
         if parent_ids.shape != ids.shape:
@@ -186,15 +181,32 @@ def global_segment_sums(
     position = torch.searchsorted(union, ids)
     if parent_ids is not None:
         _check_single_parent(union, position, parent_ids, process_group, name=name, parent_name=parent_name)
+    return _reduce_by_dtype(values, union.numel(), position, process_group)
 
-    # Scatter every value into a (U, C) table; one all-reduce per dtype.
-    columns = [value.reshape(ids.numel(), value.shape[1:].numel()) for value in values]
+
+def _check_values(ids: torch.Tensor, values) -> None:
+    """Every value has one row per id and lives on the ids' device."""
+    for k, value in enumerate(values):
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != ids.numel():
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"values[{k}] must be a tensor with {ids.numel()} rows (one per id), got {shape}")
+        if value.device != ids.device:
+            raise ValueError(f"values[{k}] is on {value.device} but ids are on {ids.device}")
+
+
+def _reduce_by_dtype(values, union_size: int, position: torch.Tensor, process_group) -> tuple[torch.Tensor, ...]:
+    """Scatter every value into a ``(U, C)`` table at its union position and all-reduce it, one table per dtype.
+
+    One collective per dtype rather than per value: the values of a level
+    (sums and counts) travel together.
+    """
+    columns = [value.reshape(position.numel(), value.shape[1:].numel()) for value in values]
     totals: list[torch.Tensor | None] = [None] * len(values)
     for dtype in dict.fromkeys(column.dtype for column in columns):
         members = [k for k, column in enumerate(columns) if column.dtype == dtype]
         widths = [columns[k].shape[1] for k in members]
         local = torch.cat([columns[k] for k in members], dim=1)
-        table = local.new_zeros((union.numel(), local.shape[1])).index_add(0, position, local)
+        table = local.new_zeros((union_size, local.shape[1])).index_add(0, position, local)
         table = _AllReduceSum.apply(table, process_group)
         for k, part in zip(members, table.index_select(0, position).split(widths, dim=1)):
             totals[k] = part.reshape(values[k].shape)

@@ -507,6 +507,29 @@ def _first_crossings(t: np.ndarray, values: np.ndarray, level: float, scalar: Ca
     return found
 
 
+def _drift_markers(evaluate, t, arr, max_abs_u, *, eps, c_pos, c_neg, k) -> list[DriftMarker]:
+    """Where the path first crosses ε (largest |u|, then each token) and each of C⁻, C*⁻, C⁺, C*⁺, by bisection."""
+
+    def scalar(name, reduce=None):
+        def f(s: float) -> float:
+            v = evaluate(torch.tensor([s], dtype=DTYPE), full=False)[name]
+            return float(reduce(v) if reduce else v.reshape(-1)[0])
+
+        return f
+
+    markers: list[DriftMarker] = []
+    for s in _first_crossings(t, max_abs_u, eps, scalar("abs_u", lambda v: v.max())):
+        markers.append(DriftMarker(s, "eps"))
+    for i in range(arr["abs_u"].shape[1]):
+        for s in _first_crossings(t, arr["abs_u"][:, i], eps, scalar("abs_u", lambda v, i=i: v[0, i])):
+            markers.append(DriftMarker(s, "eps-token", token=i))
+    bounds = _channel_boundaries(c_pos, c_neg, k)
+    for key, channel in (("C-", "log_s_neg"), ("C*-", "log_s_neg"), ("C+", "log_s_pos"), ("C*+", "log_s_pos")):
+        for s in _first_crossings(t, arr[channel], bounds[key], scalar(channel)):
+            markers.append(DriftMarker(s, key))
+    return markers
+
+
 def drift_data(
     *,
     t_len: int = 10,
@@ -534,23 +557,7 @@ def drift_data(
     arr = {name: _numpy(v) for name, v in ev.items() if name != "parts"}
     max_abs_u = arr["abs_u"].max(axis=1)
 
-    def scalar(name, reduce=None):
-        def f(s: float) -> float:
-            v = evaluate(torch.tensor([s], dtype=DTYPE), full=False)[name]
-            return float(reduce(v) if reduce else v.reshape(-1)[0])
-
-        return f
-
-    markers: list[DriftMarker] = []
-    for s in _first_crossings(t, max_abs_u, eps, scalar("abs_u", lambda v: v.max())):
-        markers.append(DriftMarker(s, "eps"))
-    for i in range(t_len):
-        for s in _first_crossings(t, arr["abs_u"][:, i], eps, scalar("abs_u", lambda v, i=i: v[0, i])):
-            markers.append(DriftMarker(s, "eps-token", token=i))
-    bounds = _channel_boundaries(c_pos, c_neg, k)
-    for key, channel in (("C-", "log_s_neg"), ("C*-", "log_s_neg"), ("C+", "log_s_pos"), ("C*+", "log_s_pos")):
-        for s in _first_crossings(t, arr[channel], bounds[key], scalar(channel)):
-            markers.append(DriftMarker(s, key))
+    markers = _drift_markers(evaluate, t, arr, max_abs_u, eps=eps, c_pos=c_pos, c_neg=c_neg, k=k)
 
     bar = evaluate(torch.tensor([t_bar], dtype=DTYPE))
     parts = bar["parts"]

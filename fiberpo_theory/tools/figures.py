@@ -132,12 +132,22 @@ def _contour(ax, m: SimplexMap, field_, level, **style):
 
 def plot_figure3(local: SimplexMap, full: SimplexMap):
     """Figure 3 (our rendering): local regimes (zoomed), global regimes, and log w on the simplex."""
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
     fig = _figure(14.5, 5.0)
     ax_a, ax_b, ax_c = fig.subplots(1, 3)
-    b = full.boundaries
+    _local_regimes_panel(ax_a, local, full.boundaries)
+    _global_regimes_panel(ax_b, full)
+    _log_w_simplex_panel(fig, ax_c, full)
+    fig.suptitle(
+        f"Regimes of one T = 3 trajectory on the simplex (1/T)Σ r_t = 1  "
+        f"(ε = {full.eps:g}, C⁺ = {full.c_pos:g}, C⁻ = {full.c_neg:g}, k = {full.k:g}, C*± = (1+1/k)C±)",
+        fontsize=10)
+    return fig
+
+
+def _local_regimes_panel(ax_a, local: SimplexMap, b: dict[str, float]):
+    """Panel (a): the local regimes near r = (1, 1, 1) with the ε and C± boundaries."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     _regime_image(ax_a, local, local.local_regime, _LOCAL_COLORS)
     _contour(ax_a, local, local.max_abs_u, local.eps, colors=_TEAL, linewidths=1.6)
@@ -162,6 +172,13 @@ def plot_figure3(local: SimplexMap, full: SimplexMap):
            Line2D([], [], color=_BLUE, ls="--", label=f"P = C⁺ = {b['C+']:g}")],
         fontsize=7, loc="lower left", framealpha=0.9)
 
+
+def _global_regimes_panel(ax_b, full: SimplexMap):
+    """Panel (b): the global regimes on the whole simplex with the C± and C*± boundaries."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    b = full.boundaries
     _regime_image(ax_b, full, full.global_regime, _GLOBAL_COLORS)
     _simplex_frame(ax_b, full)
     _contour(ax_b, full, full.log_s_neg, b["C-"], colors=_RED, linewidths=1.3)
@@ -181,6 +198,10 @@ def plot_figure3(local: SimplexMap, full: SimplexMap):
            Line2D([], [], color=_BLUE, ls=":", label=f"P = C*⁺ = {b['C*+']:.3g}")],
         fontsize=7, loc="upper left", framealpha=0.9)
 
+
+def _log_w_simplex_panel(fig, ax_c, full: SimplexMap):
+    """Panel (c): log w on the simplex with the L-I boundary and the C± lines."""
+    b = full.boundaries
     vmax = float(np.nanmax(np.abs(full.log_w)))
     extent = (full.x[0], full.x[-1], full.y[0], full.y[-1])
     im = ax_c.imshow(_masked(full.log_w, full.inside), origin="lower", extent=extent, cmap="RdBu_r",
@@ -191,11 +212,8 @@ def plot_figure3(local: SimplexMap, full: SimplexMap):
     _contour(ax_c, full, full.max_abs_u, full.eps, colors=_TEAL, linewidths=1.0)
     ax_c.set_title("(c) log w_base with the L-I boundary (teal) and N = C⁻, P = C⁺", fontsize=9)
     fig.colorbar(im, ax=ax_c, label="log w_base", shrink=0.8)
-    fig.suptitle(
-        f"Regimes of one T = 3 trajectory on the simplex (1/T)Σ r_t = 1  "
-        f"(ε = {full.eps:g}, C⁺ = {full.c_pos:g}, C⁻ = {full.c_neg:g}, k = {full.k:g}, C*± = (1+1/k)C±)",
-        fontsize=10)
-    return fig
+
+
 
 
 _MARKER_STYLE = {
@@ -215,12 +233,22 @@ def _markers(ax, d: DriftData):
 
 def plot_figure4(d: DriftData):
     """Figure 4: (a) path over log w, (b) fiber correction at t_bar, (c) per-token, (d) total objective."""
-    from matplotlib.lines import Line2D
-
     fig = _figure(12.0, 9.0)
     (ax_a, ax_b), (ax_c, ax_d) = fig.subplots(2, 2)
-    b = d.heatmap.boundaries
+    _drift_path_panel(fig, ax_a, d)
+    _fiber_correction_panel(ax_b, d)
+    _token_objective_panel(ax_c, d)
+    _total_objective_panel(ax_d, d)
+    fig.suptitle(
+        f"Per-token and total objective under r_i = 1 + tΔ_i  (T = {d.delta.size}, k = {d.k:g}, ε = {d.eps:g}, "
+        f"C⁺ = {d.c_pos:g}, C⁻ = {d.c_neg:g}, sign Δ_i = sign Â_i, seed {DRIFT_SEED})",
+        fontsize=10)
+    return fig
 
+
+def _drift_path_panel(fig, ax_a, d: DriftData):
+    """Panel (a): the drift path r = 1 + tΔ drawn over the log w map, with integer t marked."""
+    b = d.heatmap.boundaries
     im = _log_w_image(ax_a, d.heatmap)
     _channel_lines(ax_a, b, alpha=0.8)
     inside = (d.log_s_pos <= d.heatmap.log_s_pos[-1]) & (d.log_s_neg <= d.heatmap.log_s_neg[-1])
@@ -240,6 +268,9 @@ def plot_figure4(d: DriftData):
     ax_a.legend(fontsize=7, loc="upper right", framealpha=0.9)
     fig.colorbar(im, ax=ax_a, label="log w_base")
 
+
+def _fiber_correction_panel(ax_b, d: DriftData):
+    """Panel (b): each token's log-ratio and its two log-space corrections at t = t_bar."""
     idx = np.arange(d.delta.size)
     wdt = 0.38
     ax_b.bar(idx - wdt / 2, d.bar_log_ratio, wdt, color="#9db8e8", label="raw log rᵢ")
@@ -255,6 +286,9 @@ def plot_figure4(d: DriftData):
     ax_b.set_title(f"(b) per-token fiber correction at t = {d.t_bar:g}", fontsize=9)
     ax_b.legend(fontsize=7, loc="best")
 
+
+def _token_objective_panel(ax_c, d: DriftData):
+    """Panel (c): two tokens' objective along the path, FiberPO against GRPO."""
     colors = (_RED, _BLUE)
     for c, i in zip(colors, d.tokens):
         ax_c.plot(d.t, d.fiberpo_token[:, i], color=c, lw=1.6, label=f"FiberPO token {i}: Δ = {d.delta[i]:+.3f}")
@@ -265,6 +299,11 @@ def plot_figure4(d: DriftData):
     ax_c.set_ylabel("G(r)ᵢ · Âᵢ")
     ax_c.set_title("(c) per-token objective, FiberPO vs GRPO", fontsize=9)
     ax_c.legend(fontsize=7, loc="best")
+
+
+def _total_objective_panel(ax_d, d: DriftData):
+    """Panel (d): the total objective along the path, with the regime changes marked."""
+    from matplotlib.lines import Line2D
 
     ax_d.plot(d.t, d.fiberpo_total, color=_BLUE, lw=1.8, label="FiberPO")
     ax_d.plot(d.t, d.grpo_total, color="0.35", lw=1.2, ls="--", label="GRPO (same ε)")
@@ -282,11 +321,8 @@ def plot_figure4(d: DriftData):
                 Line2D([], [], **_MARKER_STYLE["C+"], label="P = C⁺ (rollback)"),
                 Line2D([], [], **_MARKER_STYLE["C*+"], label="P = C*⁺ (zeroed)")]
     ax_d.legend(handles=handles, fontsize=7, loc="best", ncol=2)
-    fig.suptitle(
-        f"Per-token and total objective under r_i = 1 + tΔ_i  (T = {d.delta.size}, k = {d.k:g}, ε = {d.eps:g}, "
-        f"C⁺ = {d.c_pos:g}, C⁻ = {d.c_neg:g}, sign Δ_i = sign Â_i, seed {DRIFT_SEED})",
-        fontsize=10)
-    return fig
+
+
 
 
 # ---------------------------------------------------------------------------
