@@ -11,7 +11,6 @@ Process start-up dominates the cost, so each spawn runs every distributed check 
 only compute and save, and the parent process asserts.
 """
 
-import datetime
 
 import pytest
 import torch
@@ -21,6 +20,8 @@ import torch.multiprocessing as mp
 from fiberpo_theory.core import objectives as obj
 from fiberpo_theory.core.losses import POLICY_LOSSES
 from fiberpo_theory.core.distributed import global_segment_sums
+
+from _gloo import run_rank, value_error_of
 
 HYPER = dict(eps=0.1, c_pos=0.12, c_neg=0.2)
 ATOL = 1e-12
@@ -77,30 +78,16 @@ def _batch(world: int, seed: int):
 
 
 def _worker(rank, world, init_file, shards, generic, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    pg = dist.group.WORLD
-    result = {}
-    try:
+    def body(result, pg):
         result.update(_domain_on_shard(shards[rank], pg))
         result.update(_generic_sums(generic[rank], pg))
-        result["nesting_error"] = _error_of(lambda: _split_group_across_ranks(rank, pg))
+        result["nesting_error"] = value_error_of(lambda: _split_group_across_ranks(rank, pg))
         # a process_group that is not a ProcessGroup (no collective is entered)
-        result["type_error"] = _error_of(lambda: global_segment_sums(generic[rank]["ids"], generic[rank]["count"],
-                                                                     process_group="world"))
+        result["type_error"] = value_error_of(lambda: global_segment_sums(
+            generic[rank]["ids"], generic[rank]["count"], process_group="world"))
         result.update(_registry_loss(rank, pg))
-    finally:
-        torch.save(result, f"{out_dir}/rank{rank}.pt")
-        dist.destroy_process_group()
 
-
-def _error_of(call):
-    """The ValueError message ``call`` raises, or None when it returns."""
-    try:
-        call()
-    except ValueError as err:
-        return str(err)
-    return None
+    run_rank(rank, world, init_file, out_dir, body)
 
 
 def _domain_on_shard(shard, pg):

@@ -12,7 +12,6 @@ Process start-up dominates the cost, so each spawn runs every distributed check 
 only compute and save, and the parent process asserts.
 """
 
-import datetime
 
 import pytest
 import torch
@@ -22,6 +21,8 @@ import torch.multiprocessing as mp
 from fiberpo_theory.hierarchy import fgh
 from fiberpo_theory import hierarchy as hier
 from fiberpo_theory.core import objectives as obj
+
+from _gloo import run_rank, value_error_of
 
 ATOL = 1e-12
 EPS = 0.1
@@ -108,12 +109,9 @@ def _weighted_grad(f, data):
 
 
 def _worker(rank, world, init_file, shards, budgets, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    pg = dist.group.WORLD
     s = shards[rank]
-    result = {}
-    try:
+
+    def body(result, pg):
         # 1. four levels above the tokens, per-level budgets
         result["chain"] = _weighted_grad(lambda x: fgh.fiberpo_hierarchy_gated_ratio(
             x, _levels(s), process_group=pg, **budgets), s)
@@ -139,30 +137,21 @@ def _worker(rank, world, init_file, shards, budgets, out_dir):
         # 5. a task that belongs to two domains on two ranks must fail on every rank
         one = torch.ones(2, dtype=torch.long)
         bad = [one * (1 if rank == 1 else 0), one * 500, one * 7, one * 0]
-        result["nesting_error"] = _error(lambda: fgh.fiberpo_hierarchy_gated_ratio(
+        result["nesting_error"] = value_error_of(lambda: fgh.fiberpo_hierarchy_gated_ratio(
             torch.tensor([0.1, -0.2], dtype=torch.float64), bad, process_group=pg, **HYPER))
         # ... and on a tree, a group that belongs to two modalities (its second coarsening stratum)
         columns = {"trajectory": one * 0, "group": one * 500, "domain": one * 3, "modality": bad[0]}
         finer = {"trajectory": "token", "group": "trajectory", "domain": "group", "modality": "group"}
-        result["tree_nesting_error"] = _error(lambda: fgh.fiberpo_tree_gated_ratio(
+        result["tree_nesting_error"] = value_error_of(lambda: fgh.fiberpo_tree_gated_ratio(
             torch.tensor([0.1, -0.2], dtype=torch.float64), columns, finer, process_group=pg, **HYPER))
 
         # 6. a kernel that is not reflecting on rank 0 only (over the shared task stratum) fails on every rank
         kernels = list(inst.fgh.kernels)
         kernels[0] = kernels[0] * (1.5 if rank == 0 else 1.0)
-        result["kernel_error"] = _error(lambda: fgh.FGH(h, tuple(kernels), inst.fgh.gates, process_group=pg,
+        result["kernel_error"] = value_error_of(lambda: fgh.FGH(h, tuple(kernels), inst.fgh.gates, process_group=pg,
                                                         shared=inst.fgh.shared))
-    finally:
-        torch.save(result, f"{out_dir}/rank{rank}.pt")
-        dist.destroy_process_group()
 
-
-def _error(call):
-    try:
-        call()
-    except ValueError as err:
-        return str(err)
-    return None
+    run_rank(rank, world, init_file, out_dir, body)
 
 
 def _close(got, want):
