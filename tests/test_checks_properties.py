@@ -5,6 +5,7 @@ A check that cannot fail is a defect, so every check is shown to return
 re-checks.
 """
 
+import contextlib
 from unittest import mock
 
 import pytest
@@ -46,17 +47,21 @@ def fiberpo_torch_sign(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None):
     return torch.exp(gates.g_agg(s_pos, c_pos, k) - gates.g_agg(s_neg, c_neg, k) + log_residual)
 
 
-def _patched(name, replacement, fn):
+def _patched(replacements, fn):
     def wrapped(*args, **kwargs):
-        with mock.patch.object(objectives, name, replacement):
+        with contextlib.ExitStack() as stack:
+            for name, replacement in replacements.items():
+                stack.enter_context(mock.patch.object(objectives, name, replacement))
             return fn(*args, **kwargs)
 
     return wrapped
 
 
-# FiberPO with the base weight's sign flipped: log w = −g(log s⁺) + g(log s⁻)
-flipped_base = _patched("g_agg", lambda x, c, k: -gates.g_agg(x, c, k), objectives.fiberpo_gated_ratio)
-flipped_base_domain = _patched("g_agg", lambda x, c, k: -gates.g_agg(x, c, k), objectives.fiberpo_domain_gated_ratio)
+# FiberPO with the base weight's sign flipped: log w = −g(log s⁺) + g(log s⁻), value and slope alike (the fused
+# gate takes the base weight's derivative from g_agg_slope)
+_FLIPPED = {"g_agg": lambda x, c, k: -gates.g_agg(x, c, k), "g_agg_slope": lambda x, c, k: -gates.g_agg_slope(x, c, k)}
+flipped_base = _patched(_FLIPPED, objectives.fiberpo_gated_ratio)
+flipped_base_domain = _patched(_FLIPPED, objectives.fiberpo_domain_gated_ratio)
 
 
 def batch_coupled(log_ratio, traj_id, **hyper):

@@ -286,3 +286,26 @@ def test_chunked_token_passes_equal_one_chunk_bit_for_bit_also_under_vmap(monkey
     monkeypatch.setattr(fused, "_CHUNK", 7)  # 8 chunks, the last one short
     chunked = run()
     assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
+
+
+def test_closed_form_channel_chain_equals_autograd_also_on_every_kink():
+    """FiberPO's per-trajectory chain in closed form (γ of Eq. 20) against autograd of the same tables.
+
+    Channels sit exactly on 0, ±ε, C, C* = (1 + 1/k)C and between them, where a
+    wrong one-sided convention would show as a difference of a whole slope.
+    """
+    import fiberpo_theory.core.fused as fused
+
+    eps, c_pos, c_neg = HYPER["eps"], HYPER["c_pos"], HYPER["c_neg"]
+    k = torch.tensor([3.0, 5.0, 2.0, 7.0, 4.0, 1.0, 6.0, 9.0], dtype=torch.float64)
+    pos = torch.tensor([0.0, eps, c_pos, c_pos * (1 + 1 / 2.0), 0.05, 0.3, c_pos * 1.05, 0.0], dtype=torch.float64)
+    neg = torch.tensor([eps, 0.0, c_neg * (1 + 1 / 5.0), c_neg, 0.4, 0.0, 0.17, c_neg * 1.1], dtype=torch.float64)
+    for pos_col, neg_col in ((pos, neg), (neg, pos)):
+        channels = torch.stack([pos_col, neg_col], dim=1).requires_grad_(True)
+        log_base = obj._FiberPOLogBase(c_pos, c_neg, k)
+        same, offset = fused._sign_tables(channels, log_base(channels), eps)
+        gen = torch.Generator().manual_seed(0)
+        grad_same, grad_offset = (torch.randn(16, generator=gen, dtype=torch.float64) for _ in range(2))
+        (expected,) = torch.autograd.grad((same, offset), channels, (grad_same, grad_offset))
+        got = fused._channel_grad(channels.detach(), log_base.slopes(channels.detach()), grad_same, grad_offset, eps)
+        assert torch.allclose(got, expected, rtol=0, atol=1e-14), (got - expected).abs().max()

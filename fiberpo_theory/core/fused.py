@@ -109,8 +109,9 @@ class FiberGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, traj: Segments, log_base_fn: Callable[[torch.Tensor], torch.Tensor], eps: float):
-        with torch.enable_grad():
-            channels = channel_means(x.detach(), traj).requires_grad_(True)
+        closed_form = hasattr(log_base_fn, "slopes")  # the base weight's derivative is known: no M-sized graph
+        with torch.enable_grad() if not closed_form else torch.no_grad():
+            channels = channel_means(x.detach(), traj).requires_grad_(not closed_form)
             same, offset = _sign_tables(channels, log_base_fn(channels), eps)
         narrow = traj.narrow_index
         gated, inside = torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool, device=x.device)
@@ -118,6 +119,8 @@ class FiberGate(torch.autograd.Function):
         _gate_tokens(x, narrow, same.detach(), offset.detach(), eps, gated, inside, key)
         ctx.save_for_backward(gated, key, inside)
         ctx.traj, ctx.channels, ctx.tables = traj, channels, (same, offset)
+        ctx.slopes = log_base_fn.slopes(channels) if closed_form else None  # ∂ log w/∂ channels, (M, 2)
+        ctx.eps = eps
         return gated
 
     @staticmethod
@@ -127,12 +130,33 @@ class FiberGate(torch.autograd.Function):
         traj, channels, (same, offset) = ctx.traj, ctx.channels, ctx.tables
         reduce = _reduce_tokens_batched if _is_batched(grad_gated) else _reduce_tokens
         grad_x, grad_offset, grad_same = reduce(grad_gated, gated, key, inside, offset.numel())
-        # retain: gradcheck and retain_graph users call backward more than once (the graph is M-sized)
-        (grad_channels,) = torch.autograd.grad((same, offset), channels, (grad_same, grad_offset), retain_graph=True)
+        if ctx.slopes is not None:
+            grad_channels = _channel_grad(channels, ctx.slopes, grad_same, grad_offset, ctx.eps)
+        else:  # retain: gradcheck and retain_graph users call backward more than once (the graph is M-sized)
+            (grad_channels,) = torch.autograd.grad((same, offset), channels, (grad_same, grad_offset),
+                                                   retain_graph=True)
         # ∂ log s⁺/∂x_j = 1[x_j >= 0]/T, ∂ log s⁻/∂x_j = -1[x_j < 0]/T
         per_channel = grad_channels / traj.count.to(grad_offset.dtype).unsqueeze(1)
         per_channel = torch.stack([per_channel[:, 0], -per_channel[:, 1]], dim=1).reshape(-1)
         return _add_channel_terms(grad_x, per_channel, key), None, None, None
+
+
+def _channel_grad(channels, slopes, grad_same, grad_offset, eps):
+    """∂L/∂(log s⁺, log s⁻) from the table gradients, in closed form: the chain of :func:`_sign_tables`.
+
+    With S_(τ,+) = log s⁺, S_(τ,-) = -log s⁻, A_(τ,+) = log w + clip(log s⁻, ε) and
+    A_(τ,-) = log w - clip(log s⁺, ε), and ∂ log w/∂ channel = ``slopes``
+    ((γ⁺, -γ⁻) of Eq. 20), each channel collects its S entry, the log w share
+    of both A entries, and the clip of the A entry that reads it (derivative
+    1 inside [-ε, ε], ends included, as ``clamp``'s).
+    """
+    s_pos, s_neg = channels[:, 0], channels[:, 1]
+    base = grad_offset[..., 0::2] + grad_offset[..., 1::2]  # ∂L/∂ log w_τ
+    inside_pos = ((s_pos >= -eps) & (s_pos <= eps)).to(base.dtype)
+    inside_neg = ((-s_neg >= -eps) & (-s_neg <= eps)).to(base.dtype)
+    d_pos = grad_same[..., 0::2] + base * slopes[:, 0] - grad_offset[..., 1::2] * inside_pos
+    d_neg = -grad_same[..., 1::2] + base * slopes[:, 1] + grad_offset[..., 0::2] * inside_neg
+    return torch.stack([d_pos, d_neg], dim=-1)
 
 
 def _is_batched(tensor: torch.Tensor) -> bool:

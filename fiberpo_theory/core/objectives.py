@@ -17,7 +17,7 @@ from . import _validate
 from .distributed import global_segment_sums
 from .fused import channel_means, fiber_gated_ratio, sign_tables
 from .fused_apc import apc_gated_ratio
-from .gates import budget_clip, g_agg, sign_channel, sign_split, symmetric_clip
+from .gates import budget_clip, g_agg, g_agg_slope, sign_channel, sign_split, symmetric_clip
 from .segments import Segments, nested_segments, segments_for
 # the clip baselines live in their own module; re-exported under the names users import from here
 from .baselines import grpo_gated_ratio, gspo_gated_ratio, ppo_gated_ratio  # noqa: E402
@@ -119,9 +119,23 @@ def _assemble(traj, sign, channels, log_base, x, eps) -> FiberPOParts:
     )
 
 
-def _fiberpo_log_base(c_pos, c_neg, k):
-    """log w_τ = g_agg(log s⁺_τ, C⁺, k) - g_agg(log s⁻_τ, C⁻, k) (Eq. 8) as a function of the ``(M, 2)`` channels."""
-    return lambda channels: g_agg(channels[:, 0], c_pos, k) - g_agg(channels[:, 1], c_neg, k)
+class _FiberPOLogBase:
+    """log w_τ = g_agg(log s⁺_τ, C⁺, k) - g_agg(log s⁻_τ, C⁻, k) (Eq. 8) as a function of the ``(M, 2)`` channels.
+
+    ``slopes`` is its derivative by channel, (γ⁺, -γ⁻) with γ = g_agg' of
+    Eq. 20, which lets the fused gate take the per-trajectory chain in
+    closed form instead of through an M-sized autograd graph.
+    """
+
+    def __init__(self, c_pos, c_neg, k):
+        self.c_pos, self.c_neg, self.k = c_pos, c_neg, k
+
+    def __call__(self, channels: torch.Tensor) -> torch.Tensor:
+        return g_agg(channels[:, 0], self.c_pos, self.k) - g_agg(channels[:, 1], self.c_neg, self.k)
+
+    def slopes(self, channels: torch.Tensor) -> torch.Tensor:
+        pos = g_agg_slope(channels[:, 0], self.c_pos, self.k)
+        return torch.stack([pos, -g_agg_slope(channels[:, 1], self.c_neg, self.k)], dim=1)
 
 
 def _fiberpo_inputs(log_ratio, traj_id, eps, c_pos, c_neg, k):
@@ -129,7 +143,7 @@ def _fiberpo_inputs(log_ratio, traj_id, eps, c_pos, c_neg, k):
     eps, c_pos, c_neg = _check_budgets(eps, c_pos, c_neg)
     traj = segments_for("traj_id", traj_id, x)
     k_traj = traj.count.to(x.dtype) if k is None else _validate.positive("k", k)
-    return x, traj, eps, _fiberpo_log_base(c_pos, c_neg, k_traj)
+    return x, traj, eps, _FiberPOLogBase(c_pos, c_neg, k_traj)
 
 
 def fiberpo_parts(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None) -> FiberPOParts:
