@@ -20,7 +20,9 @@ Backward, with a_i = ∂L/∂G_i · G_i and 1u_i = 1[|l_i u_i| <= ε]:
 the last term because log s⁺ (log s⁻) is the mean of max(x, 0) (max(-x, 0)).
 Substituting FiberPO's base weight gives exactly the Jacobian of
 Proposition 5.2 (Eq. 20); the per-trajectory chain (A, S → channels through
-the base weight) is a graph over M trajectories, differentiated by autograd.
+the base weight) is M-sized: taken in closed form where the base weight
+carries its slopes (FiberPO: γ of Eq. 20), else by autograd over that
+M-sized graph (FiberPO-Domain, hierarchies).
 Saved for backward: G, the int32 (trajectory, sign) key and a one-byte
 flag per token; the token-level passes are two segment sums, two table
 gathers and a handful of elementwise ops each way, run over chunks of
