@@ -7,17 +7,15 @@ once, taking the layout as it comes:
 * padded ``(B, L)`` batches and packed ``cu_seqlens``-style batches give the
   segment lengths directly (:meth:`Segments.from_lengths`): nothing is sorted;
 * ids that are already sorted (every packed layout, and the row ids of a
-  flattened padded batch) are indexed by their runs: one
-  ``unique_consecutive`` pass gives the run values, lengths and every
-  element's run, and the ids are sorted iff the M run values increase (no
-  separate sortedness pass, no sort);
+  flattened padded batch) are indexed by their runs: one pass marks where the
+  id changes, a cumulative sum of the marks is the index, and the ids are
+  sorted iff the M run values increase (no separate sortedness pass, no sort);
 * unsorted ids in a range a few times their number are ranked by counting
   (``bincount``); only the others are sorted (``torch.unique``).
 
 Contiguous segments (the first two cases) reduce with ``segment_reduce`` by
 lengths; the others with ``index_add``.  The index is held as int32 where it
-fits; a long index is kept only where the indexing produced one anyway (runs,
-sort) and is otherwise built when asked for.
+fits (the long one is built only when asked for).
 """
 
 from __future__ import annotations
@@ -100,9 +98,8 @@ class Segments:
     def from_ids(cls, ids: torch.Tensor, *, name: str = "ids") -> "Segments":
         """Index an id column, equal to ``torch.unique(ids, sorted=True, ...)`` whatever the path.
 
-        Sorted ids cost one run pass and an int32 copy of its result (no
-        sort, no separate sortedness pass: they are sorted iff the run values
-        increase);
+        Sorted ids cost a boundary pass and a count pass (no sort, no
+        separate sortedness pass: they are sorted iff the run values increase);
         unsorted ids whose largest value is below a few times their number
         are ranked by a ``bincount`` (no sort); only the rest sort.  Negative
         ids raise ``ValueError`` naming ``name``, read off the run values or
@@ -181,17 +178,21 @@ def _maybe_sorted(ids: torch.Tensor, probes: int = 4096) -> bool:
 def _sorted_runs(ids: torch.Tensor) -> "Segments | None":
     """Segments of ids in non-decreasing order by their runs, or ``None`` when they are not sorted.
 
-    ``unique_consecutive`` finds the runs in one pass (their values, lengths
-    and every element's run number); the ids are sorted iff the run values
-    strictly increase, an M-sized check instead of an N-sized one.  The run
-    number is kept as int32 where it fits, for the gathers and sign keys.
+    One pass marks where the id changes, a cumulative sum over the marks is
+    the (int32) index; the ids are sorted iff the run values strictly
+    increase, an M-sized check instead of an N-sized one.
     """
-    unique, index, count = torch.unique_consecutive(ids, return_inverse=True, return_counts=True)
+    n = ids.numel()
+    change = torch.empty(n, dtype=torch.bool, device=ids.device)
+    change[0] = False  # written in place so that the cumulative sum below needs no shifted copy
+    torch.ne(ids[1:], ids[:-1], out=change[1:])
+    starts = torch.cat([torch.zeros(1, dtype=torch.long, device=ids.device), change.nonzero().squeeze(1)])
+    unique = ids.index_select(0, starts).long()
     if unique.numel() > 1 and not bool((unique[1:] > unique[:-1]).all()):
         return None
-    dtype = _index_dtype(unique.numel())
-    narrow = index if dtype == index.dtype else index.to(dtype)
-    return Segments(index=index, count=count, ids=unique.long(), contiguous=True, narrow_index=narrow)
+    count = torch.diff(starts, append=torch.full((1,), n, dtype=torch.long, device=ids.device))
+    index = change.cumsum(0, dtype=_index_dtype(unique.numel()))
+    return Segments(narrow_index=index, count=count, ids=unique, contiguous=True)
 
 
 def parent_of(child: Segments, parent_index: torch.Tensor, *, child_name: str, parent_name: str) -> torch.Tensor:
