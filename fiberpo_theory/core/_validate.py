@@ -27,7 +27,7 @@ def as_float(name: str, value: torch.Tensor) -> torch.Tensor:
 
 def _all_finite(value: torch.Tensor) -> bool:
     """Whether every entry is finite: a finite sum proves it in one reduction; only an inf/NaN sum needs the full scan."""
-    return bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())
+    return math.isfinite(value.detach().sum()) or bool(torch.isfinite(value).all())  # no 0-d isfinite ops, no graph
 
 
 def flat_values(name: str, value: torch.Tensor, *, allow_empty: bool = False) -> torch.Tensor:

@@ -66,17 +66,18 @@ def sign_tables(channels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     indexes them: a token's l·u is ``x - same[key]`` and its l·v is
     ``opposite[key]``.  The autograd reference reads the same tables.
     """
-    s_pos, s_neg = channels[:, 0], channels[:, 1]
-    same = torch.stack([s_pos, -s_neg], dim=1).reshape(-1)
-    opposite = torch.stack([-s_neg, s_pos], dim=1).reshape(-1)
-    return same, opposite
+    same = channels.clone()  # (log s⁺, -log s⁻) per row; negation is exact, so either sign of zero is kept
+    same[:, 1].neg_()
+    opposite = channels.flip(1)  # (-log s⁻, log s⁺)
+    opposite[:, 0].neg_()
+    return same.reshape(-1), opposite.reshape(-1)
 
 
 def _sign_tables(channels: torch.Tensor, log_base: torch.Tensor, eps: float):
     """``(2M,)`` tables S and A of the module docstring, entry 2τ for l = +1 and 2τ + 1 for l = -1."""
     same, opposite = sign_tables(channels)
-    offset = log_base.repeat_interleave(2) - opposite.clamp(-eps, eps)
-    return same, offset
+    offset = log_base.unsqueeze(1) - opposite.view(-1, 2).clamp(-eps, eps)  # log w shared by both signs
+    return same, offset.reshape(-1)
 
 
 # tokens per chunk of the token-level chain: its few live buffers stay in a core's L2 cache
@@ -139,7 +140,8 @@ class FiberGate(torch.autograd.Function):
                                                    retain_graph=True)
         # ∂ log s⁺/∂x_j = 1[x_j >= 0]/T, ∂ log s⁻/∂x_j = -1[x_j < 0]/T
         per_channel = grad_channels / traj.count.to(grad_offset.dtype).unsqueeze(1)
-        per_channel = torch.stack([per_channel[:, 0], -per_channel[:, 1]], dim=1).reshape(-1)
+        per_channel[..., 1].neg_()
+        per_channel = per_channel.reshape(-1)
         return _add_channel_terms(grad_x, per_channel, key), None, None, None
 
 
@@ -152,13 +154,13 @@ def _channel_grad(channels, slopes, grad_same, grad_offset, eps):
     of both A entries, and the clip of the A entry that reads it (derivative
     1 inside [-ε, ε], ends included, as ``clamp``'s).
     """
-    s_pos, s_neg = channels[:, 0], channels[:, 1]
-    base = grad_offset[..., 0::2] + grad_offset[..., 1::2]  # ∂L/∂ log w_τ
-    inside_pos = ((s_pos >= -eps) & (s_pos <= eps)).to(base.dtype)
-    inside_neg = ((-s_neg >= -eps) & (-s_neg <= eps)).to(base.dtype)
-    d_pos = grad_same[..., 0::2] + base * slopes[:, 0] - grad_offset[..., 1::2] * inside_pos
-    d_neg = -grad_same[..., 1::2] + base * slopes[:, 1] + grad_offset[..., 0::2] * inside_neg
-    return torch.stack([d_pos, d_neg], dim=-1)
+    pairs = (*grad_same.shape[:-1], channels.shape[0], 2)  # reshape, not unflatten: vmap has no rule for that
+    grad_same, grad_offset = grad_same.reshape(pairs), grad_offset.reshape(pairs)
+    base = grad_offset[..., 0] + grad_offset[..., 1]  # ∂L/∂ log w_τ
+    signs = channels.new_tensor([1.0, -1.0])  # S_(τ,-) and the clip in A_(τ,+) read their channel negated
+    inside = (channels.abs() <= eps).to(base.dtype)  # |log s| <= ε: the clip of the A entry that reads it is open
+    crossed = grad_offset.flip(-1) * inside * signs  # each channel's clip sits in the other sign's A entry
+    return grad_same * signs + base.unsqueeze(-1) * slopes - crossed
 
 
 def _is_batched(tensor: torch.Tensor) -> bool:

@@ -9,6 +9,8 @@ reductions, runs on any device, and is differentiable by autograd.
 
 from __future__ import annotations
 
+import math
+
 from typing import NamedTuple
 
 import torch
@@ -130,12 +132,25 @@ class _FiberPOLogBase:
     def __init__(self, c_pos, c_neg, k):
         self.c_pos, self.c_neg, self.k = c_pos, c_neg, k
 
+    def _both(self, fn, channels: torch.Tensor) -> torch.Tensor:
+        """``fn(channel, C, k)`` of both channels as ``(M, 2)``.
+
+        With k = T_τ (a tensor) one call broadcasts over both columns: the
+        thresholds round in the channels' dtype either way.  A float k keeps
+        one call per column, so that (1 + 1/k)·C rounds as a float.
+        """
+        if isinstance(self.k, torch.Tensor):
+            return fn(channels, channels.new_tensor([self.c_pos, self.c_neg]), self.k.unsqueeze(1))
+        return torch.stack([fn(channels[:, 0], self.c_pos, self.k), fn(channels[:, 1], self.c_neg, self.k)], dim=1)
+
     def __call__(self, channels: torch.Tensor) -> torch.Tensor:
-        return g_agg(channels[:, 0], self.c_pos, self.k) - g_agg(channels[:, 1], self.c_neg, self.k)
+        both = self._both(g_agg, channels)
+        return both[:, 0] - both[:, 1]
 
     def slopes(self, channels: torch.Tensor) -> torch.Tensor:
-        pos = g_agg_slope(channels[:, 0], self.c_pos, self.k)
-        return torch.stack([pos, -g_agg_slope(channels[:, 1], self.c_neg, self.k)], dim=1)
+        slopes = self._both(g_agg_slope, channels)
+        slopes[:, 1].neg_()
+        return slopes
 
 
 def _fiberpo_inputs(log_ratio, traj_id, eps, c_pos, c_neg, k):
@@ -416,6 +431,6 @@ def rgf_objective(gated_ratio, advantages, weights) -> torch.Tensor:
     with torch.no_grad():
         coef = mu * adv
     # a non-finite μ_i or Â_i makes μ_i Â_i, hence the sum, non-finite: one reduction checks both
-    if not bool(torch.isfinite(coef.sum())):
+    if not math.isfinite(coef.sum()):
         _validate.same_shape("advantages", adv, g), _validate.same_shape("weights", mu, g)
     return (g * coef).sum()
