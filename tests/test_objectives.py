@@ -7,6 +7,7 @@ import torch
 
 from fiberpo_theory.core import objectives as obj
 from fiberpo_theory.core.diagnostics import channel_regimes
+from fiberpo_theory.core import gates
 from fiberpo_theory.core.gates import g_agg, sign_channel
 
 HYPER = dict(eps=0.1, c_pos=0.12, c_neg=0.2)
@@ -29,6 +30,25 @@ def test_g_agg_three_regimes_by_hand():
     # pass-through, pass (edge), rollback 3C-2x, rollback -(3C)-2x, zeroed at (1+1/k)C, zeroed beyond
     expected = [0.05, -0.1, 0.3 - 0.24, -0.3 + 0.26, 0.0, 0.0, 0.0]
     assert torch.allclose(g_agg(x, c, k), t(expected), atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_g_agg_slope_follows_the_regime_on_both_channels_and_on_every_threshold(dtype):
+    # rows: random values, then the thresholds themselves (x = ±C and x = ±(1 + 1/k)C, as rounded in dtype)
+    gen = torch.Generator().manual_seed(3)
+    c, k = torch.tensor([0.12, 0.05], dtype=dtype), torch.tensor([[1.0], [3.0], [10.0], [64.0]], dtype=dtype)
+    _, zero_at = gates.g_agg_thresholds(c, k)
+    x = torch.cat([(torch.rand(64, 4, 2, generator=gen, dtype=dtype) - 0.5) * 0.6,
+                   c.expand(4, 2)[None], -c.expand(4, 2)[None], zero_at[None], -zero_at[None]])
+    slope = gates.g_agg_slope(x, c, k)
+    by_regime = torch.tensor([1.0, 0.0, 0.0], dtype=dtype)[gates.g_agg_regime(x, c, k)]
+    by_regime = torch.where(gates.g_agg_regime(x, c, k) == gates.ROLLBACK, -k.expand_as(x), by_regime)
+    assert torch.equal(slope, by_regime)
+    leaf = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(gates.g_agg(leaf, c, k).sum(), leaf)
+    assert torch.equal(grad, slope)  # autograd of g_agg takes the same side on every kink
+    per_column = torch.stack([gates.g_agg_slope(x[..., j], c[j].item(), k[:, 0]) for j in range(2)], dim=-1)
+    assert torch.equal(per_column, slope)
 
 
 def test_sign_channel_is_plus_one_at_zero():

@@ -70,7 +70,7 @@ def g_agg(x: torch.Tensor, c, k) -> torch.Tensor:
     ax = x.abs()
     _, zero_at = g_agg_thresholds(c, k)
     rollback = torch.sign(x) * (k + 1) * c - k * x
-    inner = torch.where(ax < zero_at, rollback, torch.zeros_like(x))
+    inner = torch.where(ax < zero_at, rollback, 0.0)
     return torch.where(ax <= c, x, inner)
 
 
@@ -85,7 +85,7 @@ def g_agg_regime(x: torch.Tensor, c, k) -> torch.Tensor:
 
 def g_agg_slope(x: torch.Tensor, c, k) -> torch.Tensor:
     """Derivative γ = g_agg'(x) used in Eq. 20: 1, -k or 0 by regime."""
-    regime = g_agg_regime(x, c, k)
-    k = torch.as_tensor(k, dtype=x.dtype, device=x.device).expand_as(x)
-    slope = torch.where(regime == ROLLBACK, -k, torch.zeros_like(x))
-    return torch.where(regime == PASS, torch.ones_like(x), slope)
+    ax = x.abs()  # the comparisons of g_agg_regime, without building its codes (this runs every step)
+    _, zero_at = g_agg_thresholds(c, k)
+    rollback = torch.where(ax < zero_at, -torch.as_tensor(k, dtype=x.dtype, device=x.device), 0.0)
+    return torch.where(ax <= c, 1.0, rollback)
