@@ -17,8 +17,7 @@ from typing import Callable
 import torch
 
 from . import _validate, baselines, diagnostics, objectives
-from .layout import FlatBatch, flatten_mask, to_flat
-from .segments import Segments
+from .layout import FlatBatch, flatten_mask, to_flat, trajectory_segments
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 POLICY_LOSSES: dict[str, Callable] = {}
@@ -94,9 +93,9 @@ def _flat_inputs(old_log_prob, log_prob, advantages, response_mask):
         "old_log_prob": _padded("old_log_prob", old_log_prob, log_prob),
         "advantages": _padded("advantages", advantages, log_prob),
     }
-    # one masked selection of the difference instead of one per operand (padding may hold anything)
-    log_ratio = (log_prob - padded["old_log_prob"].detach())[batch.mask]
-    adv = padded["advantages"][batch.mask]
+    # one selection of the difference instead of one per operand (padding may hold anything)
+    log_ratio = to_flat(log_prob - padded["old_log_prob"].detach(), batch)
+    adv = to_flat(padded["advantages"], batch)
     if not (_validate._all_finite(log_ratio) and _validate._all_finite(adv)):
         _report_non_finite(padded, batch.mask)
     return batch, log_ratio, adv
@@ -193,7 +192,7 @@ def fiberpo_loss(
     the metrics come from the autograd reference evaluated without a graph.
     """
     batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)
-    traj = _trajectories(batch)
+    traj = trajectory_segments(batch)
     hyper = dict(eps=eps, c_pos=c_pos, c_neg=c_neg, k=k)
     gated = objectives.fiberpo_gated_ratio(x, traj, **hyper)
     with torch.no_grad():
@@ -225,7 +224,7 @@ def fiberpo_domain_loss(
     a graph (with a ``process_group`` both make the same collectives on every rank).
     """
     batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)
-    traj = _trajectories(batch)
+    traj = trajectory_segments(batch)
     groups = _row_ids("group_ids", group_ids, batch)
     domains = _row_ids("domain_ids", domain_ids, batch)
     hyper = dict(eps=eps, c_pos=c_pos, c_neg=c_neg, process_group=process_group)
@@ -234,14 +233,3 @@ def fiberpo_domain_loss(
         parts = objectives.fiberpo_domain_parts(x.detach(), traj, groups, domains, **hyper)
     metrics = diagnostics.fiberpo_metrics(parts, eps=eps, c_pos=c_pos, c_neg=c_neg)
     return _finish("fiberpo_domain", gated, x, adv, batch, loss_agg_mode, metrics, traj=traj)
-
-
-def _trajectories(batch: FlatBatch) -> Segments:
-    """The rows as trajectory ``Segments`` over the row index ``flatten_mask`` already built (no sort, no pass).
-
-    Every row has a response token (:func:`~fiberpo_theory.core.layout.flatten_mask`
-    checks it) and ``batch.traj_id`` is non-decreasing, so the segments are
-    the rows ``0..B-1``, contiguous, with the row lengths as counts.
-    """
-    rows = torch.arange(batch.shape[0], device=batch.mask.device)
-    return Segments(index=batch.traj_id, count=batch.mask.sum(1), ids=rows, contiguous=True)

@@ -70,7 +70,7 @@ from verl.trainer.ppo import core_algos
 
 from ..core import baselines, diagnostics, objectives
 from ..core.losses import _padded
-from ..core.segments import segments_for
+from ..core.layout import flatten_mask, to_flat, to_padded, trajectory_segments
 from ._common import require_whole_groups, string_ids
 
 __all__ = [
@@ -114,10 +114,10 @@ class _Batch:
         log_prob = _padded("log_prob", log_prob, response_mask, self.mask)
         old = _padded("old_log_prob", old_log_prob, log_prob, self.mask)
         self.adv_padded = _padded("advantages", advantages, log_prob, self.mask)
-        self.log_ratio = log_prob[self.mask] - old.detach()[self.mask]
-        self.adv = self.adv_padded[self.mask]
-        rows = torch.arange(self.mask.shape[0], device=self.mask.device)
-        self.traj_id = rows.unsqueeze(1).expand_as(self.mask)[self.mask]
+        self.flat = flatten_mask(self.mask, allow_empty_rows=True)  # token positions: no boolean indexing
+        self.log_ratio = to_flat(log_prob - old.detach(), self.flat)
+        self.adv = to_flat(self.adv_padded, self.flat)
+        self.traj_id = self.flat.traj_id
 
     def row_ids(self, name: str, values) -> torch.Tensor:
         """Per-row ids (strings or integers, length B) spread onto the response tokens."""
@@ -133,7 +133,7 @@ class _Batch:
             raise ValueError(f"{name} is required: pass it with batch_ids(...) around the loss call")
         if not isinstance(values, torch.Tensor) or values.shape != self.mask.shape or values.is_floating_point():
             raise ValueError(f"{name} must be an integer (B, L) tensor like response_mask")
-        return values[self.mask].long()
+        return to_flat(values, self.flat).long()
 
 
 @contextlib.contextmanager
@@ -173,7 +173,7 @@ def _finish(batch: _Batch, gated, response_mask, loss_agg_mode, config, rollout_
             unclipped=None):
     """``unclipped``: what the gate compares against for the clip fraction (default: the token ratio)."""
     ratio = torch.exp(batch.log_ratio.detach()) if unclipped is None else unclipped
-    loss_mat = torch.zeros_like(batch.adv_padded).masked_scatter(batch.mask, -batch.adv * gated)
+    loss_mat = to_padded(-batch.adv * gated, batch.flat)
     if rollout_is_weights is not None:
         loss_mat = loss_mat * rollout_is_weights
     info = dict(config.get("global_batch_info") or {}) if config is not None else {}
@@ -227,7 +227,7 @@ def fiberpo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="to
     """FiberPO (Eq. 6-16), one trajectory per row: the loss by the fused gate, the metrics by the reference without a graph."""
     batch = _Batch(old_log_prob, log_prob, advantages, response_mask)
     hyper = dict(_fiberpo_hyper(config), k=_hyper(config, "fiberpo_k", optional=True))
-    traj = segments_for("traj_id", batch.traj_id, batch.log_ratio)  # indexed once for the loss and the metrics
+    traj = trajectory_segments(batch.flat)  # the non-empty rows, by their lengths: indexed once for loss and metrics
     gated = objectives.fiberpo_gated_ratio(batch.log_ratio, traj, **hyper)
     with torch.no_grad():
         metrics = diagnostics.fiberpo_metrics(objectives.fiberpo_parts(batch.log_ratio.detach(), traj, **hyper), **hyper)
@@ -246,7 +246,7 @@ def fiberpo_domain(old_log_prob, log_prob, advantages, response_mask, loss_agg_m
         labels = None if isinstance(uid, torch.Tensor) else list(dict.fromkeys(uid))  # string_ids' order
         require_whole_groups(groups, int(rollout_n), name="prompt group uid", labels=labels)
     hyper = _fiberpo_hyper(config)
-    traj = segments_for("traj_id", batch.traj_id, batch.log_ratio)
+    traj = trajectory_segments(batch.flat)
     levels = (traj, groups[batch.traj_id], domains[batch.traj_id])
     gated = objectives.fiberpo_domain_gated_ratio(batch.log_ratio, *levels, **hyper)  # the fused gate
     with torch.no_grad():  # the metrics read the reference's intermediate quantities; no graph is kept

@@ -41,6 +41,7 @@ from ..core import objectives as obj
 from .cli_types import positive_int, torch_device
 from ..hierarchy.fgh import fiberpo_hierarchy_gated_ratio
 from ..core.losses import POLICY_LOSSES
+from ..core.layout import flatten_mask, to_flat, trajectory_segments
 from ..core.segments import Segments, segments_for
 
 EPS, C_POS, C_NEG, DELTA = 0.2, 0.12, 0.05, 0.1
@@ -145,9 +146,9 @@ def _padded_cases(b: Batch) -> list[Case]:
     mask, old, adv = b.mask, b.padded_old, b.padded_advantages
     row_group, row_domain = b.group_id[b.lengths.cumsum(0) - 1], b.domain_id[b.lengths.cumsum(0) - 1]
 
-    def flat(lp):
-        traj = Segments.from_lengths(mask.sum(1))  # rows are trajectories: no sort
-        return (lp - old)[mask], adv[mask], traj
+    def flat(lp):  # what the registry losses do: token positions, no boolean indexing; rows are trajectories
+        batch = flatten_mask(mask)
+        return to_flat(lp - old, batch), to_flat(adv, batch), trajectory_segments(batch)
 
     def fiberpo(lp):
         x, a, traj = flat(lp)
@@ -164,7 +165,7 @@ def _padded_cases(b: Batch) -> list[Case]:
     cases = [
         Case("grpo_loss/padded", "package registry GRPO: validation, flattening, metrics", b.padded_log_prob,
              registry("grpo", eps=EPS)),
-        Case("fiberpo/padded", "(lp - old)[mask], Segments.from_lengths, fused gate, μ, Eq. 2", b.padded_log_prob,
+        Case("fiberpo/padded", "flatten_mask, to_flat(lp - old), row Segments by length, fused gate, μ, Eq. 2", b.padded_log_prob,
              fiberpo),
         Case("fiberpo_domain/padded", "as fiberpo/padded plus row group/domain ids per token", b.padded_log_prob,
              fiberpo_domain),
@@ -450,8 +451,9 @@ What each baseline includes:
   metrics).
 * `verl/padded`: the installed verl's own `compute_policy_loss_vanilla` (dual-clip PPO with its KL and
   clip-fraction metrics) and `agg_loss` in `seq-mean-token-mean` mode on the padded batch.
-* `fiberpo/padded` and `fiberpo_domain/padded`: flatten with the mask, index the rows by their lengths (no
-  sort), the fused gate, μ and Eq. 2.  `fiberpo_loss/padded` is the registry loss: the fused gate for the loss, its
+* `fiberpo/padded` and `fiberpo_domain/padded`: flatten with the mask as the registry losses do (the token
+  positions found once, values selected by `index_select`: no boolean indexing), the rows as trajectories by
+  their lengths (no sort), the fused gate, μ and Eq. 2.  `fiberpo_loss/padded` is the registry loss: the fused gate for the loss, its
   metrics from the autograd reference run without a graph.
 * `fiberpo/indexed`: as `fiberpo/sorted`, with the trajectory `Segments` built once per batch outside the
   timed step (what several optimizer steps over one batch reuse); reported next to the goal, not in its place.
