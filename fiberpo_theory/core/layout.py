@@ -25,7 +25,7 @@ class FlatBatch(NamedTuple):
     traj_id: torch.Tensor  # (N,) long, the row index of each token
     mask: torch.Tensor  # (B, L) bool
     shape: torch.Size
-    positions: torch.Tensor  # (N,) long, each token's row-major index into the (B, L) batch
+    positions: torch.Tensor  # (N,) each token's row-major index into the (B, L) batch (int32 where B·L fits)
     lengths: torch.Tensor  # (B,) long, response tokens per row
 
 
@@ -57,6 +57,8 @@ def flatten_mask(response_mask: torch.Tensor, *, allow_empty_rows: bool = False)
         raise ValueError(f"response_mask row {int((lengths == 0).nonzero()[0, 0])} is an empty trajectory "
                          "(no response token)")
     positions = mask.reshape(-1).nonzero().squeeze(1)
+    if mask.numel() < torch.iinfo(torch.int32).max:  # what backward saves of each selection: half the bytes
+        positions = positions.to(torch.int32)
     rows = torch.arange(mask.shape[0], device=mask.device).repeat_interleave(lengths, output_size=positions.numel())
     return FlatBatch(rows, mask, mask.shape, positions, lengths)
 
@@ -77,7 +79,7 @@ def to_padded(flat: torch.Tensor, batch: FlatBatch, fill: float = 0.0) -> torch.
     if flat.dim() != 1 or flat.numel() != batch.positions.numel():
         raise ValueError(f"flat has shape {tuple(flat.shape)}, expected ({batch.positions.numel()},)")
     out = flat.new_full((batch.mask.numel(),), fill)
-    return out.index_copy(0, batch.positions, flat).view(batch.shape)
+    return out.index_put((batch.positions,), flat).view(batch.shape)  # index_put: int32 positions as they are
 
 
 def trajectory_segments(batch: FlatBatch) -> Segments:
