@@ -44,6 +44,8 @@ def test_g_agg_slope_follows_the_regime_on_both_channels_and_on_every_threshold(
     by_regime = torch.tensor([1.0, 0.0, 0.0], dtype=dtype)[gates.g_agg_regime(x, c, k)]
     by_regime = torch.where(gates.g_agg_regime(x, c, k) == gates.ROLLBACK, -k.expand_as(x), by_regime)
     assert torch.equal(slope, by_regime)
+    # Eq. 10's ends: |x| = C still passes (slope 1), |x| = (1 + 1/k)C is already zeroed (slope 0)
+    assert bool((slope[-4:-2] == 1).all()) and bool((slope[-2:] == 0).all())
     leaf = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(gates.g_agg(leaf, c, k).sum(), leaf)
     assert torch.equal(grad, slope)  # autograd of g_agg takes the same side on every kink

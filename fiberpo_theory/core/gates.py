@@ -59,6 +59,13 @@ def g_agg_thresholds(c, k):
     return c, (1 + 1 / k) * c
 
 
+def _g_agg_sides(x: torch.Tensor, c, k) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(|x| <= C, |x| < (1 + 1/k)C)``: the two comparisons that place x in g_agg's regimes, ends as Eq. 10."""
+    ax = x.abs()
+    _, zero_at = g_agg_thresholds(c, k)
+    return ax <= c, ax < zero_at
+
+
 def g_agg(x: torch.Tensor, c, k) -> torch.Tensor:
     """Aggregate gate g_agg(x, C, k) of Eq. 10 / Eq. 78.
 
@@ -67,25 +74,21 @@ def g_agg(x: torch.Tensor, c, k) -> torch.Tensor:
     tensors broadcastable against ``x``; ``k`` is the trajectory length in
     FiberPO but is kept separate (the paper's Fig. 4 uses k != T).
     """
-    ax = x.abs()
-    _, zero_at = g_agg_thresholds(c, k)
+    passing, live = _g_agg_sides(x, c, k)
     rollback = torch.sign(x) * (k + 1) * c - k * x
-    inner = torch.where(ax < zero_at, rollback, 0.0)
-    return torch.where(ax <= c, x, inner)
+    return torch.where(passing, x, torch.where(live, rollback, 0.0))
 
 
 def g_agg_regime(x: torch.Tensor, c, k) -> torch.Tensor:
     """Regime of g_agg at x: PASS (0), ROLLBACK (1) or ZEROED (2), as int64."""
-    ax = x.abs()
-    _, zero_at = g_agg_thresholds(c, k)
+    passing, live = _g_agg_sides(x, c, k)
     rollback = torch.full_like(x, ROLLBACK, dtype=torch.long)
-    code = torch.where(ax < zero_at, rollback, torch.full_like(rollback, ZEROED))
-    return torch.where(ax <= c, torch.full_like(rollback, PASS), code)
+    code = torch.where(live, rollback, torch.full_like(rollback, ZEROED))
+    return torch.where(passing, torch.full_like(rollback, PASS), code)
 
 
 def g_agg_slope(x: torch.Tensor, c, k) -> torch.Tensor:
-    """Derivative γ = g_agg'(x) used in Eq. 20: 1, -k or 0 by regime."""
-    ax = x.abs()  # the comparisons of g_agg_regime, without building its codes (this runs every step)
-    _, zero_at = g_agg_thresholds(c, k)
-    rollback = torch.where(ax < zero_at, -torch.as_tensor(k, dtype=x.dtype, device=x.device), 0.0)
-    return torch.where(ax <= c, 1.0, rollback)
+    """Derivative γ = g_agg'(x) used in Eq. 20: 1, -k or 0 by regime (no regime codes built: this runs every step)."""
+    passing, live = _g_agg_sides(x, c, k)
+    rollback = torch.where(live, -torch.as_tensor(k, dtype=x.dtype, device=x.device), 0.0)
+    return torch.where(passing, 1.0, rollback)
