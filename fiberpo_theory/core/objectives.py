@@ -10,7 +10,6 @@ reductions, runs on any device, and is differentiable by autograd.
 from __future__ import annotations
 
 import math
-
 from typing import NamedTuple
 
 import torch

@@ -113,10 +113,10 @@ class _Batch:
         self.mask = response_mask.bool()
         log_prob = _padded("log_prob", log_prob, response_mask, self.mask)
         old = _padded("old_log_prob", old_log_prob, log_prob, self.mask)
-        self.adv_padded = _padded("advantages", advantages, log_prob, self.mask)
+        adv = _padded("advantages", advantages, log_prob, self.mask)
         self.flat = flatten_mask(self.mask, allow_empty_rows=True)  # token positions: no boolean indexing
         self.log_ratio = to_flat(log_prob - old.detach(), self.flat)
-        self.adv = to_flat(self.adv_padded, self.flat)
+        self.adv = to_flat(adv, self.flat)
         self.traj_id = self.flat.traj_id
 
     def row_ids(self, name: str, values) -> torch.Tensor:
