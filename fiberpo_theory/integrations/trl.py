@@ -47,7 +47,7 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from ..core import baselines, diagnostics, objectives
-from ..core.layout import flatten_mask, to_flat
+from ..core.layout import flatten_mask, to_flat, trajectory_segments
 from ._common import require_whole_groups, string_ids
 
 __all__ = ["FiberPOConfig", "FiberPOTrainer", "prefix_state_ids", "METHODS"]
@@ -238,34 +238,35 @@ class FiberPOTrainer(GRPOTrainer):
         batch = flatten_mask(mask[keep])
         x = to_flat(log_ratio[keep], batch, "log_ratio")
         advantages = to_flat(inputs["advantages"][keep], batch, "advantages")
-        gated = self._gated_ratio(x, batch, inputs, keep)
-        self._log_gate(x.detach(), gated.detach(), batch)
-        weights = objectives.aggregation_weights(_AGGREGATION[args.loss_type], x, batch.traj_id)
+        traj = trajectory_segments(batch)  # the rows by their lengths, indexed once for the gate, metrics and μ
+        gated = self._gated_ratio(x, batch, traj, inputs, keep)
+        self._log_gate(x.detach(), gated.detach(), traj)
+        weights = objectives.aggregation_weights(_AGGREGATION[args.loss_type], x, traj)
         # TRL's "grpo" / "bnpo" divide by all rows / tokens of the micro-batch; empty rows add zero
         share = keep.sum() / keep.numel() if args.loss_type == "grpo" else 1.0
         return -objectives.rgf_objective(gated, advantages, weights) * share
 
     @torch.no_grad()
-    def _log_gate(self, x, gated, batch):
+    def _log_gate(self, x, gated, traj):
         """Per-micro-batch gate statistics under ``fiberpo/`` in TRL's logs (this process's rows)."""
         args = self.args
         metrics = {"clip_fraction": diagnostics.clip_fraction(x.exp(), gated)}
         if args.fiberpo_method == "fiberpo":
             hyper = dict(eps=args.epsilon, c_pos=args.fiberpo_c_pos, c_neg=args.fiberpo_c_neg, k=args.fiberpo_k)
-            metrics.update(diagnostics.fiberpo_metrics(objectives.fiberpo_parts(x, batch.traj_id, **hyper), **hyper))
+            metrics.update(diagnostics.fiberpo_metrics(objectives.fiberpo_parts(x, traj, **hyper), **hyper))
         mode = "train" if self.model.training else "eval"
         for key, value in metrics.items():
             self._metrics[mode][f"fiberpo/{key}"].append(value)
 
-    def _gated_ratio(self, x, batch, inputs, keep) -> torch.Tensor:
+    def _gated_ratio(self, x, batch, traj, inputs, keep) -> torch.Tensor:
         args = self.args
         budgets = dict(eps=args.epsilon, c_pos=args.fiberpo_c_pos, c_neg=args.fiberpo_c_neg)
         if args.fiberpo_method == "fiberpo":
-            return objectives.fiberpo_gated_ratio(x, batch.traj_id, k=args.fiberpo_k, **budgets)
+            return objectives.fiberpo_gated_ratio(x, traj, k=args.fiberpo_k, **budgets)
         if args.fiberpo_method == "fiberpo_domain":
             groups = to_flat(inputs["fiberpo_group_id"][keep], batch, "group ids")
             domains = to_flat(inputs["fiberpo_domain_id"][keep], batch, "domain ids")
-            return objectives.fiberpo_domain_gated_ratio(x, batch.traj_id, groups, domains, **budgets)
+            return objectives.fiberpo_domain_gated_ratio(x, traj, groups, domains, **budgets)
         states = prefix_state_ids(inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"])
         ratio = baselines.bounded_ratio(x)  # exp overflows past |x| ~ 88 in fp32
         return objectives.apc_obj_gated_ratio(ratio, to_flat(states[keep], batch, "state ids"), delta=args.apc_delta)
