@@ -64,3 +64,8 @@ def test_checks_import_under_the_package_name_only():
     assert claims.import_checks() == {}
     assert not any(name == "checks" or name.startswith("checks.") for name in sys.modules)
     assert not any(name == "proofs" or name.startswith("proofs.") for name in sys.modules)
+
+
+def test_the_kernel_source_ships_beside_its_loader(wheel):
+    # without it the package still runs, on the torch-op path only, so its absence would go unnoticed
+    assert "fiberpo_theory/core/_kernels.c" in wheel.namelist()

@@ -39,6 +39,7 @@ from typing import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import _native
 from .segments import Segments
 
 def channel_means(x: torch.Tensor, traj: Segments) -> torch.Tensor:
@@ -113,13 +114,17 @@ class FiberGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, traj: Segments, log_base_fn: Callable[[torch.Tensor], torch.Tensor], eps: float):
         closed_form = hasattr(log_base_fn, "slopes")  # the base weight's derivative is known: no M-sized graph
-        with torch.enable_grad() if not closed_form else torch.no_grad():
-            channels = channel_means(x.detach(), traj).requires_grad_(not closed_form)
-            same, offset = _sign_tables(channels, log_base_fn(channels), eps)
         narrow = traj.narrow_index
-        gated, inside = torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool, device=x.device)
+        native = _native.kernels_for(x, narrow) if narrow.dtype == torch.int32 else None
+        with torch.enable_grad() if not closed_form else torch.no_grad():
+            means = _native_channel_means(native, x, traj) if native else channel_means(x.detach(), traj)
+            channels = means.requires_grad_(not closed_form)
+            same, offset = _sign_tables(channels, log_base_fn(channels), eps)
+        gated = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        inside = torch.empty(x.shape, dtype=torch.bool, device=x.device)
         key = torch.empty(x.shape, dtype=narrow.dtype, device=x.device)  # (trajectory, sign) entry; l = +1 at x = 0
-        _gate_tokens(x, narrow, same.detach(), offset.detach(), eps, gated, inside, key)
+        gate = _native_gate_tokens if native and same.dtype == x.dtype == offset.dtype else _gate_tokens
+        gate(x, narrow, same.detach(), offset.detach(), eps, gated, inside, key)
         ctx.save_for_backward(gated, key, inside)
         ctx.traj, ctx.channels, ctx.tables = traj, channels, (same, offset)
         ctx.slopes = log_base_fn.slopes(channels) if closed_form else None  # ∂ log w/∂ channels, (M, 2)
@@ -131,7 +136,12 @@ class FiberGate(torch.autograd.Function):
     def backward(ctx, grad_gated):
         gated, key, inside = ctx.saved_tensors
         traj, channels, (same, offset) = ctx.traj, ctx.channels, ctx.tables
-        reduce = _reduce_tokens_batched if _is_batched(grad_gated) else _reduce_tokens
+        native = (grad_gated.dtype == gated.dtype and key.dtype == torch.int32
+                  and _native.plain_cpu(grad_gated) and _native.kernels_for(gated, key))
+        if native:
+            grad_gated = grad_gated.contiguous()  # a broadcast gradient (of a plain sum) is materialised once
+        reduce = _native_reduce_tokens if native else (
+            _reduce_tokens_batched if _is_batched(grad_gated) else _reduce_tokens)
         grad_x, grad_offset, grad_same = reduce(grad_gated, gated, key, inside, offset.numel())
         if ctx.slopes is not None:
             grad_channels = _channel_grad(channels, ctx.slopes, grad_same, grad_offset, ctx.eps)
@@ -142,7 +152,8 @@ class FiberGate(torch.autograd.Function):
         per_channel = grad_channels / traj.count.to(grad_offset.dtype).unsqueeze(1)
         per_channel[..., 1].neg_()
         per_channel = per_channel.reshape(-1)
-        return _add_channel_terms(grad_x, per_channel, key), None, None, None
+        add = _native_add_channel_terms if native and per_channel.dtype == grad_x.dtype else _add_channel_terms
+        return add(grad_x, per_channel, key), None, None, None
 
 
 def _channel_grad(channels, slopes, grad_same, grad_offset, eps):
@@ -219,6 +230,46 @@ def _add_channel_terms(grad_x, per_channel, key):
     for start in range(0, key.numel(), _CHUNK):
         k = key[start : start + _CHUNK]
         grad_x[start : start + _CHUNK].add_(torch.index_select(per_channel, 0, k, out=scratch[: k.numel()]))
+    return grad_x
+
+
+def _native_channel_means(kernels, x, traj: Segments) -> torch.Tensor:
+    """:func:`channel_means` by one C loop over the tokens: both channel sums at once, in token order."""
+    lib, _, suffix = kernels
+    sums = torch.zeros(2, traj.size, dtype=x.dtype)
+    getattr(lib, f"channel_sums_{suffix}")(x.numel(), _native.ptr(x), _native.ptr(traj.narrow_index),
+                                          _native.ptr(sums[0]), _native.ptr(sums[1]))
+    count = traj.count.to(x.dtype)
+    return torch.stack([sums[0] / count, (0.0 - sums[1]) / count], dim=1)  # 0 - Σ: +0.0 as channel_means gives
+
+
+def _native_gate_tokens(x, narrow, same, offset, eps, gated, inside, key) -> None:
+    """:func:`_gate_tokens` by one C loop per chunk, each chunk exponentiated by torch while it is in cache."""
+    lib, real, suffix = _native.kernels_for(x)
+    gate, same, offset, ptr = getattr(lib, f"gate_tokens_{suffix}"), same.contiguous(), offset.contiguous(), _native.ptr
+    for start in range(0, x.numel(), _CHUNK):
+        size = min(_CHUNK, x.numel() - start)
+        gate(size, ptr(x, start), ptr(narrow, start), ptr(same), ptr(offset), real(eps),
+             ptr(gated, start), ptr(inside, start), ptr(key, start))
+        gated[start : start + size].exp_()
+
+
+def _native_reduce_tokens(grad_gated, gated, key, inside, size):
+    """:func:`_reduce_tokens` by one C loop over the tokens."""
+    lib, _, suffix = _native.kernels_for(gated)
+    grad_offset, grad_inside = (torch.zeros(size, dtype=gated.dtype) for _ in range(2))
+    grad_x = torch.empty_like(gated)
+    ptr = _native.ptr
+    getattr(lib, f"reduce_tokens_{suffix}")(gated.numel(), ptr(grad_gated), ptr(gated), ptr(key), ptr(inside),
+                                           ptr(grad_offset), ptr(grad_inside), ptr(grad_x))
+    return grad_x, grad_offset, -grad_inside
+
+
+def _native_add_channel_terms(grad_x, per_channel, key):
+    """:func:`_add_channel_terms` by one C loop over the tokens, in place."""
+    lib, _, suffix = _native.kernels_for(grad_x)
+    per_channel = per_channel.contiguous()
+    getattr(lib, f"add_channel_{suffix}")(key.numel(), _native.ptr(key), _native.ptr(per_channel), _native.ptr(grad_x))
     return grad_x
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _validate
+from . import _native, _validate
 
 
 # ids up to this many times their number are ranked by counting instead of sorting
@@ -183,6 +183,8 @@ def _sorted_runs(ids: torch.Tensor) -> "Segments | None":
     increase, an M-sized check instead of an N-sized one.
     """
     n = ids.numel()
+    if ids.dtype in _NATIVE_IDS and n < _NATIVE_LIMIT and _native.plain_cpu(ids) and _native.library():
+        return _native_sorted_runs(ids.contiguous())
     change = torch.empty(n, dtype=torch.bool, device=ids.device)
     change[0] = False  # written in place so that the cumulative sum below needs no shifted copy
     torch.ne(ids[1:], ids[:-1], out=change[1:])
@@ -193,6 +195,24 @@ def _sorted_runs(ids: torch.Tensor) -> "Segments | None":
     count = torch.diff(starts, append=torch.full((1,), n, dtype=torch.long, device=ids.device))
     index = change.cumsum(0, dtype=_index_dtype(unique.numel()))
     return Segments(narrow_index=index, count=count, ids=unique, contiguous=True)
+
+
+_NATIVE_IDS = {torch.int64: "i64", torch.int32: "i32"}
+_NATIVE_LIMIT = torch.iinfo(torch.int32).max // 2 - 1  # every run index, and its sign key 2t + 1, fits int32
+
+
+def _native_sorted_runs(ids: torch.Tensor) -> "Segments | None":
+    """:func:`_sorted_runs` by one C loop: run index, run starts and the sortedness test in the same pass."""
+    n = ids.numel()
+    index = torch.empty(n, dtype=torch.int32)
+    starts = torch.empty(n, dtype=torch.long)  # only the first M entries are written (and so touched)
+    runs = getattr(_native.library(), f"sorted_runs_{_NATIVE_IDS[ids.dtype]}")(
+        n, _native.ptr(ids), _native.ptr(index), _native.ptr(starts))
+    if runs < 0:
+        return None
+    starts = starts[:runs].clone()
+    count = torch.diff(starts, append=torch.full((1,), n, dtype=torch.long))
+    return Segments(narrow_index=index, count=count, ids=ids.index_select(0, starts).long(), contiguous=True)
 
 
 def parent_of(child: Segments, parent_index: torch.Tensor, *, child_name: str, parent_name: str) -> torch.Tensor:

@@ -37,6 +37,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from ..core import _native
 from ..core import objectives as obj
 from .cli_types import positive_int, torch_device
 from ..hierarchy.fgh import fiberpo_hierarchy_gated_ratio
@@ -463,6 +464,11 @@ What each baseline includes:
   `fiberpo_hierarchy_gated_ratio`: the fused token gate around the FGH operator on the strata above the
   tokens; compared with `fiberpo_domain/sorted`, the closed form of the same objective.
 
+On CPU the FiberPO rows run the package's compiled token loops when a C compiler is present (the header
+line says whether they did): the fused gate's channel sums, token gate and two backward passes, and the run
+index of sorted ids, one C loop each, with torch's `exp` and every per-trajectory formula left to torch.
+`FIBERPO_THEORY_NATIVE=0 fiberpo-theory bench` times the torch-op path instead; both give the same bits.
+
 `saved MB` is what autograd keeps for backward; `% copy BW` divides a floor on the bytes a step moves
 (saved tensors written and read back, plus the leaf's value and gradient) by the step time and by the copy
 bandwidth measured in the same run.  Ratios are from one run with all cases' repeats interleaved; on a shared
@@ -518,6 +524,7 @@ def run(args) -> int:
     verl = "verl not installed" if verl_loss() is None else f"verl {_verl_version()}"
     console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {args.dtype}, "
                   f"{verl}; measured copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    console.print(f"compiled token loops (CPU): {_native.status()}")
     with Progress(console=console, transient=True) as progress:
         rows = run_table(batch, args.repeats, args.methods, progress)
         scaling = run_scaling(args.scaling, max(args.repeats // 2, 1), device, dtype, progress) if args.scaling else []
@@ -531,7 +538,7 @@ def run(args) -> int:
         console.print(f"  {line}")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"device": device, "copy_bandwidth": bandwidth,
+            json.dump({"device": device, "copy_bandwidth": bandwidth, "native": _native.status(),
                        "main": [_json_row(r, bandwidth) for r in rows],
                        "scaling": [_json_row(r, bandwidth) for r in scaling]}, handle, indent=1)
     if args.markdown:

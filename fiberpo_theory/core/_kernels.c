@@ -1,0 +1,127 @@
+/* Token-level passes of the fused FiberPO gate (fiberpo_theory/core/fused.py), one loop each.
+ *
+ * Each loop performs the same IEEE operations, in the same token order, as the
+ * chain of torch ops it stands in for (built with -ffp-contract=off and no
+ * fast-math), so both paths give the same bits; torch keeps the exp and every
+ * M-sized formula (Eq. 8, 10, 15, 16, 20 live once, in Python).
+ *
+ *   channel_sums   pos[t] += max(x, 0), neg[t] += min(x, 0)            (the sums of Eq. 9)
+ *   gate_tokens    key = 2t + [x < 0], r = x - S[key], c = clip(r, eps),
+ *                  inside = (c == r), out = A[key] + c                 (the exponent of Eq. 16)
+ *   reduce_tokens  a = g * G; dA[key] += a; a *= inside; dS[key] += a; grad = a
+ *   add_channel    grad += per_channel[key]
+ *   sorted_runs    index = number of id changes so far; the starts of the runs
+ *
+ * The sums run in registers along each run of one trajectory and meet memory
+ * only where the trajectory changes.  Every accumulator sees every token of its
+ * run, adding +0 for the tokens of the other sign: a sum that starts at +0 is
+ * never -0, so adding +0 leaves it exactly as skipping the token would.
+ */
+#include <stdint.h>
+#include <string.h>
+
+/* v where keep is 1, +0 where it is 0, by a bit mask: no branch to mispredict on the token signs, and no
+ * v * 0 (which would be NaN for an infinite v) */
+#define SELECT(T, U, keep, v)                                                                        \
+    __extension__({                                                                                  \
+        U bits_;                                                                                     \
+        T out_;                                                                                      \
+        const T value_ = (v);                                                                        \
+        memcpy(&bits_, &value_, sizeof bits_);                                                       \
+        bits_ &= (U)0 - (U)(keep);                                                                   \
+        memcpy(&out_, &bits_, sizeof out_);                                                          \
+        out_;                                                                                        \
+    })
+
+#define FIBER_KERNELS(T, U, SUF)                                                                        \
+    void channel_sums_##SUF(int64_t n, const T *restrict x, const int32_t *restrict seg,            \
+                            T *restrict pos, T *restrict neg) {                                      \
+        if (n <= 0) return;                                                                          \
+        int32_t run = seg[0];                                                                        \
+        T p = pos[run], q = neg[run];                                                                \
+        for (int64_t i = 0; i < n; ++i) {                                                            \
+            const int32_t s = seg[i];                                                                \
+            if (s != run) {                                                                          \
+                pos[run] = p, neg[run] = q;                                                          \
+                run = s, p = pos[s], q = neg[s];                                                     \
+            }                                                                                        \
+            const T v = x[i];                                                                        \
+            p = p + (v > 0 ? v : (T)0);                                                              \
+            q = q + (v < 0 ? v : (T)0);                                                              \
+        }                                                                                            \
+        pos[run] = p, neg[run] = q;                                                                  \
+    }                                                                                                \
+                                                                                                     \
+    void gate_tokens_##SUF(int64_t n, const T *restrict x, const int32_t *restrict seg,             \
+                           const T *restrict same, const T *restrict offset, T eps, T *restrict out, \
+                           uint8_t *restrict inside, int32_t *restrict key) {                        \
+        for (int64_t i = 0; i < n; ++i) {                                                            \
+            const T v = x[i];                                                                        \
+            const int32_t k = 2 * seg[i] + (v < 0);                                                  \
+            const T r = v - same[k];                                                                 \
+            const T c = r < -eps ? -eps : (r > eps ? eps : r);                                       \
+            key[i] = k;                                                                              \
+            inside[i] = (uint8_t)(c == r);                                                           \
+            out[i] = offset[k] + c;                                                                  \
+        }                                                                                            \
+    }                                                                                                \
+                                                                                                     \
+    void reduce_tokens_##SUF(int64_t n, const T *restrict grad, const T *restrict gated,            \
+                             const int32_t *restrict key, const uint8_t *restrict inside,            \
+                             T *restrict grad_offset, T *restrict grad_inside, T *restrict grad_x) { \
+        if (n <= 0) return;                                                                          \
+        int32_t run = key[0] >> 1;                                                                   \
+        T o0 = grad_offset[2 * run], o1 = grad_offset[2 * run + 1];                                  \
+        T i0 = grad_inside[2 * run], i1 = grad_inside[2 * run + 1];                                  \
+        for (int64_t i = 0; i < n; ++i) {                                                            \
+            const int32_t k = key[i];                                                                \
+            if (k >> 1 != run) {                                                                     \
+                grad_offset[2 * run] = o0, grad_offset[2 * run + 1] = o1;                            \
+                grad_inside[2 * run] = i0, grad_inside[2 * run + 1] = i1;                            \
+                run = k >> 1;                                                                        \
+                o0 = grad_offset[2 * run], o1 = grad_offset[2 * run + 1];                            \
+                i0 = grad_inside[2 * run], i1 = grad_inside[2 * run + 1];                            \
+            }                                                                                        \
+            const T a = grad[i] * gated[i];                                                          \
+            const T b = a * (T)inside[i]; /* as torch's a * inside: ±0 off the clip's open interval */ \
+            const int negative = k & 1;                                                              \
+            o0 = o0 + SELECT(T, U, 1 - negative, a);                                                 \
+            o1 = o1 + SELECT(T, U, negative, a);                                                     \
+            i0 = i0 + SELECT(T, U, 1 - negative, b);                                                 \
+            i1 = i1 + SELECT(T, U, negative, b);                                                     \
+            grad_x[i] = b;                                                                           \
+        }                                                                                            \
+        grad_offset[2 * run] = o0, grad_offset[2 * run + 1] = o1;                                    \
+        grad_inside[2 * run] = i0, grad_inside[2 * run + 1] = i1;                                    \
+    }                                                                                                \
+                                                                                                     \
+    void add_channel_##SUF(int64_t n, const int32_t *restrict key, const T *restrict per_channel,   \
+                           T *restrict grad_x) {                                                     \
+        for (int64_t i = 0; i < n; ++i) grad_x[i] = grad_x[i] + per_channel[key[i]];                 \
+    }
+
+FIBER_KERNELS(float, uint32_t, f32)
+FIBER_KERNELS(double, uint64_t, f64)
+
+/* Runs of a sorted id column: index[i] = number of id changes in ids[0..i], starts[r] = first element of run r.
+ * Returns the number of runs, or -1 as soon as a run's id is below the previous run's (the ids are not sorted).
+ * starts must have room for n entries. */
+#define RUN_KERNEL(I, SUF)                                                                           \
+    int64_t sorted_runs_##SUF(int64_t n, const I *restrict ids, int32_t *restrict index,            \
+                              int64_t *restrict starts) {                                            \
+        if (n <= 0) return 0;                                                                        \
+        int64_t runs = 1;                                                                            \
+        starts[0] = 0;                                                                               \
+        index[0] = 0;                                                                                \
+        for (int64_t i = 1; i < n; ++i) {                                                            \
+            if (ids[i] != ids[i - 1]) {                                                              \
+                if (ids[i] < ids[i - 1]) return -1;                                                  \
+                starts[runs++] = i;                                                                  \
+            }                                                                                        \
+            index[i] = (int32_t)(runs - 1);                                                          \
+        }                                                                                            \
+        return runs;                                                                                 \
+    }
+
+RUN_KERNEL(int64_t, i64)
+RUN_KERNEL(int32_t, i32)

@@ -1,0 +1,142 @@
+"""The compiled token loops of ``_kernels.c``, built on first use with the system C compiler, or ``None``.
+
+The fused gate (:mod:`fiberpo_theory.core.fused`) and the sorted-id indexing
+(:mod:`fiberpo_theory.core.segments`) run one C loop per token pass on CPU
+tensors when the library is available, and their chains of torch ops
+otherwise; both give the same values (``tests/test_native.py``).  The shared
+library is compiled once per source, compiler and CPU into a cache folder
+(``$FIBERPO_THEORY_CACHE``, else ``$XDG_CACHE_HOME/fiberpo_theory``, else
+``~/.cache/fiberpo_theory``) and loaded with :mod:`ctypes`: no build step at
+install time and no Python headers.  ``FIBERPO_THEORY_NATIVE=0`` turns it off;
+:func:`status` says which path runs and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("_kernels.c")
+# no -ffast-math and no contraction into FMAs: the loops must round exactly as the torch ops they replace
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
+_TYPES = {torch.float32: (ctypes.c_float, "f32"), torch.float64: (ctypes.c_double, "f64")}
+_reason = "not loaded yet"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("FIBERPO_THEORY_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fiberpo_theory"
+
+
+def _cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return platform.machine() + flags  # -march=native: a library built for one CPU may not run on another
+
+
+def _build(cc: str, folder: Path) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_name()]).encode())
+    target = folder / f"kernels-{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:  # built aside, then renamed: safe for racing processes
+        built = Path(work) / "kernels.so"
+        run = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=False)
+        if run.returncode:
+            raise OSError(f"{cc} failed: {run.stderr.strip()[:400]}")
+        os.replace(built, target)
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, p = ctypes.c_int64, ctypes.c_void_p
+    for real, suffix in _TYPES.values():
+        getattr(lib, f"channel_sums_{suffix}").argtypes = [i64, p, p, p, p]
+        getattr(lib, f"gate_tokens_{suffix}").argtypes = [i64, p, p, p, p, real, p, p, p]
+        getattr(lib, f"reduce_tokens_{suffix}").argtypes = [i64, p, p, p, p, p, p, p]
+        getattr(lib, f"add_channel_{suffix}").argtypes = [i64, p, p, p]
+    for suffix in ("i64", "i32"):
+        getattr(lib, f"sorted_runs_{suffix}").argtypes = [i64, p, p, p]
+        getattr(lib, f"sorted_runs_{suffix}").restype = i64
+
+
+@lru_cache(maxsize=None)
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or ``None`` (then :func:`status` gives the reason)."""
+    global _reason
+    if os.environ.get("FIBERPO_THEORY_NATIVE", "1") == "0":
+        _reason = "off: FIBERPO_THEORY_NATIVE=0"
+        return None
+    cc = _compiler()
+    if cc is None:
+        _reason = "off: no C compiler (cc, gcc or clang) on PATH"
+        return None
+    try:
+        try:
+            built = _build(cc, _cache_dir())
+        except PermissionError:  # a read-only home: build under the temporary folder instead
+            built = _build(cc, Path(tempfile.gettempdir()) / f"fiberpo_theory-{os.getuid()}")
+        lib = ctypes.CDLL(str(built))
+        _declare(lib)
+    except (OSError, AttributeError) as error:
+        _reason = f"off: {error}"
+        return None
+    _reason = f"on: {cc} {' '.join(FLAGS[:3])}"
+    return lib
+
+
+def status() -> str:
+    """One line: whether the compiled token loops run, and why not when they do not."""
+    library()
+    return _reason
+
+
+def kernels_for(*tensors: torch.Tensor) -> tuple[ctypes.CDLL, type, str] | None:
+    """``(library, ctypes real type, suffix)`` when every tensor is a contiguous CPU tensor the loops take."""
+    lib = library()
+    if lib is None or tensors[0].dtype not in _TYPES:
+        return None
+    if not all(plain_cpu(t) and t.is_contiguous() for t in tensors):
+        return None
+    real, suffix = _TYPES[tensors[0].dtype]
+    return lib, real, suffix
+
+
+def plain_cpu(tensor: torch.Tensor) -> bool:
+    """A CPU tensor with storage of its own (not vmap-batched, functionalised or a subclass), any strides."""
+    return tensor.device.type == "cpu" and not _wrapped(tensor)
+
+
+def _wrapped(tensor: torch.Tensor) -> bool:
+    """vmap-batched or otherwise wrapped tensors have no plain storage to hand to C."""
+    functorch = torch._C._functorch
+    return bool(functorch.is_functorch_wrapped_tensor(tensor) or functorch.is_legacy_batchedtensor(tensor)
+                or functorch.is_functionaltensor(tensor)) or tensor.is_meta or type(tensor) is not torch.Tensor
+
+
+def ptr(tensor: torch.Tensor, start: int = 0) -> int:
+    """Address of element ``start`` of a contiguous tensor."""
+    return tensor.data_ptr() + start * tensor.element_size()

@@ -1,0 +1,177 @@
+"""The compiled token loops against the chains of torch ops they stand in for: the same bits, or a clean fallback."""
+
+import shutil
+
+import pytest
+import torch
+
+import fiberpo_theory.core._native as native
+import fiberpo_theory.core.fused as fused
+from fiberpo_theory.core import objectives as obj
+from fiberpo_theory.core.segments import Segments, _sorted_runs
+
+HYPER = dict(eps=0.1, c_pos=0.12, c_neg=0.2)
+HAS_CC = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
+needs_cc = pytest.mark.skipif(not HAS_CC, reason="no C compiler: the torch-op path is the only one here")
+
+
+@pytest.fixture
+def torch_only(monkeypatch):
+    """Run the torch-op path, as on a machine without a C compiler."""
+    monkeypatch.setattr(native, "library", lambda: None)
+
+
+def _layouts(dtype, seed=0):
+    """Sorted, shuffled and length-given trajectories with exact zeros and tokens on the clip's ends."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 40, (30,), generator=gen)
+    n = int(lengths.sum())
+    x = (torch.randn(n, generator=gen, dtype=torch.float64) * 0.3).to(dtype)
+    x[torch.rand(n, generator=gen) < 0.1] = 0.0
+    x[torch.rand(n, generator=gen) < 0.05] = -0.0
+    ids = torch.arange(30).repeat_interleave(lengths) * 7 + 2
+    perm = torch.randperm(n, generator=gen)
+    return {"sorted": (x, ids), "lengths": (x, Segments.from_lengths(lengths)), "shuffled": (x[perm], ids[perm])}
+
+
+def _gate_and_grads(x, traj, weight):
+    """Gate values, the gradient of Σ w·G (a dense gradient) and of Σ G (a broadcast one)."""
+    out = []
+    for reduce in (lambda g: (g * weight).sum(), lambda g: g.sum()):
+        leaf = x.clone().requires_grad_(True)
+        gated = obj.fiberpo_gated_ratio(leaf, traj, **HYPER)
+        reduce(gated).backward()
+        out += [gated.detach(), leaf.grad]
+    domain_leaf = x.clone().requires_grad_(True)
+    ids = Segments.from_ids(traj).index if isinstance(traj, torch.Tensor) else traj.index
+    gated = obj.fiberpo_domain_gated_ratio(domain_leaf, traj, ids // 4, ids // 8, **HYPER)
+    (gated * weight).sum().backward()
+    return out + [gated.detach(), domain_leaf.grad]
+
+
+@needs_cc
+def test_the_library_builds_and_loads_where_a_compiler_is():
+    assert native.library() is not None, native.status()
+    assert native.status().startswith("on:")
+
+
+def test_the_switch_turns_the_library_off(monkeypatch, tmp_path):
+    monkeypatch.setenv("FIBERPO_THEORY_NATIVE", "0")
+    native.library.cache_clear()
+    try:
+        assert native.library() is None and native.status() == "off: FIBERPO_THEORY_NATIVE=0"
+        x, ids = _layouts(torch.float64)["sorted"]
+        assert obj.fiberpo_gated_ratio(x, ids, **HYPER).shape == x.shape  # the torch path still runs
+    finally:
+        monkeypatch.delenv("FIBERPO_THEORY_NATIVE")
+        native.library.cache_clear()
+
+
+def test_a_failing_build_falls_back_with_the_reason(monkeypatch, tmp_path):
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setenv("FIBERPO_THEORY_CACHE", str(tmp_path / "cache"))
+    native.library.cache_clear()
+    try:
+        if not HAS_CC:
+            assert native.library() is None and "no C compiler" in native.status()
+        else:
+            assert native.library() is None and native.status().startswith("off:") and "failed" in native.status()
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("layout", ["sorted", "lengths", "shuffled"])
+def test_compiled_and_torch_paths_give_the_same_bits(layout, dtype, monkeypatch):
+    x, traj = _layouts(dtype)[layout]
+    weight = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    compiled = _gate_and_grads(x, traj, weight)
+    monkeypatch.setattr(native, "library", lambda: None)
+    reference = _gate_and_grads(x, traj, weight)
+    for got, expected in zip(compiled, reference):
+        assert torch.equal(got, expected), (got - expected).abs().max()
+        assert torch.equal(got.signbit(), expected.signbit())
+
+
+@needs_cc
+def test_compiled_path_runs_the_loops(monkeypatch):
+    """The fused gate does call the compiled loops (so the bit-equality test above compares two paths)."""
+    calls = []
+    for name in ("_native_channel_means", "_native_gate_tokens", "_native_reduce_tokens", "_native_add_channel_terms"):
+        real = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    x, ids = _layouts(torch.float32)["sorted"]
+    leaf = x.clone().requires_grad_(True)
+    obj.fiberpo_gated_ratio(leaf, ids, **HYPER).sum().backward()
+    assert calls == ["_native_channel_means", "_native_gate_tokens", "_native_reduce_tokens",
+                     "_native_add_channel_terms"]
+
+
+@needs_cc
+def test_chunks_of_the_compiled_gate_equal_one_chunk(monkeypatch):
+    x, ids = _layouts(torch.float64, seed=4)["shuffled"]
+    weight = torch.randn(x.shape, dtype=torch.float64)
+    whole = _gate_and_grads(x, ids, weight)
+    monkeypatch.setattr(fused, "_CHUNK", 13)
+    assert all(torch.equal(a, b) for a, b in zip(whole, _gate_and_grads(x, ids, weight)))
+
+
+@needs_cc
+def test_gradcheck_through_the_compiled_loops():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(24, generator=gen, dtype=torch.float64) * 0.2
+    ids = torch.arange(4).repeat_interleave(6)
+    assert native.kernels_for(x) is not None
+    assert torch.autograd.gradcheck(lambda z: obj.fiberpo_gated_ratio(z, ids, **HYPER), (x.requires_grad_(),))
+
+
+@needs_cc
+def test_infinite_upstream_gradient_stays_in_its_own_sign_entry():
+    """An infinite ∂L/∂G reaches the tables it belongs to only, as index_add would put it (no inf·0 = NaN)."""
+    x = torch.tensor([0.05, -0.05, 0.02, -0.03], dtype=torch.float64)
+    ids = torch.zeros(4, dtype=torch.long)
+    traj = Segments.from_ids(ids)
+    gated = torch.ones(4, dtype=torch.float64)
+    key = torch.tensor([0, 1, 0, 1], dtype=torch.int32)
+    inside = torch.ones(4, dtype=torch.bool)
+    grad = torch.tensor([float("inf"), 1.0, 2.0, 3.0], dtype=torch.float64)
+    _, offset, _ = fused._native_reduce_tokens(grad, gated, key, inside, 2 * traj.size)
+    _, expected, _ = fused._reduce_tokens(grad, gated, key, inside, 2 * traj.size)
+    assert torch.equal(offset, expected) and offset[1] == 4.0 and torch.isinf(offset[0])
+    assert torch.isfinite(x).all()
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("ids", [[4, 4, 4], [0, 1, 1, 2, 9, 9], [3, 5, 5, 4], [-2, -2, 0], [1, 2, 3, 4]])
+def test_compiled_sorted_runs_equal_the_torch_passes(ids, dtype, monkeypatch):
+    column = torch.tensor(ids, dtype=dtype)
+    compiled = _sorted_runs(column)
+    monkeypatch.setattr(native, "library", lambda: None)
+    reference = _sorted_runs(column)
+    if reference is None:
+        assert compiled is None
+        return
+    assert torch.equal(compiled.narrow_index, reference.narrow_index)
+    assert compiled.narrow_index.dtype == reference.narrow_index.dtype == torch.int32
+    assert torch.equal(compiled.count, reference.count) and torch.equal(compiled.ids, reference.ids)
+
+
+def test_torch_path_alone_matches_the_autograd_reference(torch_only):
+    x, ids = _layouts(torch.float64, seed=7)["shuffled"]
+    leaf, ref_leaf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    weight = torch.randn(x.shape, dtype=torch.float64)
+    (obj.fiberpo_gated_ratio(leaf, ids, **HYPER) * weight).sum().backward()
+    (obj.fiberpo_parts(ref_leaf, ids, **HYPER).gated_ratio * weight).sum().backward()
+    assert torch.allclose(leaf.grad, ref_leaf.grad, rtol=0, atol=1e-10)
+
+
+def test_tensors_the_loops_cannot_take_go_the_torch_way():
+    x = torch.randn(10, dtype=torch.float64)
+    assert native.kernels_for(x[::2]) is None  # strided
+    assert native.kernels_for(x.to(torch.float16)) is None
+    assert native.kernels_for(torch.randn(4, device="meta")) is None
