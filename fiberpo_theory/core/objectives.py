@@ -419,7 +419,8 @@ def rgf_objective(gated_ratio, advantages, weights) -> torch.Tensor:
 
     When neither μ nor Â needs a gradient (the usual case) their product is
     taken outside the graph, so the backward is one product with G's
-    gradient and autograd saves one tensor instead of two.
+    gradient and autograd saves one tensor instead of two; for a contiguous
+    ``(N,)`` G the sum is one ``dot`` (no token-length product buffer).
     """
     g = _validate.as_float("gated_ratio", gated_ratio)
     adv = _validate.same_shape("advantages", advantages, g, finite=False)
@@ -429,7 +430,9 @@ def rgf_objective(gated_ratio, advantages, weights) -> torch.Tensor:
         return (mu * g * adv).sum()
     with torch.no_grad():
         coef = mu * adv
-    # a non-finite μ_i or Â_i makes μ_i Â_i, hence the sum, non-finite: one reduction checks both
-    if not math.isfinite(coef.sum()):
+    flat = g.dim() == 1 and g.dtype == coef.dtype and g.is_contiguous() and coef.is_contiguous()
+    objective = torch.dot(g, coef) if flat else (g * coef).sum()
+    # a non-finite μ_i Â_i makes its term non-finite whatever G_i is (inf·0 is NaN), hence J: the result checks both
+    if not math.isfinite(objective.detach()):
         _validate.same_shape("advantages", adv, g), _validate.same_shape("weights", mu, g)
-    return (g * coef).sum()
+    return objective
