@@ -103,7 +103,7 @@ def test_compiled_path_runs_the_loops(monkeypatch):
     calls = []
     for name in ("_native_channel_means", "_native_gate_tokens", "_native_reduce_tokens", "_native_add_channel_terms"):
         real = getattr(fused, name)
-        monkeypatch.setattr(fused, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+        monkeypatch.setattr(fused, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     x, ids = _layouts(torch.float32)["sorted"]
     leaf = x.clone().requires_grad_(True)
     obj.fiberpo_gated_ratio(leaf, ids, **HYPER).sum().backward()
