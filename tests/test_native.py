@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-import fiberpo_theory.core._native as native
+import fiberpo_theory.core.native as native
 import fiberpo_theory.core.fused as fused
 from fiberpo_theory.core import objectives as obj
 from fiberpo_theory.core.segments import Segments, _sorted_runs

@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _native
+from . import native as _native
 from .segments import Segments
 
 def channel_means(x: torch.Tensor, traj: Segments) -> torch.Tensor:

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _native, _validate
+from . import _validate
+from . import native as _native
 
 
 # ids up to this many times their number are ranked by counting instead of sorting

@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from ..core import _native
+from ..core import native as _native
 from ..core import objectives as obj
 from .cli_types import positive_int, torch_device
 from ..hierarchy.fgh import fiberpo_hierarchy_gated_ratio
