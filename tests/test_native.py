@@ -175,3 +175,48 @@ def test_tensors_the_loops_cannot_take_go_the_torch_way():
     assert native.kernels_for(x[::2]) is None  # strided
     assert native.kernels_for(x.to(torch.float16)) is None
     assert native.kernels_for(torch.randn(4, device="meta")) is None
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_compiled_carried_ids_equal_the_torch_passes(dtype, monkeypatch):
+    from fiberpo_theory.core.segments import _carried_by_runs
+
+    traj = Segments.from_ids(torch.tensor([0, 0, 1, 1, 1, 2, 3, 3]))
+    group = torch.tensor([5, 5, 5, 5, 5, 7, 7, 7], dtype=dtype)
+    split = torch.tensor([5, 5, 5, 6, 6, 7, 7, 7], dtype=dtype)  # trajectory 1 spans two groups
+    last = torch.tensor([5, 5, 5, 5, 5, 7, 7, 8], dtype=dtype)  # the split is in the last run
+    compiled = [_carried_by_runs(traj, [group, group * 3]), _carried_by_runs(traj, [group, split]),
+                _carried_by_runs(traj, [last])]
+    monkeypatch.setattr(native, "library", lambda: None)
+    reference = [_carried_by_runs(traj, [group, group * 3]), _carried_by_runs(traj, [group, split]),
+                 _carried_by_runs(traj, [last])]
+    assert torch.equal(compiled[0], reference[0]) and compiled[0].dtype == torch.long
+    assert compiled[0][:, 0].tolist() == [5, 5, 7, 7]
+    assert compiled[1] is None and reference[1] is None and compiled[2] is None and reference[2] is None
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+@pytest.mark.parametrize("order", ["sorted", "shuffled"])
+def test_negative_coarser_ids_are_named_from_the_carried_ids(compiled, order, monkeypatch):
+    """Group and domain signs are read off the ids carried to the trajectories; the message names the argument."""
+    from fiberpo_theory.hierarchy import structure as hier
+
+    if not compiled:
+        monkeypatch.setattr(native, "library", lambda: None)
+    traj = torch.tensor([0, 0, 1, 1, 2, 2])
+    group, domain = traj // 2, torch.zeros(6, dtype=torch.int32)  # an int32 column beside int64 ones
+    perm = torch.tensor([3, 0, 5, 1, 4, 2]) if order == "shuffled" else torch.arange(6)
+    x = torch.linspace(-0.1, 0.1, 6, dtype=torch.float64)[perm]
+    traj, group, domain = traj[perm], group[perm], domain[perm]
+    assert obj.fiberpo_domain_gated_ratio(x, traj, group, domain, **HYPER).shape == (6,)
+    with pytest.raises(ValueError, match="group_id must be non-negative, found -1"):
+        obj.fiberpo_domain_gated_ratio(x, traj, group - 1, domain, **HYPER)
+    with pytest.raises(ValueError, match="domain_id must be non-negative, found -4"):
+        obj.fiberpo_domain_gated_ratio(x, traj, group, domain - 4, **HYPER)
+    with pytest.raises(ValueError, match=r"level_ids\[0\] must be non-negative, found -2"):
+        hier.from_ids([group - 2, traj])
+    split = group.clone()
+    split[traj == 1] = torch.tensor([0, 1])  # trajectory 1 in two groups: still a nesting error
+    with pytest.raises(ValueError, match="does not nest"):
+        obj.fiberpo_domain_gated_ratio(x, traj, split, domain, **HYPER)

@@ -11,6 +11,7 @@
  *   reduce_tokens  a = g * G; dA[key] += a; a *= inside; dS[key] += a; grad = a
  *   add_channel    grad += per_channel[key]
  *   sorted_runs    index = number of id changes so far; the starts of the runs
+ *   carried_runs   the id a coarser column holds on each run, or "does not nest"
  *
  * The sums run in registers along each run of one trajectory and meet memory
  * only where the trajectory changes.  Every accumulator sees every token of its
@@ -125,3 +126,23 @@ FIBER_KERNELS(double, uint64_t, f64)
 
 RUN_KERNEL(int64_t, i64)
 RUN_KERNEL(int32_t, i32)
+
+/* A coarser id column carried by contiguous child runs: out[r] = column[starts[r]] when the column is
+ * constant on every run (returns 1), else 0 (the column does not nest in the runs).  One read pass; the
+ * comparisons of a run are or-ed together, so the inner loop has no early exit and vectorises. */
+#define CARRY_KERNEL(I, SUF)                                                                         \
+    int carried_runs_##SUF(int64_t runs, const int64_t *restrict starts, int64_t n,                 \
+                           const I *restrict column, int64_t *restrict out) {                        \
+        for (int64_t r = 0; r < runs; ++r) {                                                         \
+            const int64_t lo = starts[r], hi = r + 1 < runs ? starts[r + 1] : n;                     \
+            const I first = column[lo];                                                              \
+            int differs = 0;                                                                         \
+            for (int64_t i = lo + 1; i < hi; ++i) differs |= column[i] != first;                     \
+            if (differs) return 0;                                                                   \
+            out[r] = (int64_t)first;                                                                 \
+        }                                                                                            \
+        return 1;                                                                                    \
+    }
+
+CARRY_KERNEL(int64_t, i64)
+CARRY_KERNEL(int32_t, i32)

@@ -81,6 +81,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     for suffix in ("i64", "i32"):
         getattr(lib, f"sorted_runs_{suffix}").argtypes = [i64, p, p, p]
         getattr(lib, f"sorted_runs_{suffix}").restype = i64
+        getattr(lib, f"carried_runs_{suffix}").argtypes = [i64, p, i64, p, p]
+        getattr(lib, f"carried_runs_{suffix}").restype = ctypes.c_int
 
 
 @lru_cache(maxsize=None)

@@ -234,8 +234,10 @@ def _domain_levels(x, traj_id, group_id, domain_id) -> _Levels:
     the same indexing the FGH operator's chain hierarchies use).
     """
     traj = segments_for("traj_id", traj_id, x)
-    coarser = [_validate.ids("domain_id", domain_id, x), _validate.ids("group_id", group_id, x)]
-    (domain, group, _), (group_domain, _) = nested_segments(coarser, traj, ["domain", "prompt group", "trajectory"])
+    names = ["domain_id", "group_id"]  # their signs are read off the carried ids (nested_segments)
+    coarser = [_validate.ids(name, ids, x, sign=False) for name, ids in zip(names, (domain_id, group_id))]
+    (domain, group, _), (group_domain, _) = nested_segments(coarser, traj, ["domain", "prompt group", "trajectory"],
+                                                           id_names=names)
     return _Levels(
         traj, group.index, group.ids, group.count, group.sum(traj.count), group_domain,
         domain.ids, domain.count, domain.sum(traj.count),

@@ -264,6 +264,8 @@ def _carried_by_runs(child: Segments, columns: list[torch.Tensor]) -> torch.Tens
     Each segment then carries its first element's id.
     """
     starts = child.count.cumsum(0) - child.count
+    if all(c.dtype in _NATIVE_IDS and _native.plain_cpu(c) for c in columns) and _native.library():
+        return _native_carried_by_runs(child, starts, [c.contiguous() for c in columns])
     before_start = starts[1:] - 1
     nests = []
     for column in columns:
@@ -271,11 +273,21 @@ def _carried_by_runs(child: Segments, columns: list[torch.Tensor]) -> torch.Tens
         nests.append(change.sum() == change.index_select(0, before_start).sum())
     if not bool(torch.stack(nests).all()):
         return None
-    return torch.stack([column.index_select(0, starts) for column in columns], dim=1).long()
+    return torch.stack([column.index_select(0, starts).long() for column in columns], dim=1)
+
+
+def _native_carried_by_runs(child: Segments, starts: torch.Tensor, columns: list[torch.Tensor]):
+    """:func:`_carried_by_runs` by one C loop per column: the run check and the carried id in one read."""
+    carried = torch.empty((len(columns), child.size), dtype=torch.long)
+    for column, out in zip(columns, carried):
+        carry = getattr(_native.library(), f"carried_runs_{_NATIVE_IDS[column.dtype]}")
+        if not carry(child.size, _native.ptr(starts), column.numel(), _native.ptr(column), _native.ptr(out)):
+            return None
+    return carried.t()
 
 
 def nested_segments(
-    coarser: list[torch.Tensor], finest: Segments, labels: list[str]
+    coarser: list[torch.Tensor], finest: Segments, labels: list[str], *, id_names: list[str] | None = None
 ) -> tuple[list[Segments], list[torch.Tensor]]:
     """Index a chain of nested id columns: coarsest first, the finest already indexed.
 
@@ -286,15 +298,23 @@ def nested_segments(
     every level over the finest segments (the finest itself last) and, for
     each level below the coarsest, the dense index of its parent per segment.
     ``labels`` name the levels (coarsest first) in the ``ValueError`` raised
-    when some level does not nest in the one above.
+    when some level does not nest in the one above.  ``id_names`` (the
+    arguments the coarser columns came as) turns on their sign check, read
+    off the carried ids: the smallest carried id is the column's minimum on
+    either path, so no N-sized min pass is needed.
     """
     if not coarser:
         return [finest], []
     low = _carried_by_runs(finest, coarser) if finest.contiguous else None
     if low is None:  # scattered segments, or ids that do not nest: the min/max pass names the culprit
-        low, split = carried_ids(finest, torch.stack(coarser, dim=1))
+        low, split = carried_ids(finest, torch.stack([column.long() for column in coarser], dim=1))
     else:
         split = torch.zeros(low.shape, dtype=torch.bool, device=low.device)
+    if id_names is not None:
+        smallest = low.amin(dim=0).tolist()  # one read of the (M, K) carried ids
+        for name, value in zip(id_names, smallest):
+            if value < 0:
+                raise ValueError(f"{name} must be non-negative, found {value}")
     for k in reversed(range(len(coarser))):  # the nearest parent first
         if bool(split[:, k].any()):
             bad = int(split[:, k].nonzero()[0, 0])

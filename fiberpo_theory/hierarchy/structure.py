@@ -185,12 +185,12 @@ def _columns(level_ids, like: torch.Tensor | None, like_name: str) -> list[torch
     if isinstance(level_ids, torch.Tensor) or not isinstance(level_ids, Sequence) or len(level_ids) == 0:
         raise ValueError("level_ids must be a non-empty list of id tensors (coarsest level first)")
     out = []
-    last = len(level_ids) - 1
     for k, ids in enumerate(level_ids):
         ref = like if like is not None else (out[0] if out else None)
-        # the finest column's sign is read off its run values by Segments.from_ids: no separate min pass
+        # no min pass: the finest column's sign is read off its run values by Segments.from_ids, the others'
+        # off the ids they carry to the finest segments (nested_segments)
         out.append(_id_column(f"level_ids[{k}]", ids, ref, like_name if like is not None else "level_ids[0]",
-                              sign=k < last))
+                              sign=False))
     return out
 
 
@@ -199,7 +199,7 @@ def _nested_segments(cols: list[torch.Tensor], names: list[str]) -> tuple[list[S
     :func:`~fiberpo_theory.core.segments.nested_segments`, shared with FiberPO-Domain's closed form)."""
     labels = [f"{name} (level_ids[{k}])" for k, name in enumerate(names[: len(cols)])]
     finest = Segments.from_ids(cols[-1], name=f"level_ids[{len(cols) - 1}]")
-    return nested_segments(cols[:-1], finest, labels)
+    return nested_segments(cols[:-1], finest, labels, id_names=[f"level_ids[{k}]" for k in range(len(cols) - 1)])
 
 
 def from_ids(
