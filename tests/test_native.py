@@ -148,8 +148,12 @@ def test_infinite_upstream_gradient_stays_in_its_own_sign_entry():
 @needs_cc
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("ids", [[4, 4, 4], [0, 1, 1, 2, 9, 9], [3, 5, 5, 4], [-2, -2, 0], [1, 2, 3, 4]])
-def test_compiled_sorted_runs_equal_the_torch_passes(ids, dtype, monkeypatch):
+@pytest.mark.parametrize("room", [1 << 14, 2], ids=["room", "rerun"])
+def test_compiled_sorted_runs_equal_the_torch_passes(ids, dtype, room, monkeypatch):
+    import fiberpo_theory.core.segments as segments
+
     column = torch.tensor(ids, dtype=dtype)
+    monkeypatch.setattr(segments, "_RUN_ROOM", room)  # 2: more runs than room, so the loop runs again
     compiled = _sorted_runs(column)
     monkeypatch.setattr(native, "library", lambda: None)
     reference = _sorted_runs(column)

@@ -104,20 +104,21 @@
 FIBER_KERNELS(float, uint32_t, f32)
 FIBER_KERNELS(double, uint64_t, f64)
 
-/* Runs of a sorted id column: index[i] = number of id changes in ids[0..i], starts[r] = first element of run r.
- * Returns the number of runs, or -1 as soon as a run's id is below the previous run's (the ids are not sorted).
- * starts must have room for n entries. */
+/* Runs of a sorted id column: index[i] = number of id changes in ids[0..i], starts[r] = first element of run r
+ * for the first `capacity` runs.  Returns the number of runs (more than `capacity`: call again with room for
+ * them all), or -1 as soon as a run's id is below the previous run's (the ids are not sorted). */
 #define RUN_KERNEL(I, SUF)                                                                           \
     int64_t sorted_runs_##SUF(int64_t n, const I *restrict ids, int32_t *restrict index,            \
-                              int64_t *restrict starts) {                                            \
+                              int64_t *restrict starts, int64_t capacity) {                          \
         if (n <= 0) return 0;                                                                        \
         int64_t runs = 1;                                                                            \
-        starts[0] = 0;                                                                               \
+        if (capacity > 0) starts[0] = 0;                                                             \
         index[0] = 0;                                                                                \
         for (int64_t i = 1; i < n; ++i) {                                                            \
             if (ids[i] != ids[i - 1]) {                                                              \
                 if (ids[i] < ids[i - 1]) return -1;                                                  \
-                starts[runs++] = i;                                                                  \
+                if (runs < capacity) starts[runs] = i;                                               \
+                ++runs;                                                                              \
             }                                                                                        \
             index[i] = (int32_t)(runs - 1);                                                          \
         }                                                                                            \

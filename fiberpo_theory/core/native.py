@@ -79,7 +79,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"reduce_tokens_{suffix}").argtypes = [i64, p, p, p, p, p, p, p]
         getattr(lib, f"add_channel_{suffix}").argtypes = [i64, p, p, p]
     for suffix in ("i64", "i32"):
-        getattr(lib, f"sorted_runs_{suffix}").argtypes = [i64, p, p, p]
+        getattr(lib, f"sorted_runs_{suffix}").argtypes = [i64, p, p, p, i64]
         getattr(lib, f"sorted_runs_{suffix}").restype = i64
         getattr(lib, f"carried_runs_{suffix}").argtypes = [i64, p, i64, p, p]
         getattr(lib, f"carried_runs_{suffix}").restype = ctypes.c_int

@@ -200,18 +200,23 @@ def _sorted_runs(ids: torch.Tensor) -> "Segments | None":
 
 _NATIVE_IDS = {torch.int64: "i64", torch.int32: "i32"}
 _NATIVE_LIMIT = torch.iinfo(torch.int32).max // 2 - 1  # every run index, and its sign key 2t + 1, fits int32
+_RUN_ROOM = 1 << 14
 
 
 def _native_sorted_runs(ids: torch.Tensor) -> "Segments | None":
     """:func:`_sorted_runs` by one C loop: run index, run starts and the sortedness test in the same pass."""
     n = ids.numel()
     index = torch.empty(n, dtype=torch.int32)
-    starts = torch.empty(n, dtype=torch.long)  # only the first M entries are written (and so touched)
-    runs = getattr(_native.library(), f"sorted_runs_{_NATIVE_IDS[ids.dtype]}")(
-        n, _native.ptr(ids), _native.ptr(index), _native.ptr(starts))
+    runs_of = getattr(_native.library(), f"sorted_runs_{_NATIVE_IDS[ids.dtype]}")
+    # room for a typical number of runs: an N-sized buffer would cost page faults on every call
+    starts = torch.empty(min(n, _RUN_ROOM), dtype=torch.long)
+    runs = runs_of(n, _native.ptr(ids), _native.ptr(index), _native.ptr(starts), starts.numel())
+    if runs > starts.numel():  # more runs than room: once more with room for all of them
+        starts = torch.empty(runs, dtype=torch.long)
+        runs = runs_of(n, _native.ptr(ids), _native.ptr(index), _native.ptr(starts), runs)
     if runs < 0:
         return None
-    starts = starts[:runs].clone()
+    starts = starts[:runs]
     count = torch.diff(starts, append=torch.full((1,), n, dtype=torch.long))
     return Segments(narrow_index=index, count=count, ids=ids.index_select(0, starts).long(), contiguous=True)
 
