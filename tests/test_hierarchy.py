@@ -322,3 +322,21 @@ def test_turn_stratum_masses():
     k = hier.mass_kernels(h, mass)
     composed = k[1] * k[0][h.projection[1]]
     torch.testing.assert_close(composed, torch.tensor([1 / 3] * 3 + [0.5] * 2, dtype=torch.float64))
+
+
+def test_ready_trajectory_segments_give_the_same_hierarchy_and_gate():
+    from fiberpo_theory.core.segments import Segments
+    from fiberpo_theory.hierarchy.fgh import fiberpo_hierarchy_gated_ratio
+
+    traj = torch.tensor([3, 3, 5, 5, 5, 8, 9, 9])
+    group, domain = traj // 4, traj // 8
+    x = torch.linspace(-0.2, 0.25, 8, dtype=torch.float64)
+    ready = Segments.from_ids(traj)
+    a, b = hier.from_ids([domain, group, traj], like=x), hier.from_ids([domain, group, ready], like=x)
+    assert a.sizes == b.sizes and all(torch.equal(p, q) for p, q in zip(a.projection[:-1], b.projection[:-1]))
+    assert all(torch.equal(p, q) for p, q in zip(a.token_count, b.token_count))
+    hyper = dict(eps=0.1, c_pos=0.12, c_neg=0.2)
+    assert torch.equal(fiberpo_hierarchy_gated_ratio(x, [domain, group, traj], **hyper),
+                       fiberpo_hierarchy_gated_ratio(x, [domain, group, ready], **hyper))
+    with pytest.raises(ValueError, match=r"level_ids\[2\] segments index 8 elements"):
+        hier.from_ids([domain[:5], group[:5], ready], like=x[:5])

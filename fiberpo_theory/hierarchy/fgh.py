@@ -563,7 +563,8 @@ def fiberpo_hierarchy_gated_ratio(log_ratio, level_ids, *, eps, c_pos, c_neg, pr
 
     ``level_ids`` lists per-token id tensors from the coarsest level to the
     trajectory level: ``[traj_id]`` is FiberPO (Eq. 80), ``[domain_id,
-    group_id, traj_id]`` is FiberPO-Domain (Eq. 30-33).  Above the
+    group_id, traj_id]`` is FiberPO-Domain (Eq. 30-33); the trajectory level
+    may be a ready ``Segments`` (the one μ is built from, too).  Above the
     trajectory level the kernels weight children by trajectory count, so each
     element's aggregate is the mean of log s_τ over the trajectories below it;
     each level's g_agg uses the element's token count as k.  ``c_pos`` and

@@ -185,8 +185,12 @@ def _columns(level_ids, like: torch.Tensor | None, like_name: str) -> list[torch
     if isinstance(level_ids, torch.Tensor) or not isinstance(level_ids, Sequence) or len(level_ids) == 0:
         raise ValueError("level_ids must be a non-empty list of id tensors (coarsest level first)")
     out = []
+    last = len(level_ids) - 1
     for k, ids in enumerate(level_ids):
         ref = like if like is not None else (out[0] if out else None)
+        if k == last and isinstance(ids, Segments):  # the finest level indexed already (once per batch)
+            out.append(_ready_segments(f"level_ids[{k}]", ids, ref, like_name if like is not None else "level_ids[0]"))
+            continue
         # no min pass: the finest column's sign is read off its run values by Segments.from_ids, the others'
         # off the ids they carry to the finest segments (nested_segments)
         out.append(_id_column(f"level_ids[{k}]", ids, ref, like_name if like is not None else "level_ids[0]",
@@ -194,11 +198,18 @@ def _columns(level_ids, like: torch.Tensor | None, like_name: str) -> list[torch
     return out
 
 
+def _ready_segments(name: str, segs: Segments, like: torch.Tensor | None, like_name: str) -> Segments:
+    if like is not None and (segs.elements != like.numel() or segs.device != like.device):
+        raise ValueError(f"{name} segments index {segs.elements} elements on {segs.device} but {like_name} has "
+                         f"{like.numel()} on {like.device}")
+    return segs
+
+
 def _nested_segments(cols: list[torch.Tensor], names: list[str]) -> tuple[list[Segments], list[torch.Tensor | None]]:
     """Dense indexing of every level and the projection of each level onto the one above (see
     :func:`~fiberpo_theory.core.segments.nested_segments`, shared with FiberPO-Domain's closed form)."""
     labels = [f"{name} (level_ids[{k}])" for k, name in enumerate(names[: len(cols)])]
-    finest = Segments.from_ids(cols[-1], name=f"level_ids[{len(cols) - 1}]")
+    finest = cols[-1] if isinstance(cols[-1], Segments) else Segments.from_ids(cols[-1], name=f"level_ids[{len(cols) - 1}]")
     return nested_segments(cols[:-1], finest, labels, id_names=[f"level_ids[{k}]" for k in range(len(cols) - 1)])
 
 
@@ -214,6 +225,9 @@ def from_ids(
 
     ``like`` (optional) is the per-token tensor the ids label; it fixes the
     expected length and device, and error messages then refer to it.
+    ``level_ids[-1]`` may also be a ready ``Segments`` of the finest ids
+    (``Segments.from_ids`` or ``from_lengths``), so that a batch indexes its
+    trajectories once for the gate and μ alike.
     """
     cols = _columns(level_ids, like, like_name)
     names = _chain_names(len(cols), names)
@@ -223,14 +237,14 @@ def from_ids(
     n = len(cols)
     h = CompiledHierarchy(
         names=tuple(names),
-        sizes=tuple(s.size for s in segs) + (cols[0].numel(),),
+        sizes=tuple(s.size for s in segs) + (segs[-1].elements,),
         finer=tuple(range(1, n + 1)) + (-1,),
         projection=tuple(projection),
         element_ids=tuple(s.ids for s in segs) + (None,),
         token_count=(),
         segments=(None,) * (n - 1) + (segs[-1], None),
     )
-    return _with_token_counts(h, cols[0].device)
+    return _with_token_counts(h, segs[-1].device)
 
 
 def _chain_names(n: int, names) -> list[str]:

@@ -212,8 +212,7 @@ def _flat_cases(b: Batch) -> list[Case]:
         Case("apc_obj/shuffled", "random state ids (T/4 states), token-mean", x,
              lambda z: _objective("apc_obj", obj.apc_obj_gated_ratio(torch.exp(z), b.state_id, delta=DELTA), adv, None)),
         Case("fgh_4level/sorted", "FiberPO on a domain→group→trajectory→token hierarchy: fused token gate around the FGH operator", x,
-             lambda z: _objective("fiberpo_domain", fiberpo_hierarchy_gated_ratio(
-                 z, [b.domain_id, b.group_id, b.traj_id], **FIBER), adv, b.traj_id)),
+             lambda z: _hierarchy_objective(z, b.traj_id, b.group_id, b.domain_id, adv)),
     ]
 
 
@@ -226,6 +225,12 @@ def _domain_objective(x, traj_id, group_id, domain_id, adv):
     traj = segments_for("traj_id", traj_id, x)
     return _objective("fiberpo_domain", obj.fiberpo_domain_gated_ratio(x, traj, group_id, domain_id, **FIBER),
                       adv, traj)
+
+
+def _hierarchy_objective(x, traj_id, group_id, domain_id, adv):
+    traj = segments_for("traj_id", traj_id, x)  # indexed once, for the hierarchy and μ, as in the closed form
+    gated = fiberpo_hierarchy_gated_ratio(x, [domain_id, group_id, traj], **FIBER)
+    return _objective("fiberpo_domain", gated, adv, traj)
 
 
 def all_cases(b: Batch) -> list[Case]:
@@ -462,7 +467,8 @@ What each baseline includes:
   token-mean weights.
 * `fgh_4level/sorted`: FiberPO on a four-level hierarchy (domain → group → trajectory → token) through
   `fiberpo_hierarchy_gated_ratio`: the fused token gate around the FGH operator on the strata above the
-  tokens; compared with `fiberpo_domain/sorted`, the closed form of the same objective.
+  tokens, with the trajectory `Segments` built once in the step for the hierarchy and μ (as
+  `fiberpo_domain/sorted` does); compared with `fiberpo_domain/sorted`, the closed form of the same objective.
 
 On CPU the FiberPO rows run the package's compiled token loops when a C compiler is present (the header
 line says whether they did): the fused gate's channel sums, token gate and two backward passes, and the run
