@@ -73,6 +73,20 @@ def test_goal_lines_say_met_or_missed_from_the_measured_ratio():
     assert "fiberpo/padded time = 1.50× verl/padded (goal ≤ 2.0×: met)" in bench.goal_lines(rows, [], 10)
 
 
+def test_fixed_plus_linear_fit_recovers_a_known_cost():
+    # 0.5 ms per call + 10 ms per million tokens, with the 4M point 10% slow
+    sizes = [1 << 16, 1 << 18, 1 << 20, 1 << 22]
+    seconds = [5e-4 + 1e-2 * n / 1e6 for n in sizes]
+    scaling = [bench.Row("fiberpo/sorted", n, t, 0, 0) for n, t in zip(sizes, seconds)]
+    fixed, slope, worst = bench._fixed_plus_linear(scaling, "fiberpo/sorted")
+    assert fixed == pytest.approx(5e-4) and slope == pytest.approx(1e-2) and worst < 1e-9
+    scaling[-1].seconds *= 1.1
+    assert bench._fixed_plus_linear(scaling, "fiberpo/sorted")[2] > 0.02
+    assert bench._fixed_plus_linear(scaling[:2], "fiberpo/sorted") is None  # two points fit any line
+    line = [x for x in bench.goal_lines([], scaling, 1 << 20) if x.startswith("fiberpo/sorted time ≈")]
+    assert len(line) == 1 and "ms per call" in line[0]
+
+
 def test_fused_fiberpo_saves_less_than_the_package_grpo_objective():
     b = bench.make_batch(1 << 14, 16)
     cases = {c.name: c for c in bench.all_cases(b)}

@@ -118,10 +118,10 @@ def status() -> str:
 
 def kernels_for(*tensors: torch.Tensor) -> tuple[ctypes.CDLL, type, str] | None:
     """``(library, ctypes real type, suffix)`` when every tensor is a contiguous CPU tensor the loops take."""
+    if tensors[0].dtype not in _TYPES or not all(plain_cpu(t) and t.is_contiguous() for t in tensors):
+        return None  # checked first: a CUDA-only run never builds the library
     lib = library()
-    if lib is None or tensors[0].dtype not in _TYPES:
-        return None
-    if not all(plain_cpu(t) and t.is_contiguous() for t in tensors):
+    if lib is None:
         return None
     real, suffix = _TYPES[tensors[0].dtype]
     return lib, real, suffix

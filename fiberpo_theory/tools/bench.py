@@ -389,7 +389,26 @@ def goal_lines(rows: list[Row], scaling: list[Row], main_tokens: int) -> list[st
             f"goal ±{100 * SCALING_TOLERANCE:.0f}%: {'met' if spread <= SCALING_TOLERANCE else 'MISSED'}")
         lines.append(f"{case} cost per token from {sizes[0]:,} to {sizes[-1]:,} tokens: within ±{100 * spread:.0f}% "
                      f"({verdict})")
+    for case in ("fiberpo/sorted", "clip/sorted"):
+        fit = _fixed_plus_linear(scaling, case)
+        if fit is not None:  # what the per-token spread is made of; no goal
+            fixed, per_million, worst = fit
+            lines.append(f"{case} time ≈ {fixed * 1e3:.2f} ms per call + {per_million * 1e3:.2f} ms per million "
+                         f"tokens (least squares over the scaling sizes; largest deviation {100 * worst:.0f}%)")
     return lines
+
+
+def _fixed_plus_linear(scaling: list[Row], case: str) -> tuple[float, float, float] | None:
+    """``(a, b, worst)`` of the fit time ≈ a + b·tokens/10⁶ over the scaling rows, worst = largest relative residual."""
+    points = sorted((row.tokens / 1e6, row.seconds) for row in scaling if row.method == case)
+    if len(points) < 3:
+        return None
+    sizes = torch.tensor([p[0] for p in points], dtype=torch.float64)
+    times = torch.tensor([p[1] for p in points], dtype=torch.float64)
+    design = torch.stack([torch.ones_like(sizes), sizes], dim=1)
+    fixed, slope = torch.linalg.lstsq(design, times.unsqueeze(1)).solution.squeeze(1).tolist()
+    worst = float(((fixed + slope * sizes - times).abs() / times).max())
+    return fixed, slope, worst
 
 
 def _cost_spread(scaling: list[Row], case: str, main_tokens: int) -> float | None:
