@@ -97,18 +97,34 @@ def test_compiled_and_torch_paths_give_the_same_bits(layout, dtype, monkeypatch)
         assert torch.equal(got.signbit(), expected.signbit())
 
 
+RUN_LOOPS = ["_runs_channel_means", "_runs_gate_tokens", "_runs_reduce_tokens", "_runs_add_channel_terms"]
+INDEX_LOOPS = ["_native_channel_means", "_native_gate_tokens", "_native_reduce_tokens", "_native_add_channel_terms"]
+
+
 @needs_cc
-def test_compiled_path_runs_the_loops(monkeypatch):
+@pytest.mark.parametrize("layout, expected", [("sorted", RUN_LOOPS), ("lengths", RUN_LOOPS), ("shuffled", INDEX_LOOPS)])
+def test_compiled_path_runs_the_loops(layout, expected, monkeypatch):
     """The fused gate does call the compiled loops (so the bit-equality test above compares two paths)."""
     calls = []
-    for name in ("_native_channel_means", "_native_gate_tokens", "_native_reduce_tokens", "_native_add_channel_terms"):
+    for name in RUN_LOOPS + INDEX_LOOPS:
         real = getattr(fused, name)
         monkeypatch.setattr(fused, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
-    x, ids = _layouts(torch.float32)["sorted"]
+    x, ids = _layouts(torch.float32)[layout]
     leaf = x.clone().requires_grad_(True)
     obj.fiberpo_gated_ratio(leaf, ids, **HYPER).sum().backward()
-    assert calls == ["_native_channel_means", "_native_gate_tokens", "_native_reduce_tokens",
-                     "_native_add_channel_terms"]
+    assert calls == expected
+
+
+@needs_cc
+def test_run_loops_fall_back_to_the_index_path_under_vmap():
+    """A vmap-batched gradient cannot go through C: the key is rebuilt from the flag bytes for the torch path."""
+    x, ids = _layouts(torch.float64, seed=3)["sorted"]
+    x = x[:40]
+    ids = ids[:40]
+    f = lambda z: obj.fiberpo_gated_ratio(z, ids, **HYPER)  # noqa: E731
+    vectorized = torch.autograd.functional.jacobian(f, x, vectorize=True)
+    looped = torch.autograd.functional.jacobian(f, x)
+    assert torch.equal(vectorized, looped)
 
 
 @needs_cc

@@ -12,6 +12,7 @@
  *   add_channel    grad += per_channel[key]
  *   sorted_runs    index = number of id changes so far; the starts of the runs
  *   carried_runs   the id a coarser column holds on each run, or "does not nest"
+ *   *_runs         the gate's passes walked by trajectory lengths (contiguous layouts), and gather_runs
  *
  * The sums run in registers along each run of one trajectory and meet memory
  * only where the trajectory changes.  Every accumulator sees every token of its
@@ -101,11 +102,90 @@
         for (int64_t i = 0; i < n; ++i) grad_x[i] = grad_x[i] + per_channel[key[i]];                 \
     }
 
+/* The same passes for contiguous trajectories, walked run by run from their lengths: no per-token
+ * trajectory index is read, and the (trajectory, sign) key shrinks to one flag byte per token,
+ * flags = inside | negative << 1.  Per run the entries 2r (l = +1) and 2r + 1 (l = -1) are registers. */
+#define RUN_KERNELS(T, U, SUF)                                                                       \
+    void channel_sums_runs_##SUF(int64_t runs, const int64_t *restrict count, const T *restrict x,  \
+                                 T *restrict pos, T *restrict neg) {                                 \
+        for (int64_t r = 0; r < runs; ++r) {                                                         \
+            T p = pos[r], q = neg[r];                                                                \
+            for (int64_t i = 0; i < count[r]; ++i) {                                                 \
+                const T v = x[i];                                                                    \
+                p = p + (v > 0 ? v : (T)0);                                                          \
+                q = q + (v < 0 ? v : (T)0);                                                          \
+            }                                                                                        \
+            pos[r] = p, neg[r] = q;                                                                  \
+            x += count[r];                                                                           \
+        }                                                                                            \
+    }                                                                                                \
+                                                                                                     \
+    void gate_runs_##SUF(int64_t runs, const int64_t *restrict count, const T *restrict x,          \
+                         const T *restrict same, const T *restrict offset, T eps, T *restrict out,   \
+                         uint8_t *restrict flags) {                                                  \
+        for (int64_t r = 0; r < runs; ++r) {                                                         \
+            const T s0 = same[2 * r], s1 = same[2 * r + 1];                                          \
+            const T a0 = offset[2 * r], a1 = offset[2 * r + 1];                                      \
+            for (int64_t i = 0; i < count[r]; ++i) {                                                 \
+                const T v = x[i];                                                                    \
+                const int negative = v < 0;                                                          \
+                const T res = v - (negative ? s1 : s0);                                              \
+                const T c = res < -eps ? -eps : (res > eps ? eps : res);                             \
+                flags[i] = (uint8_t)((c == res) | negative << 1);                                    \
+                out[i] = (negative ? a1 : a0) + c;                                                   \
+            }                                                                                        \
+            x += count[r], out += count[r], flags += count[r];                                       \
+        }                                                                                            \
+    }                                                                                                \
+                                                                                                     \
+    void reduce_runs_##SUF(int64_t runs, const int64_t *restrict count, const T *restrict grad,     \
+                           const T *restrict gated, const uint8_t *restrict flags,                   \
+                           T *restrict grad_offset, T *restrict grad_inside, T *restrict grad_x) {   \
+        for (int64_t r = 0; r < runs; ++r) {                                                         \
+            T o0 = grad_offset[2 * r], o1 = grad_offset[2 * r + 1];                                  \
+            T d0 = grad_inside[2 * r], d1 = grad_inside[2 * r + 1];                                  \
+            for (int64_t i = 0; i < count[r]; ++i) {                                                 \
+                const int negative = flags[i] >> 1, inside = flags[i] & 1;                           \
+                const T a = grad[i] * gated[i];                                                      \
+                const T b = a * (T)inside;                                                           \
+                o0 = o0 + SELECT(T, U, 1 - negative, a);                                             \
+                o1 = o1 + SELECT(T, U, negative, a);                                                 \
+                d0 = d0 + SELECT(T, U, 1 - negative, b);                                             \
+                d1 = d1 + SELECT(T, U, negative, b);                                                 \
+                grad_x[i] = b;                                                                       \
+            }                                                                                        \
+            grad_offset[2 * r] = o0, grad_offset[2 * r + 1] = o1;                                    \
+            grad_inside[2 * r] = d0, grad_inside[2 * r + 1] = d1;                                    \
+            grad += count[r], gated += count[r], flags += count[r], grad_x += count[r];              \
+        }                                                                                            \
+    }                                                                                                \
+                                                                                                     \
+    void add_channel_runs_##SUF(int64_t runs, const int64_t *restrict count,                        \
+                                const uint8_t *restrict flags, const T *restrict per_channel,        \
+                                T *restrict grad_x) {                                                \
+        for (int64_t r = 0; r < runs; ++r) {                                                         \
+            const T c0 = per_channel[2 * r], c1 = per_channel[2 * r + 1];                            \
+            for (int64_t i = 0; i < count[r]; ++i) grad_x[i] = grad_x[i] + (flags[i] >> 1 ? c1 : c0); \
+            flags += count[r], grad_x += count[r];                                                   \
+        }                                                                                            \
+    }                                                                                                \
+                                                                                                     \
+    void gather_runs_##SUF(int64_t runs, const int64_t *restrict count, const T *restrict values,   \
+                           T *restrict out) {                                                        \
+        for (int64_t r = 0; r < runs; ++r) {                                                         \
+            const T v = values[r];                                                                   \
+            for (int64_t i = 0; i < count[r]; ++i) out[i] = v;                                       \
+            out += count[r];                                                                         \
+        }                                                                                            \
+    }
+
 FIBER_KERNELS(float, uint32_t, f32)
 FIBER_KERNELS(double, uint64_t, f64)
+RUN_KERNELS(float, uint32_t, f32)
+RUN_KERNELS(double, uint64_t, f64)
 
 /* Runs of a sorted id column: index[i] = number of id changes in ids[0..i], starts[r] = first element of run r
- * for the first `capacity` runs.  Returns the number of runs (more than `capacity`: call again with room for
+ * for the first `capacity` runs (index may be NULL: the runs alone).  Returns the number of runs (more than `capacity`: call again with room for
  * them all), or -1 as soon as a run's id is below the previous run's (the ids are not sorted). */
 #define RUN_KERNEL(I, SUF)                                                                           \
     int64_t sorted_runs_##SUF(int64_t n, const I *restrict ids, int32_t *restrict index,            \
@@ -113,14 +193,14 @@ FIBER_KERNELS(double, uint64_t, f64)
         if (n <= 0) return 0;                                                                        \
         int64_t runs = 1;                                                                            \
         if (capacity > 0) starts[0] = 0;                                                             \
-        index[0] = 0;                                                                                \
+        if (index) index[0] = 0;                                                                     \
         for (int64_t i = 1; i < n; ++i) {                                                            \
             if (ids[i] != ids[i - 1]) {                                                              \
                 if (ids[i] < ids[i - 1]) return -1;                                                  \
                 if (runs < capacity) starts[runs] = i;                                               \
                 ++runs;                                                                              \
             }                                                                                        \
-            index[i] = (int32_t)(runs - 1);                                                          \
+            if (index) index[i] = (int32_t)(runs - 1);                                               \
         }                                                                                            \
         return runs;                                                                                 \
     }

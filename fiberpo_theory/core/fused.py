@@ -109,23 +109,41 @@ def _gate_tokens(x, narrow, same, offset, eps, gated, inside, key) -> None:
 
 
 class FiberGate(torch.autograd.Function):
-    """``G = exp(A + clip(x - S, ε))`` from raw log-ratios, with the closed-form backward above."""
+    """``G = exp(A + clip(x - S, ε))`` from raw log-ratios, with the closed-form backward above.
+
+    Three ways through the tokens, all giving the same bits: compiled loops
+    walking contiguous trajectories by their lengths (saving G and one flag
+    byte per token), compiled loops over the per-token index (saving G, the
+    key and the flag), and the chunked torch ops (the same, and the only way
+    on CUDA, under vmap or without a C compiler).
+    """
 
     @staticmethod
     def forward(ctx, x, traj: Segments, log_base_fn: Callable[[torch.Tensor], torch.Tensor], eps: float):
         closed_form = hasattr(log_base_fn, "slopes")  # the base weight's derivative is known: no M-sized graph
-        narrow = traj.narrow_index
-        native = _native.kernels_for(x, narrow) if narrow.dtype == torch.int32 else None
+        runs = traj.runs if _native.kernels_for(x) else None
+        indexed = runs is None and traj.narrow_index.dtype == torch.int32 and _native.kernels_for(x, traj.narrow_index)
         with torch.enable_grad() if not closed_form else torch.no_grad():
-            means = _native_channel_means(native, x, traj) if native else channel_means(x.detach(), traj)
+            if runs is not None:
+                means = _runs_channel_means(x, traj, runs)
+            else:
+                means = _native_channel_means(indexed, x, traj) if indexed else channel_means(x.detach(), traj)
             channels = means.requires_grad_(not closed_form)
             same, offset = _sign_tables(channels, log_base_fn(channels), eps)
+        tables = same.detach(), offset.detach()
+        native_tables = same.dtype == x.dtype == offset.dtype
         gated = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        inside = torch.empty(x.shape, dtype=torch.bool, device=x.device)
-        key = torch.empty(x.shape, dtype=narrow.dtype, device=x.device)  # (trajectory, sign) entry; l = +1 at x = 0
-        gate = _native_gate_tokens if native and same.dtype == x.dtype == offset.dtype else _gate_tokens
-        gate(x, narrow, same.detach(), offset.detach(), eps, gated, inside, key)
-        ctx.save_for_backward(gated, key, inside)
+        if runs is not None and native_tables:
+            flags = torch.empty(x.shape, dtype=torch.uint8)  # inside | negative << 1
+            _runs_gate_tokens(x, runs, *tables, eps, gated, flags)
+            ctx.save_for_backward(gated, flags)
+        else:
+            narrow = traj.narrow_index
+            inside = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+            key = torch.empty(x.shape, dtype=narrow.dtype, device=x.device)  # (trajectory, sign); l = +1 at x = 0
+            gate = _native_gate_tokens if indexed and native_tables else _gate_tokens
+            gate(x, narrow, *tables, eps, gated, inside, key)
+            ctx.save_for_backward(gated, key, inside)
         ctx.traj, ctx.channels, ctx.tables = traj, channels, (same, offset)
         ctx.slopes = log_base_fn.slopes(channels) if closed_form else None  # ∂ log w/∂ channels, (M, 2)
         ctx.eps = eps
@@ -134,15 +152,22 @@ class FiberGate(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_gated):
-        gated, key, inside = ctx.saved_tensors
+        saved = ctx.saved_tensors
         traj, channels, (same, offset) = ctx.traj, ctx.channels, ctx.tables
-        native = (grad_gated.dtype == gated.dtype and key.dtype == torch.int32
-                  and _native.plain_cpu(grad_gated) and _native.kernels_for(gated, key))
+        gated = saved[0]
+        native = grad_gated.dtype == gated.dtype and _native.plain_cpu(grad_gated)
         if native:
             grad_gated = grad_gated.contiguous()  # a broadcast gradient (of a plain sum) is materialised once
-        reduce = _native_reduce_tokens if native else (
-            _reduce_tokens_batched if _is_batched(grad_gated) else _reduce_tokens)
-        grad_x, grad_offset, grad_same = reduce(grad_gated, gated, key, inside, offset.numel())
+        key = indexed = None
+        if len(saved) == 2 and native:  # the run loops saved one flag byte per token
+            flags = saved[1]
+            grad_x, grad_offset, grad_same = _runs_reduce_tokens(grad_gated, gated, flags, traj.runs)
+        else:
+            key, inside = saved[1:] if len(saved) == 3 else _key_and_inside(saved[1], traj)
+            indexed = native and key.dtype == torch.int32 and _native.kernels_for(gated, key)
+            reduce = _native_reduce_tokens if indexed else (
+                _reduce_tokens_batched if _is_batched(grad_gated) else _reduce_tokens)
+            grad_x, grad_offset, grad_same = reduce(grad_gated, gated, key, inside, offset.numel())
         if ctx.slopes is not None:
             grad_channels = _channel_grad(channels, ctx.slopes, grad_same, grad_offset, ctx.eps)
         else:  # retain: gradcheck and retain_graph users call backward more than once (the graph is M-sized)
@@ -152,8 +177,19 @@ class FiberGate(torch.autograd.Function):
         per_channel = grad_channels / traj.count.to(grad_offset.dtype).unsqueeze(1)
         per_channel[..., 1].neg_()
         per_channel = per_channel.reshape(-1)
-        add = _native_add_channel_terms if native and per_channel.dtype == grad_x.dtype else _add_channel_terms
+        same_dtype = per_channel.dtype == grad_x.dtype
+        if key is None and same_dtype:
+            return _runs_add_channel_terms(grad_x, per_channel, flags, traj.runs), None, None, None
+        if key is None:
+            key = _key_and_inside(flags, traj)[0]
+        add = _native_add_channel_terms if indexed and same_dtype else _add_channel_terms
         return add(grad_x, per_channel, key), None, None, None
+
+
+def _key_and_inside(flags: torch.Tensor, traj: Segments):
+    """The (trajectory, sign) key and the flag of the index path, from the run loops' flag bytes."""
+    key = torch.bitwise_right_shift(flags, 1).to(traj.narrow_index.dtype).add_(traj.narrow_index, alpha=2)
+    return key, torch.bitwise_and(flags, 1).bool()
 
 
 def _channel_grad(channels, slopes, grad_same, grad_offset, eps):
@@ -270,6 +306,53 @@ def _native_add_channel_terms(grad_x, per_channel, key):
     lib, _, suffix = _native.kernels_for(grad_x)
     per_channel = per_channel.contiguous()
     getattr(lib, f"add_channel_{suffix}")(key.numel(), _native.ptr(key), _native.ptr(per_channel), _native.ptr(grad_x))
+    return grad_x
+
+
+def _runs_channel_means(x, traj: Segments, runs: torch.Tensor) -> torch.Tensor:
+    """:func:`channel_means` by one C loop walking the trajectories by their lengths."""
+    lib, _, suffix = _native.kernels_for(x)
+    sums = torch.zeros(2, traj.size, dtype=x.dtype)
+    getattr(lib, f"channel_sums_runs_{suffix}")(traj.size, _native.ptr(runs), _native.ptr(x),
+                                               _native.ptr(sums[0]), _native.ptr(sums[1]))
+    count = traj.count.to(x.dtype)
+    return torch.stack([sums[0] / count, (0.0 - sums[1]) / count], dim=1)  # 0 - Σ: +0.0 as channel_means gives
+
+
+def _runs_gate_tokens(x, runs, same, offset, eps, gated, flags) -> None:
+    """The token gate by the run loop, a chunk of whole trajectories at a time, each chunk exponentiated in cache."""
+    lib, real, suffix = _native.kernels_for(x)
+    gate, same, offset, ptr = getattr(lib, f"gate_runs_{suffix}"), same.contiguous(), offset.contiguous(), _native.ptr
+    ends = runs.cumsum(0)
+    # each chunk ends with the trajectory that crosses a multiple of _CHUNK tokens (a long one is a chunk alone)
+    targets = torch.arange(1, (x.numel() - 1) // _CHUNK + 1, dtype=torch.long) * _CHUNK
+    cuts = sorted(set((torch.searchsorted(ends, targets) + 1).tolist()) | {runs.numel()})
+    first, start = 0, 0
+    for last in cuts:
+        stop = int(ends[last - 1])
+        gate(last - first, ptr(runs, first), ptr(x, start), ptr(same, 2 * first), ptr(offset, 2 * first), real(eps),
+             ptr(gated, start), ptr(flags, start))
+        gated[start:stop].exp_()
+        first, start = last, stop
+
+
+def _runs_reduce_tokens(grad_gated, gated, flags, runs):
+    """:func:`_reduce_tokens` by the run loop (tables in registers per trajectory)."""
+    lib, _, suffix = _native.kernels_for(gated)
+    grad_offset, grad_inside = (torch.zeros(2 * runs.numel(), dtype=gated.dtype) for _ in range(2))
+    grad_x = torch.empty_like(gated)
+    ptr = _native.ptr
+    getattr(lib, f"reduce_runs_{suffix}")(runs.numel(), ptr(runs), ptr(grad_gated), ptr(gated), ptr(flags),
+                                         ptr(grad_offset), ptr(grad_inside), ptr(grad_x))
+    return grad_x, grad_offset, -grad_inside
+
+
+def _runs_add_channel_terms(grad_x, per_channel, flags, runs):
+    """:func:`_add_channel_terms` by the run loop, in place."""
+    lib, _, suffix = _native.kernels_for(grad_x)
+    per_channel = per_channel.contiguous()
+    getattr(lib, f"add_channel_runs_{suffix}")(runs.numel(), _native.ptr(runs), _native.ptr(flags),
+                                              _native.ptr(per_channel), _native.ptr(grad_x))
     return grad_x
 
 

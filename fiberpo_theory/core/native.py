@@ -78,6 +78,11 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"gate_tokens_{suffix}").argtypes = [i64, p, p, p, p, real, p, p, p]
         getattr(lib, f"reduce_tokens_{suffix}").argtypes = [i64, p, p, p, p, p, p, p]
         getattr(lib, f"add_channel_{suffix}").argtypes = [i64, p, p, p]
+        getattr(lib, f"channel_sums_runs_{suffix}").argtypes = [i64, p, p, p, p]
+        getattr(lib, f"gate_runs_{suffix}").argtypes = [i64, p, p, p, p, real, p, p]
+        getattr(lib, f"reduce_runs_{suffix}").argtypes = [i64, p, p, p, p, p, p, p]
+        getattr(lib, f"add_channel_runs_{suffix}").argtypes = [i64, p, p, p, p]
+        getattr(lib, f"gather_runs_{suffix}").argtypes = [i64, p, p, p]
     for suffix in ("i64", "i32"):
         getattr(lib, f"sorted_runs_{suffix}").argtypes = [i64, p, p, p, i64]
         getattr(lib, f"sorted_runs_{suffix}").restype = i64

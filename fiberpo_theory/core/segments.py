@@ -50,24 +50,32 @@ class Segments:
             by lengths.
 
     A ready ``Segments`` is what validates a batch once: functions given one
-    do not look at the ids again.
+    do not look at the ids again.  Contiguous segments may be made from
+    their lengths alone (``elements`` given, no index): the per-element
+    index is then built on first use, and the compiled loops that walk the
+    segments by their lengths never need it.
     """
 
-    def __init__(self, index=None, count=None, ids=None, contiguous: bool = False, *, narrow_index=None):
-        if index is None and narrow_index is None:
-            raise ValueError("Segments needs index or narrow_index")
+    def __init__(self, index=None, count=None, ids=None, contiguous: bool = False, *, narrow_index=None,
+                 elements: int | None = None):
+        if index is None and narrow_index is None and not (contiguous and elements is not None):
+            raise ValueError("Segments needs index or narrow_index (or, when contiguous, elements)")
         self._index, self._narrow = index, narrow_index
         self.count, self.ids, self.contiguous = count, ids, contiguous
+        self._elements = elements if index is None and narrow_index is None else None
 
     @property
     def index(self) -> torch.Tensor:
         if self._index is None:
-            self._index = self._narrow.long()
+            self._index = self.narrow_index.long()
         return self._index
 
     @property
     def narrow_index(self) -> torch.Tensor:
-        if self._narrow is None:
+        if self._narrow is None and self._index is None:  # known by its lengths only: repeat each segment number
+            dense = torch.arange(self.size, dtype=_index_dtype(self.size), device=self.device)
+            self._narrow = dense.repeat_interleave(self.count, output_size=self._elements)
+        elif self._narrow is None:
             dtype = _index_dtype(self.size)
             self._narrow = self._index if dtype == self._index.dtype else self._index.to(dtype)
         return self._narrow
@@ -78,8 +86,17 @@ class Segments:
 
     @property
     def elements(self) -> int:
-        """N, the number of indexed elements (without building the long index)."""
+        """N, the number of indexed elements (without building the index)."""
+        if self._elements is not None:
+            return self._elements
         return (self._narrow if self._index is None else self._index).numel()
+
+    @property
+    def runs(self) -> torch.Tensor | None:
+        """The segment lengths when the compiled run loops can walk them (contiguous, CPU, int64), else ``None``."""
+        if not self.contiguous or self.count.dtype != torch.long or not _native.plain_cpu(self.count):
+            return None
+        return self.count.contiguous()
 
     @property
     def device(self) -> torch.device:
@@ -135,7 +152,8 @@ class Segments:
 
         ``ids`` (default ``0..M-1``) must be increasing so that ``ids`` stays
         sorted as :meth:`from_ids` would give it.  The index is repeated as
-        int32 where it fits (a long ``repeat_interleave`` costs several times more).
+        int32 where it fits (a long ``repeat_interleave`` costs several times more),
+        and only when something asks for it.
         """
         if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.is_floating_point():
             raise ValueError("lengths must be a 1-D integer tensor")
@@ -146,8 +164,7 @@ class Segments:
         ids = dense if ids is None else ids.long()
         if ids.shape != lengths.shape or (ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all())):
             raise ValueError("ids must be increasing, one per length")
-        narrow = dense.to(_index_dtype(lengths.numel())).repeat_interleave(lengths)
-        return cls(narrow_index=narrow, count=lengths, ids=ids, contiguous=True)
+        return cls(count=lengths, ids=ids, contiguous=True, elements=int(lengths.sum()))  # index built on first use
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """Per-segment sum of ``values`` (first dimension indexed like ``index``)."""
@@ -163,8 +180,16 @@ class Segments:
         return self.sum(values) / counts
 
     def gather(self, per_segment: torch.Tensor) -> torch.Tensor:
-        """Broadcast a per-segment tensor back to its elements."""
-        return per_segment.index_select(0, self.narrow_index)
+        """Broadcast a per-segment tensor back to its elements (by the run lengths where the loops can)."""
+        runs = self.runs if per_segment.dim() == 1 and not per_segment.requires_grad else None
+        source = per_segment.contiguous() if runs is not None else per_segment
+        kernels = _native.kernels_for(source) if runs is not None else None
+        if kernels is None:
+            return per_segment.index_select(0, self.narrow_index)
+        lib, _, suffix = kernels
+        out = torch.empty(self.elements, dtype=per_segment.dtype)
+        getattr(lib, f"gather_runs_{suffix}")(self.size, _native.ptr(runs), _native.ptr(source), _native.ptr(out))
+        return out
 
 
 def _maybe_sorted(ids: torch.Tensor, probes: int = 4096) -> bool:
@@ -204,21 +229,20 @@ _RUN_ROOM = 1 << 14
 
 
 def _native_sorted_runs(ids: torch.Tensor) -> "Segments | None":
-    """:func:`_sorted_runs` by one C loop: run index, run starts and the sortedness test in the same pass."""
+    """:func:`_sorted_runs` by one C loop: run starts and the sortedness test in one pass; the index is left lazy."""
     n = ids.numel()
-    index = torch.empty(n, dtype=torch.int32)
     runs_of = getattr(_native.library(), f"sorted_runs_{_NATIVE_IDS[ids.dtype]}")
     # room for a typical number of runs: an N-sized buffer would cost page faults on every call
     starts = torch.empty(min(n, _RUN_ROOM), dtype=torch.long)
-    runs = runs_of(n, _native.ptr(ids), _native.ptr(index), _native.ptr(starts), starts.numel())
+    runs = runs_of(n, _native.ptr(ids), None, _native.ptr(starts), starts.numel())  # no index: built on demand
     if runs > starts.numel():  # more runs than room: once more with room for all of them
         starts = torch.empty(runs, dtype=torch.long)
-        runs = runs_of(n, _native.ptr(ids), _native.ptr(index), _native.ptr(starts), runs)
+        runs = runs_of(n, _native.ptr(ids), None, _native.ptr(starts), runs)
     if runs < 0:
         return None
     starts = starts[:runs]
     count = torch.diff(starts, append=torch.full((1,), n, dtype=torch.long))
-    return Segments(narrow_index=index, count=count, ids=ids.index_select(0, starts).long(), contiguous=True)
+    return Segments(count=count, ids=ids.index_select(0, starts).long(), contiguous=True, elements=n)
 
 
 def parent_of(child: Segments, parent_index: torch.Tensor, *, child_name: str, parent_name: str) -> torch.Tensor:
