@@ -35,8 +35,8 @@
         out_;                                                                                        \
     })
 
-#define FIBER_KERNELS(T, U, SUF)                                                                        \
-    void channel_sums_##SUF(int64_t n, const T *restrict x, const int32_t *restrict seg,            \
+#define FIBER_KERNELS(T, U, SUF)                                                                     \
+    void channel_sums_##SUF(int64_t n, const T *restrict x, const int32_t *restrict seg,             \
                             T *restrict pos, T *restrict neg) {                                      \
         if (n <= 0) return;                                                                          \
         int32_t run = seg[0];                                                                        \
@@ -54,7 +54,7 @@
         pos[run] = p, neg[run] = q;                                                                  \
     }                                                                                                \
                                                                                                      \
-    void gate_tokens_##SUF(int64_t n, const T *restrict x, const int32_t *restrict seg,             \
+    void gate_tokens_##SUF(int64_t n, const T *restrict x, const int32_t *restrict seg,              \
                            const T *restrict same, const T *restrict offset, T eps, T *restrict out, \
                            uint8_t *restrict inside, int32_t *restrict key) {                        \
         for (int64_t i = 0; i < n; ++i) {                                                            \
@@ -68,7 +68,7 @@
         }                                                                                            \
     }                                                                                                \
                                                                                                      \
-    void reduce_tokens_##SUF(int64_t n, const T *restrict grad, const T *restrict gated,            \
+    void reduce_tokens_##SUF(int64_t n, const T *restrict grad, const T *restrict gated,             \
                              const int32_t *restrict key, const uint8_t *restrict inside,            \
                              T *restrict grad_offset, T *restrict grad_inside, T *restrict grad_x) { \
         if (n <= 0) return;                                                                          \
@@ -97,7 +97,7 @@
         grad_inside[2 * run] = i0, grad_inside[2 * run + 1] = i1;                                    \
     }                                                                                                \
                                                                                                      \
-    void add_channel_##SUF(int64_t n, const int32_t *restrict key, const T *restrict per_channel,   \
+    void add_channel_##SUF(int64_t n, const int32_t *restrict key, const T *restrict per_channel,    \
                            T *restrict grad_x) {                                                     \
         for (int64_t i = 0; i < n; ++i) grad_x[i] = grad_x[i] + per_channel[key[i]];                 \
     }
@@ -106,27 +106,29 @@
  * trajectory index is read, and the (trajectory, sign) key shrinks to one flag byte per token,
  * flags = inside | negative << 1.  Per run the entries 2r (l = +1) and 2r + 1 (l = -1) are registers. */
 #define RUN_KERNELS(T, U, SUF)                                                                       \
-    void channel_sums_runs_##SUF(int64_t runs, const int64_t *restrict count, const T *restrict x,  \
+    void channel_sums_runs_##SUF(int64_t runs, const int64_t *restrict count, const T *restrict x,   \
                                  T *restrict pos, T *restrict neg) {                                 \
         for (int64_t r = 0; r < runs; ++r) {                                                         \
+            const int64_t length = count[r]; /* a local: flags (uint8_t) could alias it */           \
             T p = pos[r], q = neg[r];                                                                \
-            for (int64_t i = 0; i < count[r]; ++i) {                                                 \
+            for (int64_t i = 0; i < length; ++i) {                                                   \
                 const T v = x[i];                                                                    \
                 p = p + (v > 0 ? v : (T)0);                                                          \
                 q = q + (v < 0 ? v : (T)0);                                                          \
             }                                                                                        \
             pos[r] = p, neg[r] = q;                                                                  \
-            x += count[r];                                                                           \
+            x += length;                                                                             \
         }                                                                                            \
     }                                                                                                \
                                                                                                      \
-    void gate_runs_##SUF(int64_t runs, const int64_t *restrict count, const T *restrict x,          \
+    void gate_runs_##SUF(int64_t runs, const int64_t *restrict count, const T *restrict x,           \
                          const T *restrict same, const T *restrict offset, T eps, T *restrict out,   \
                          uint8_t *restrict flags) {                                                  \
         for (int64_t r = 0; r < runs; ++r) {                                                         \
+            const int64_t length = count[r]; /* a local: flags (uint8_t) could alias it */           \
             const T s0 = same[2 * r], s1 = same[2 * r + 1];                                          \
             const T a0 = offset[2 * r], a1 = offset[2 * r + 1];                                      \
-            for (int64_t i = 0; i < count[r]; ++i) {                                                 \
+            for (int64_t i = 0; i < length; ++i) {                                                   \
                 const T v = x[i];                                                                    \
                 const int negative = v < 0;                                                          \
                 const T res = v - (negative ? s1 : s0);                                              \
@@ -134,17 +136,18 @@
                 flags[i] = (uint8_t)((c == res) | negative << 1);                                    \
                 out[i] = (negative ? a1 : a0) + c;                                                   \
             }                                                                                        \
-            x += count[r], out += count[r], flags += count[r];                                       \
+            x += length, out += length, flags += length;                                             \
         }                                                                                            \
     }                                                                                                \
                                                                                                      \
-    void reduce_runs_##SUF(int64_t runs, const int64_t *restrict count, const T *restrict grad,     \
+    void reduce_runs_##SUF(int64_t runs, const int64_t *restrict count, const T *restrict grad,      \
                            const T *restrict gated, const uint8_t *restrict flags,                   \
                            T *restrict grad_offset, T *restrict grad_inside, T *restrict grad_x) {   \
         for (int64_t r = 0; r < runs; ++r) {                                                         \
+            const int64_t length = count[r]; /* a local: flags (uint8_t) could alias it */           \
             T o0 = grad_offset[2 * r], o1 = grad_offset[2 * r + 1];                                  \
             T d0 = grad_inside[2 * r], d1 = grad_inside[2 * r + 1];                                  \
-            for (int64_t i = 0; i < count[r]; ++i) {                                                 \
+            for (int64_t i = 0; i < length; ++i) {                                                   \
                 const int negative = flags[i] >> 1, inside = flags[i] & 1;                           \
                 const T a = grad[i] * gated[i];                                                      \
                 const T b = a * (T)inside;                                                           \
@@ -156,26 +159,28 @@
             }                                                                                        \
             grad_offset[2 * r] = o0, grad_offset[2 * r + 1] = o1;                                    \
             grad_inside[2 * r] = d0, grad_inside[2 * r + 1] = d1;                                    \
-            grad += count[r], gated += count[r], flags += count[r], grad_x += count[r];              \
+            grad += length, gated += length, flags += length, grad_x += length;                      \
         }                                                                                            \
     }                                                                                                \
                                                                                                      \
-    void add_channel_runs_##SUF(int64_t runs, const int64_t *restrict count,                        \
+    void add_channel_runs_##SUF(int64_t runs, const int64_t *restrict count,                         \
                                 const uint8_t *restrict flags, const T *restrict per_channel,        \
                                 T *restrict grad_x) {                                                \
         for (int64_t r = 0; r < runs; ++r) {                                                         \
+            const int64_t length = count[r]; /* a local: flags (uint8_t) could alias it */           \
             const T c0 = per_channel[2 * r], c1 = per_channel[2 * r + 1];                            \
-            for (int64_t i = 0; i < count[r]; ++i) grad_x[i] = grad_x[i] + (flags[i] >> 1 ? c1 : c0); \
-            flags += count[r], grad_x += count[r];                                                   \
+            for (int64_t i = 0; i < length; ++i) grad_x[i] = grad_x[i] + (flags[i] >> 1 ? c1 : c0);  \
+            flags += length, grad_x += length;                                                       \
         }                                                                                            \
     }                                                                                                \
                                                                                                      \
-    void gather_runs_##SUF(int64_t runs, const int64_t *restrict count, const T *restrict values,   \
+    void gather_runs_##SUF(int64_t runs, const int64_t *restrict count, const T *restrict values,    \
                            T *restrict out) {                                                        \
         for (int64_t r = 0; r < runs; ++r) {                                                         \
+            const int64_t length = count[r]; /* a local: flags (uint8_t) could alias it */           \
             const T v = values[r];                                                                   \
-            for (int64_t i = 0; i < count[r]; ++i) out[i] = v;                                       \
-            out += count[r];                                                                         \
+            for (int64_t i = 0; i < length; ++i) out[i] = v;                                         \
+            out += length;                                                                           \
         }                                                                                            \
     }
 
@@ -188,7 +193,7 @@ RUN_KERNELS(double, uint64_t, f64)
  * for the first `capacity` runs (index may be NULL: the runs alone).  Returns the number of runs (more than `capacity`: call again with room for
  * them all), or -1 as soon as a run's id is below the previous run's (the ids are not sorted). */
 #define RUN_KERNEL(I, SUF)                                                                           \
-    int64_t sorted_runs_##SUF(int64_t n, const I *restrict ids, int32_t *restrict index,            \
+    int64_t sorted_runs_##SUF(int64_t n, const I *restrict ids, int32_t *restrict index,             \
                               int64_t *restrict starts, int64_t capacity) {                          \
         if (n <= 0) return 0;                                                                        \
         int64_t runs = 1;                                                                            \
@@ -212,7 +217,7 @@ RUN_KERNEL(int32_t, i32)
  * constant on every run (returns 1), else 0 (the column does not nest in the runs).  One read pass; the
  * comparisons of a run are or-ed together, so the inner loop has no early exit and vectorises. */
 #define CARRY_KERNEL(I, SUF)                                                                         \
-    int carried_runs_##SUF(int64_t runs, const int64_t *restrict starts, int64_t n,                 \
+    int carried_runs_##SUF(int64_t runs, const int64_t *restrict starts, int64_t n,                  \
                            const I *restrict column, int64_t *restrict out) {                        \
         for (int64_t r = 0; r < runs; ++r) {                                                         \
             const int64_t lo = starts[r], hi = r + 1 < runs ? starts[r + 1] : n;                     \
