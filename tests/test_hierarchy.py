@@ -340,3 +340,19 @@ def test_ready_trajectory_segments_give_the_same_hierarchy_and_gate():
                        fiberpo_hierarchy_gated_ratio(x, [domain, group, ready], **hyper))
     with pytest.raises(ValueError, match=r"level_ids\[2\] segments index 8 elements"):
         hier.from_ids([domain[:5], group[:5], ready], like=x[:5])
+
+
+def test_fused_hierarchy_gate_never_builds_the_token_index():
+    """Sorted trajectory ids reach the gate as runs: no N-sized index is made, yet projection still reads as one."""
+    from fiberpo_theory.core.segments import segments_for
+    from fiberpo_theory.hierarchy.fgh import fiberpo_hierarchy_gated_ratio
+
+    traj_ids = torch.arange(6).repeat_interleave(torch.tensor([3, 1, 4, 2, 5, 2]))
+    x = torch.linspace(-0.2, 0.25, traj_ids.numel(), dtype=torch.float64).requires_grad_()
+    traj = segments_for("traj_id", traj_ids, x)
+    gated = fiberpo_hierarchy_gated_ratio(x, [traj_ids // 4, traj_ids // 2, traj], eps=0.1, c_pos=0.12, c_neg=0.2)
+    gated.sum().backward()
+    assert traj._narrow is None and traj._index is None
+    h = hier.from_ids([traj_ids // 2, traj], like=x)
+    assert torch.equal(h.projection[h.total - 1], traj_ids) and h.projection[h.total] is None
+    assert len(h.projection) == 3 and isinstance(h.projection + (), tuple)

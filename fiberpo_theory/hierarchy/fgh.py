@@ -429,7 +429,7 @@ def _without_tokens(h: CompiledHierarchy) -> CompiledHierarchy:
     """
     t = h.total - 1
     return CompiledHierarchy(
-        h.names[:-1], h.sizes[:-1], h.finer[:t] + (-1,), h.projection[:t] + (None,), h.element_ids[:-1],
+        h.names[:-1], h.sizes[:-1], h.finer[:t] + (-1,), h.stored_projection[:t] + (None,), h.element_ids[:-1],
         h.token_count[:-1],
     )
 

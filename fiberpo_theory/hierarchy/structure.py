@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+import collections.abc
 from typing import Mapping, Sequence
 
 import networkx as nx
@@ -66,6 +67,33 @@ __all__ = [
 TOTAL = "token"
 
 
+class _Projections(collections.abc.Sequence):
+    """``CompiledHierarchy.projection``: the stored fibrations, a missing token-level one read off its Segments
+    on access (so reading the strata above the trajectories never builds an N-sized index)."""
+
+    def __init__(self, stored, segments):
+        self._stored, self._segments = stored, segments
+
+    def __len__(self) -> int:
+        return len(self._stored)
+
+    def __getitem__(self, v):
+        if isinstance(v, slice):
+            return tuple(self[i] for i in range(len(self))[v])
+        stored = self._stored[v]
+        known = self._segments[v]
+        return known.index if stored is None and known is not None else stored
+
+    def __add__(self, other):  # concatenates as the tuple it stands for
+        return tuple(self) + tuple(other)
+
+    def __radd__(self, other):
+        return tuple(other) + tuple(self)
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+
 @dataclass(frozen=True)
 class CompiledHierarchy:
     """Tensor form of a fibration hierarchy.
@@ -81,6 +109,10 @@ class CompiledHierarchy:
         projection: ``projection[v]`` is a ``(sizes[finer[v]],)`` long tensor,
             the fibration ``π_v`` from ``finer[v]`` onto ``v`` (``None`` for the
             total space).  In the paper's chain notation ``projection[k] = π_{k+1}``.
+            Built on first use from ``stored_projection``, whose entry is
+            ``None`` for a stratum above the tokens whose ``segments`` are
+            known: their per-token index is made only if something reads it
+            (the fused engine does not).
         element_ids: the original id of every element, sorted; ``None`` for the
             tokens when their ids are their positions (read :attr:`ids`, which
             builds those on first use: the fused engine never needs N of them).
@@ -95,10 +127,15 @@ class CompiledHierarchy:
     names: tuple[str, ...]
     sizes: tuple[int, ...]
     finer: tuple[int, ...]
-    projection: tuple[torch.Tensor | None, ...]
+    stored_projection: tuple[torch.Tensor | None, ...]
     element_ids: tuple[torch.Tensor | None, ...]
     token_count: tuple[torch.Tensor, ...]
     segments: tuple[Segments | None, ...] = ()
+
+    @cached_property
+    def projection(self) -> "Sequence[torch.Tensor | None]":
+        """Every fibration as an index tensor; a token-level one of known ``segments`` is built when read."""
+        return _Projections(self.stored_projection, self.segments or (None,) * len(self.names))
 
     @cached_property
     def ids(self) -> tuple[torch.Tensor, ...]:
@@ -232,14 +269,14 @@ def from_ids(
     cols = _columns(level_ids, like, like_name)
     names = _chain_names(len(cols), names)
     segs, projection = _nested_segments(cols, names)
-    projection.append(segs[-1].index)
+    projection.append(None)  # tokens → trajectories: read off segs[-1] when asked for (CompiledHierarchy.projection)
     projection.append(None)
     n = len(cols)
     h = CompiledHierarchy(
         names=tuple(names),
         sizes=tuple(s.size for s in segs) + (segs[-1].elements,),
         finer=tuple(range(1, n + 1)) + (-1,),
-        projection=tuple(projection),
+        stored_projection=tuple(projection),
         element_ids=tuple(s.ids for s in segs) + (None,),
         token_count=(),
         segments=(None,) * (n - 1) + (segs[-1], None),
@@ -327,7 +364,7 @@ def from_tree(
         names=tuple(order),
         sizes=tuple(segs[s].size for s in order[:-1]) + (n_tok,),
         finer=tuple(position[finer[s]] for s in order[:-1]) + (-1,),
-        projection=tuple(projection),
+        stored_projection=tuple(projection),
         element_ids=tuple(segs[s].ids for s in order[:-1]) + (None,),
         token_count=(),
         segments=tuple(segs[s] if finer[s] == total else None for s in order[:-1]) + (None,),
@@ -412,7 +449,7 @@ def from_graph(graph: nx.DiGraph) -> CompiledHierarchy:
         names=tuple(order),
         sizes=tuple(len(members[s]) for s in order),
         finer=tuple(position[finer[s]] for s in order[:-1]) + (-1,),
-        projection=tuple(projection),
+        stored_projection=tuple(projection),
         element_ids=tuple(torch.tensor(members[s], dtype=torch.long) for s in order),
         token_count=(),
     )
@@ -453,7 +490,7 @@ def _with_token_counts(h: CompiledHierarchy, device) -> CompiledHierarchy:
         counts[v] = known[v].count if f == h.total and known[v] is not None else sum_children(
             counts[f], h.projection[v], h.sizes[v]
         )
-    return CompiledHierarchy(h.names, h.sizes, h.finer, h.projection, h.element_ids, tuple(counts), h.segments)
+    return CompiledHierarchy(h.names, h.sizes, h.finer, h.stored_projection, h.element_ids, tuple(counts), h.segments)
 
 
 # ---------------------------------------------------------------------------
