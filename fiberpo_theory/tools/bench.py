@@ -394,19 +394,23 @@ def goal_lines(rows: list[Row], scaling: list[Row], main_tokens: int) -> list[st
         if fit is not None:  # what the per-token spread is made of; no goal
             fixed, per_million, worst = fit
             lines.append(f"{case} time ≈ {fixed * 1e3:.2f} ms per call + {per_million * 1e3:.2f} ms per million "
-                         f"tokens (least squares over the scaling sizes; largest deviation {100 * worst:.0f}%)")
+                         f"tokens (relative least squares over the scaling sizes; largest deviation {100 * worst:.0f}%)")
     return lines
 
 
 def _fixed_plus_linear(scaling: list[Row], case: str) -> tuple[float, float, float] | None:
-    """``(a, b, worst)`` of the fit time ≈ a + b·tokens/10⁶ over the scaling rows, worst = largest relative residual."""
+    """``(a, b, worst)`` of the fit time ≈ a + b·tokens/10⁶ over the scaling rows, worst = largest relative residual.
+
+    Least squares on relative residuals (each row divided by its time), so the small sizes count as much as
+    the large ones.
+    """
     points = sorted((row.tokens / 1e6, row.seconds) for row in scaling if row.method == case)
     if len(points) < 3:
         return None
     sizes = torch.tensor([p[0] for p in points], dtype=torch.float64)
     times = torch.tensor([p[1] for p in points], dtype=torch.float64)
-    design = torch.stack([torch.ones_like(sizes), sizes], dim=1)
-    fixed, slope = torch.linalg.lstsq(design, times.unsqueeze(1)).solution.squeeze(1).tolist()
+    design = torch.stack([torch.ones_like(sizes), sizes], dim=1) / times.unsqueeze(1)
+    fixed, slope = torch.linalg.lstsq(design, torch.ones_like(times).unsqueeze(1)).solution.squeeze(1).tolist()
     worst = float(((fixed + slope * sizes - times).abs() / times).max())
     return fixed, slope, worst
 
