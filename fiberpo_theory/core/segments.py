@@ -8,8 +8,10 @@ once, taking the layout as it comes:
   segment lengths directly (:meth:`Segments.from_lengths`): nothing is sorted;
 * ids that are already sorted (every packed layout, and the row ids of a
   flattened padded batch) are indexed by their runs: one pass marks where the
-  id changes, a cumulative sum of the marks is the index, and the ids are
-  sorted iff the M run values increase (no separate sortedness pass, no sort);
+  id changes (one C loop, :mod:`~fiberpo_theory.core.native`, which also
+  stops at the first decrease), and the ids are sorted iff the M run values
+  increase (no separate sortedness pass, no sort); the per-element index is
+  then a cumulative sum of the marks, built only when something asks for it;
 * unsorted ids in a range a few times their number are ranked by counting
   (``bincount``); only the others are sorted (``torch.unique``).
 
