@@ -11,7 +11,8 @@ once, taking the layout as it comes:
   id changes (one C loop, :mod:`~fiberpo_theory.core.native`, which also
   stops at the first decrease), and the ids are sorted iff the M run values
   increase (no separate sortedness pass, no sort); the per-element index is
-  then a cumulative sum of the marks, built only when something asks for it;
+  a cumulative sum of the marks on the torch path, and on the C path is
+  repeated from the run lengths only when something asks for it;
 * unsorted ids in a range a few times their number are ranked by counting
   (``bincount``); only the others are sorted (``torch.unique``).
 
