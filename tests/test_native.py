@@ -240,3 +240,37 @@ def test_negative_coarser_ids_are_named_from_the_carried_ids(compiled, order, mo
     split[traj == 1] = torch.tensor([0, 1])  # trajectory 1 in two groups: still a nesting error
     with pytest.raises(ValueError, match="does not nest"):
         obj.fiberpo_domain_gated_ratio(x, traj, split, domain, **HYPER)
+
+
+@needs_cc
+def test_an_unwritable_cache_builds_in_the_temporary_folder(monkeypatch, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where the cache folder should be: mkdir fails
+    monkeypatch.setenv("FIBERPO_THEORY_CACHE", str(blocked / "cache"))
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None and native.status().startswith("on:")
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
+
+
+@needs_cc
+def test_a_compiler_refusing_march_native_gets_the_portable_flags(monkeypatch, tmp_path):
+    real_run = native.subprocess.run
+
+    def run(args, **kwargs):  # a compiler that does not know -march=native
+        if "-march=native" in args:
+            return native.subprocess.CompletedProcess(args, 1, "", "error: unknown -march=native")
+        return real_run(args, **kwargs)
+
+    monkeypatch.setattr(native.subprocess, "run", run)
+    monkeypatch.setenv("FIBERPO_THEORY_CACHE", str(tmp_path / "cache"))
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None and "-march=native" not in native.status()
+        x, ids = _layouts(torch.float64)["sorted"]
+        assert obj.fiberpo_gated_ratio(x, ids, **HYPER).shape == x.shape
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()

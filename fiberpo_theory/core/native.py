@@ -6,8 +6,10 @@ tensors when the library is available, and their chains of torch ops
 otherwise; both give the same values (``tests/test_native.py``).  The shared
 library is compiled once per source, compiler and CPU into a cache folder
 (``$FIBERPO_THEORY_CACHE``, else ``$XDG_CACHE_HOME/fiberpo_theory``, else
-``~/.cache/fiberpo_theory``) and loaded with :mod:`ctypes`: no build step at
-install time and no Python headers.  ``FIBERPO_THEORY_NATIVE=0`` turns it off;
+``~/.cache/fiberpo_theory``; the temporary folder when that cannot be
+written) and loaded with :mod:`ctypes`: no build step at install time and no
+Python headers.  A compiler that refuses ``-march=native`` gets the
+portable flags.  ``FIBERPO_THEORY_NATIVE=0`` turns it off;
 :func:`status` says which path runs and why.
 """
 
@@ -55,20 +57,42 @@ def _cpu_name() -> str:
     return platform.machine() + flags  # -march=native: a library built for one CPU may not run on another
 
 
-def _build(cc: str, folder: Path) -> Path:
+class BuildError(OSError):
+    """The compiler rejected the kernels (as opposed to a cache folder that cannot be written)."""
+
+
+def _build(cc: str, folder: Path, flags: list[str]) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_name()]).encode())
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_name()]).encode())
     target = folder / f"kernels-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:  # built aside, then renamed: safe for racing processes
         built = Path(work) / "kernels.so"
-        run = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=False)
+        run = subprocess.run([cc, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=False)
         if run.returncode:
-            raise OSError(f"{cc} failed: {run.stderr.strip()[:400]}")
+            raise BuildError(f"{cc} failed: {run.stderr.strip()[:400]}")
         os.replace(built, target)
     return target
+
+
+def _build_somewhere(cc: str) -> tuple[Path, list[str]]:
+    """Build into the cache (else the temporary folder), with -march=native (else without it)."""
+    folders = [_cache_dir(), Path(tempfile.gettempdir()) / f"fiberpo_theory-{os.getuid()}"]
+    portable = [flag for flag in FLAGS if flag != "-march=native"]
+    last: OSError = OSError(f"no writable folder among {[str(f) for f in folders]}")
+    for flags in (FLAGS, portable):
+        for folder in folders:
+            try:
+                return _build(cc, folder, flags), flags
+            except BuildError as error:
+                last = error
+                break  # the compiler's verdict does not depend on the folder: try the portable flags
+            except OSError as error:
+                last = error
+                continue  # a folder we cannot write: the next one
+    raise last
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -102,16 +126,13 @@ def library() -> ctypes.CDLL | None:
         _reason = "off: no C compiler (cc, gcc or clang) on PATH"
         return None
     try:
-        try:
-            built = _build(cc, _cache_dir())
-        except PermissionError:  # a read-only home: build under the temporary folder instead
-            built = _build(cc, Path(tempfile.gettempdir()) / f"fiberpo_theory-{os.getuid()}")
+        built, flags = _build_somewhere(cc)
         lib = ctypes.CDLL(str(built))
         _declare(lib)
     except (OSError, AttributeError) as error:
         _reason = f"off: {error}"
         return None
-    _reason = f"on: {cc} {' '.join(FLAGS[:3])}"
+    _reason = f"on: {cc} {' '.join(flags[:3])}"
     return lib
 
 
