@@ -494,9 +494,15 @@ What each baseline includes:
   `fiberpo_domain/sorted` does); compared with `fiberpo_domain/sorted`, the closed form of the same objective.
 
 On CPU the FiberPO rows run the package's compiled token loops when a C compiler is present (the header
-line says whether they did): the fused gate's channel sums, token gate and two backward passes, and the run
-index of sorted ids, one C loop each, with torch's `exp` and every per-trajectory formula left to torch.
-`FIBERPO_THEORY_NATIVE=0 fiberpo-theory bench` times the torch-op path instead; both give the same bits.
+line says whether they did): the fused gate's channel sums, token gate and two backward passes (walking
+contiguous trajectories by their lengths, so the sorted and padded layouts read no per-token index), the run
+starts of sorted ids and the group/domain ids carried by contiguous trajectories, one C loop each, with
+torch's `exp` and every per-trajectory formula left to torch.  `FIBERPO_THEORY_NATIVE=0 fiberpo-theory bench`
+times the torch-op path instead; both give the same bits.
+
+The last goal lines fit each scaling column to a fixed cost per call plus a cost per token (least squares
+on relative residuals): a per-token cost that is not flat from 64k tokens up is mostly that fixed part,
+the ~140 small torch ops of the per-trajectory chain, validation and autograd.
 
 `saved MB` is what autograd keeps for backward; `% copy BW` divides a floor on the bytes a step moves
 (saved tensors written and read back, plus the leaf's value and gradient) by the step time and by the copy
