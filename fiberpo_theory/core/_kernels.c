@@ -35,6 +35,20 @@
         out_;                                                                                        \
     })
 
+/* One token of a backward pass: a = ∂L/∂G·G goes to dA of its sign's entry, a·1u (as torch's a * inside:
+ * ±0 off the clip's open interval) to dS and to the gradient; o0/o1, d0/d1 are the run's l = +1 / l = -1 sums */
+#define ACCUMULATE(T, U, i, negative, inside, o0, o1, d0, d1)                                        \
+    do {                                                                                             \
+        const int negative_ = (negative);                                                            \
+        const T a_ = grad[i] * gated[i];                                                             \
+        const T b_ = a_ * (T)(inside);                                                               \
+        o0 = o0 + SELECT(T, U, 1 - negative_, a_);                                                   \
+        o1 = o1 + SELECT(T, U, negative_, a_);                                                       \
+        d0 = d0 + SELECT(T, U, 1 - negative_, b_);                                                   \
+        d1 = d1 + SELECT(T, U, negative_, b_);                                                       \
+        grad_x[i] = b_;                                                                              \
+    } while (0)
+
 #define FIBER_KERNELS(T, U, SUF)                                                                     \
     void channel_sums_##SUF(int64_t n, const T *restrict x, const int32_t *restrict seg,             \
                             T *restrict pos, T *restrict neg) {                                      \
@@ -84,14 +98,7 @@
                 o0 = grad_offset[2 * run], o1 = grad_offset[2 * run + 1];                            \
                 i0 = grad_inside[2 * run], i1 = grad_inside[2 * run + 1];                            \
             }                                                                                        \
-            const T a = grad[i] * gated[i];                                                          \
-            const T b = a * (T)inside[i]; /* as torch's a * inside: ±0 off the clip's open interval */ \
-            const int negative = k & 1;                                                              \
-            o0 = o0 + SELECT(T, U, 1 - negative, a);                                                 \
-            o1 = o1 + SELECT(T, U, negative, a);                                                     \
-            i0 = i0 + SELECT(T, U, 1 - negative, b);                                                 \
-            i1 = i1 + SELECT(T, U, negative, b);                                                     \
-            grad_x[i] = b;                                                                           \
+            ACCUMULATE(T, U, i, k & 1, inside[i], o0, o1, i0, i1);                                   \
         }                                                                                            \
         grad_offset[2 * run] = o0, grad_offset[2 * run + 1] = o1;                                    \
         grad_inside[2 * run] = i0, grad_inside[2 * run + 1] = i1;                                    \
@@ -148,14 +155,7 @@
             T o0 = grad_offset[2 * r], o1 = grad_offset[2 * r + 1];                                  \
             T d0 = grad_inside[2 * r], d1 = grad_inside[2 * r + 1];                                  \
             for (int64_t i = 0; i < length; ++i) {                                                   \
-                const int negative = flags[i] >> 1, inside = flags[i] & 1;                           \
-                const T a = grad[i] * gated[i];                                                      \
-                const T b = a * (T)inside;                                                           \
-                o0 = o0 + SELECT(T, U, 1 - negative, a);                                             \
-                o1 = o1 + SELECT(T, U, negative, a);                                                 \
-                d0 = d0 + SELECT(T, U, 1 - negative, b);                                             \
-                d1 = d1 + SELECT(T, U, negative, b);                                                 \
-                grad_x[i] = b;                                                                       \
+                ACCUMULATE(T, U, i, flags[i] >> 1, flags[i] & 1, o0, o1, d0, d1);                    \
             }                                                                                        \
             grad_offset[2 * r] = o0, grad_offset[2 * r + 1] = o1;                                    \
             grad_inside[2 * r] = d0, grad_inside[2 * r + 1] = d1;                                    \
