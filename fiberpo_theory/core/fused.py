@@ -323,13 +323,14 @@ def _runs_gate_tokens(x, runs, same, offset, eps, gated, flags) -> None:
     """The token gate by the run loop, a chunk of whole trajectories at a time, each chunk exponentiated in cache."""
     lib, real, suffix = _native.kernels_for(x)
     gate, same, offset, ptr = getattr(lib, f"gate_runs_{suffix}"), same.contiguous(), offset.contiguous(), _native.ptr
-    ends = runs.cumsum(0)
-    # each chunk ends with the trajectory that crosses a multiple of _CHUNK tokens (a long one is a chunk alone)
-    targets = torch.arange(1, (x.numel() - 1) // _CHUNK + 1, dtype=torch.long) * _CHUNK
-    cuts = sorted(set((torch.searchsorted(ends, targets) + 1).tolist()) | {runs.numel()})
+    cuts, ends = [runs.numel()], None  # one chunk: no boundaries to find
+    if x.numel() > _CHUNK:  # each chunk ends with the trajectory that crosses a multiple of _CHUNK tokens
+        ends = runs.cumsum(0)
+        targets = torch.arange(1, (x.numel() - 1) // _CHUNK + 1, dtype=torch.long) * _CHUNK
+        cuts = sorted(set((torch.searchsorted(ends, targets) + 1).tolist()) | {runs.numel()})
     first, start = 0, 0
     for last in cuts:
-        stop = int(ends[last - 1])
+        stop = x.numel() if ends is None else int(ends[last - 1])
         gate(last - first, ptr(runs, first), ptr(x, start), ptr(same, 2 * first), ptr(offset, 2 * first), real(eps),
              ptr(gated, start), ptr(flags, start))
         gated[start:stop].exp_()
