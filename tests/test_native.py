@@ -128,8 +128,10 @@ def test_run_loops_fall_back_to_the_index_path_under_vmap():
 
 
 @needs_cc
-def test_chunks_of_the_compiled_gate_equal_one_chunk(monkeypatch):
-    x, ids = _layouts(torch.float64, seed=4)["shuffled"]
+@pytest.mark.parametrize("layout", ["sorted", "lengths", "shuffled"])
+def test_chunks_of_the_compiled_gate_equal_one_chunk(layout, monkeypatch):
+    """13-token chunks: run chunks end at the trajectory crossing each multiple (trajectories are up to 39 long)."""
+    x, ids = _layouts(torch.float64, seed=4)[layout]
     weight = torch.randn(x.shape, dtype=torch.float64)
     whole = _gate_and_grads(x, ids, weight)
     monkeypatch.setattr(fused, "_CHUNK", 13)
