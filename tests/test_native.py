@@ -276,3 +276,27 @@ def test_a_compiler_refusing_march_native_gets_the_portable_flags(monkeypatch, t
     finally:
         monkeypatch.undo()
         native.library.cache_clear()
+
+
+def test_hand_built_contiguous_segments_whose_lengths_do_not_cover_the_elements_are_refused():
+    """The run loops trust the lengths: a Segments whose counts do not add up raises instead of running off the end."""
+    index = torch.tensor([0, 0, 1, 1, 1])
+    x = torch.linspace(-0.1, 0.1, 5, dtype=torch.float64)
+    for count in ([2, 9], [2, 2], [5, 0]):
+        bad = Segments(index=index, count=torch.tensor(count), ids=torch.tensor([0, 1]), contiguous=True)
+        with pytest.raises(ValueError, match="counts sum to"):
+            _ = bad.runs
+    good = Segments(index=index, count=torch.tensor([2, 3]), ids=torch.tensor([0, 1]), contiguous=True)
+    assert good.runs.tolist() == [2, 3] and obj.fiberpo_gated_ratio(x, good, **HYPER).shape == (5,)
+
+
+@needs_cc
+def test_hand_built_segments_with_an_index_out_of_range_are_refused_before_the_loops():
+    x = torch.linspace(-0.1, 0.1, 4, dtype=torch.float64)
+    bad = Segments(narrow_index=torch.tensor([0, 2, 1, 0], dtype=torch.int32), count=torch.tensor([2, 2]),
+                   ids=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="index runs from 0 to 2 but there are 2 segments"):
+        obj.fiberpo_gated_ratio(x, bad, **HYPER)
+    good = Segments(narrow_index=torch.tensor([0, 1, 1, 0], dtype=torch.int32), count=torch.tensor([2, 2]),
+                    ids=torch.tensor([0, 1]))
+    assert obj.fiberpo_gated_ratio(x, good, **HYPER).shape == (4,) and good._index_checked

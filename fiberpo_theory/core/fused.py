@@ -122,7 +122,11 @@ class FiberGate(torch.autograd.Function):
     def forward(ctx, x, traj: Segments, log_base_fn: Callable[[torch.Tensor], torch.Tensor], eps: float):
         closed_form = hasattr(log_base_fn, "slopes")  # the base weight's derivative is known: no M-sized graph
         runs = traj.runs if _native.kernels_for(x) else None
-        indexed = runs is None and traj.narrow_index.dtype == torch.int32 and _native.kernels_for(x, traj.narrow_index)
+        indexed = None
+        if runs is None and traj.narrow_index.dtype == torch.int32:
+            indexed = _native.kernels_for(x, traj.narrow_index)
+            if indexed:
+                traj.checked_narrow_index()  # the loops index the tables without bounds checks
         with torch.enable_grad() if not closed_form else torch.no_grad():
             if runs is not None:
                 means = _runs_channel_means(x, traj, runs)

@@ -91,5 +91,5 @@ def trajectory_segments(batch: FlatBatch) -> Segments:
     present = batch.lengths > 0
     rows = torch.arange(batch.shape[0], device=batch.mask.device)
     if bool(present.all()):
-        return Segments(index=batch.traj_id, count=batch.lengths, ids=rows, contiguous=True)
+        return Segments(index=batch.traj_id, count=batch.lengths, ids=rows, contiguous=True, checked=True)
     return Segments.from_lengths(batch.lengths[present], ids=rows[present])

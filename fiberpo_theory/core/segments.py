@@ -56,16 +56,34 @@ class Segments:
     do not look at the ids again.  Contiguous segments may be made from
     their lengths alone (``elements`` given, no index): the per-element
     index is then built on first use, and the compiled loops that walk the
-    segments by their lengths never need it.
+    segments by their lengths never need it.  A hand-built ``Segments`` has
+    its index range and its lengths tested once before a compiled loop reads
+    them (``checked=True`` is for constructors that guarantee both).
     """
 
     def __init__(self, index=None, count=None, ids=None, contiguous: bool = False, *, narrow_index=None,
-                 elements: int | None = None):
+                 elements: int | None = None, checked: bool = False):
         if index is None and narrow_index is None and not (contiguous and elements is not None):
             raise ValueError("Segments needs index or narrow_index (or, when contiguous, elements)")
         self._index, self._narrow = index, narrow_index
         self.count, self.ids, self.contiguous = count, ids, contiguous
         self._elements = elements if index is None and narrow_index is None else None
+        # checked: the index lies in 0..M-1 and the counts cover the elements (the package's own constructors);
+        # else the compiled loops, which read and write without bounds checks, test both once (checked_narrow_index,
+        # runs)
+        self._index_checked = checked or (index is None and narrow_index is None)
+        self._runs_checked = checked
+
+    def checked_narrow_index(self) -> torch.Tensor:
+        """:attr:`narrow_index`, tested once to lie in ``0..M-1`` for a hand-built ``Segments`` (``ValueError`` else)."""
+        narrow = self.narrow_index
+        if not self._index_checked:
+            if narrow.numel():
+                low, high = (int(v) for v in torch.aminmax(narrow))
+                if low < 0 or high >= self.size:
+                    raise ValueError(f"Segments index runs from {low} to {high} but there are {self.size} segments")
+            self._index_checked = True
+        return narrow
 
     @property
     def index(self) -> torch.Tensor:
@@ -96,9 +114,19 @@ class Segments:
 
     @property
     def runs(self) -> torch.Tensor | None:
-        """The segment lengths when the compiled run loops can walk them (contiguous, CPU, int64), else ``None``."""
+        """The segment lengths when the compiled run loops can walk them (contiguous, CPU, int64), else ``None``.
+
+        The loops trust the lengths to cover the elements exactly, so that is checked (once) here: a
+        ``Segments`` built by hand with lengths that do not add up raises instead of reading out of bounds.
+        """
         if not self.contiguous or self.count.dtype != torch.long or not _native.plain_cpu(self.count):
             return None
+        if not self._runs_checked:
+            total = int(self.count.sum())
+            if total != self.elements or (self.count.numel() and int(self.count.min()) < 1):
+                raise ValueError(f"contiguous Segments: the counts sum to {total} (each must be at least 1) "
+                                 f"but {self.elements} elements are indexed")
+            self._runs_checked = True
         return self.count.contiguous()
 
     @property
@@ -137,7 +165,7 @@ class Segments:
             unique, inverse, count = torch.unique_consecutive(ids.long(), return_inverse=True, return_counts=True)
             if ids.numel() and int(unique[0]) < 0:
                 raise ValueError(f"{name} must be non-negative, found {int(unique[0])}")
-            return cls(index=inverse, count=count, ids=unique, contiguous=True)
+            return cls(index=inverse, count=count, ids=unique, contiguous=True, checked=True)
         low, high = (int(v) for v in torch.aminmax(ids))
         if low < 0:
             raise ValueError(f"{name} must be non-negative, found {low}")
@@ -145,9 +173,10 @@ class Segments:
             count = torch.bincount(ids)
             present = count > 0
             rank = present.cumsum(0, dtype=_index_dtype(count.numel())) - 1
-            return cls(narrow_index=rank.index_select(0, ids), count=count[present], ids=present.nonzero().squeeze(1))
+            return cls(narrow_index=rank.index_select(0, ids), count=count[present], ids=present.nonzero().squeeze(1),
+                       checked=True)
         unique, inverse, count = torch.unique(ids.long(), sorted=True, return_inverse=True, return_counts=True)
-        return cls(index=inverse, count=count, ids=unique)
+        return cls(index=inverse, count=count, ids=unique, checked=True)
 
     @classmethod
     def from_lengths(cls, lengths: torch.Tensor, ids: torch.Tensor | None = None) -> "Segments":
@@ -167,7 +196,8 @@ class Segments:
         ids = dense if ids is None else ids.long()
         if ids.shape != lengths.shape or (ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all())):
             raise ValueError("ids must be increasing, one per length")
-        return cls(count=lengths, ids=ids, contiguous=True, elements=int(lengths.sum()))  # index built on first use
+        # the index is built on first use
+        return cls(count=lengths, ids=ids, contiguous=True, elements=int(lengths.sum()), checked=True)
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """Per-segment sum of ``values`` (first dimension indexed like ``index``)."""
@@ -223,7 +253,7 @@ def _sorted_runs(ids: torch.Tensor) -> "Segments | None":
         return None
     count = torch.diff(starts, append=torch.full((1,), n, dtype=torch.long, device=ids.device))
     index = change.cumsum(0, dtype=_index_dtype(unique.numel()))
-    return Segments(narrow_index=index, count=count, ids=unique, contiguous=True)
+    return Segments(narrow_index=index, count=count, ids=unique, contiguous=True, checked=True)
 
 
 _NATIVE_IDS = {torch.int64: "i64", torch.int32: "i32"}
@@ -245,7 +275,7 @@ def _native_sorted_runs(ids: torch.Tensor) -> "Segments | None":
         return None
     starts = starts[:runs]
     count = torch.diff(starts, append=torch.full((1,), n, dtype=torch.long))
-    return Segments(count=count, ids=ids.index_select(0, starts).long(), contiguous=True, elements=n)
+    return Segments(count=count, ids=ids.index_select(0, starts).long(), contiguous=True, elements=n, checked=True)
 
 
 def parent_of(child: Segments, parent_index: torch.Tensor, *, child_name: str, parent_name: str) -> torch.Tensor:
@@ -296,7 +326,8 @@ def _carried_by_runs(child: Segments, columns: list[torch.Tensor]) -> torch.Tens
     Each segment then carries its first element's id.
     """
     starts = child.count.cumsum(0) - child.count
-    if all(c.dtype in _NATIVE_IDS and _native.plain_cpu(c) for c in columns) and _native.library():
+    native = all(c.dtype in _NATIVE_IDS and _native.plain_cpu(c) for c in columns) and _native.library()
+    if native and child.runs is not None:  # runs: the lengths are checked to cover the elements
         return _native_carried_by_runs(child, starts, [c.contiguous() for c in columns])
     before_start = starts[1:] - 1
     nests = []

@@ -441,7 +441,7 @@ def _trajectory_segments(h: CompiledHierarchy, t: int) -> Segments:
     index = h.projection[t]
     # dense indices, non-decreasing when the token ids were: segment_reduce by lengths applies
     contiguous = index.numel() < 2 or bool((index[1:] >= index[:-1]).all())
-    return Segments(index=index, count=h.token_count[t], ids=h.element_ids[t], contiguous=contiguous)
+    return Segments(index=index, count=h.token_count[t], ids=h.element_ids[t], contiguous=contiguous, checked=True)
 
 
 def fused_gated_ratio(instance: FiberPOHierarchy, log_ratio: torch.Tensor) -> torch.Tensor:
