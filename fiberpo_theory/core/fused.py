@@ -29,7 +29,11 @@ gathers and a handful of elementwise ops each way, run over chunks of
 ``_CHUNK`` tokens so that each chain of them works in cache and needs no
 N-sized temporary: the forward writes the key, G and the flag, the backward
 its products straight into the gradient (out of place only under vmap,
-whose batched gradients cannot be written into our buffers).
+whose batched gradients cannot be written into our buffers).  On CPU
+the same passes run as C loops (:mod:`fiberpo_theory.core.native`); for
+contiguous trajectories those walk the trajectories by their lengths and
+save G and one byte per token (the clip flag and the sign), the key being
+implied by the run.
 """
 
 from __future__ import annotations
