@@ -54,13 +54,18 @@ def channel_means(x: torch.Tensor, traj: Segments) -> torch.Tensor:
     to an exact negation, so both round alike and agree on which regime a
     trajectory is in.
     """
-    count = traj.count.to(x.dtype)
     part = x.clamp(min=0)
     positive = traj.sum(part)
     # Σ max(-x, 0) = -Σ min(x, 0) exactly (negation commutes with rounding); without a graph min(x, 0) reuses
     # the buffer of max(x, 0): one fresh N-sized tensor and no negated copy of x
     part = x.clamp(max=0) if x.requires_grad else torch.clamp(x, max=0, out=part)
-    negative = 0.0 - traj.sum(part)  # not -Σ: an all-positive trajectory keeps log s⁻ = +0.0, as the reference
+    return _means_of_sums(positive, traj.sum(part), traj)
+
+
+def _means_of_sums(positive: torch.Tensor, nonpositive: torch.Tensor, traj: Segments) -> torch.Tensor:
+    """``(M, 2)`` (log s⁺, log s⁻) from the per-trajectory sums of max(x, 0) and min(x, 0), whichever path made them."""
+    count = traj.count.to(positive.dtype)
+    negative = 0.0 - nonpositive  # not -Σ: an all-positive trajectory keeps log s⁻ = +0.0, as the reference
     return torch.stack([positive / count, negative / count], dim=1)
 
 
@@ -135,7 +140,7 @@ class FiberGate(torch.autograd.Function):
             if runs is not None:
                 means = _runs_channel_means(x, traj, runs)
             else:
-                means = _native_channel_means(indexed, x, traj) if indexed else channel_means(x.detach(), traj)
+                means = _native_channel_means(x, traj) if indexed else channel_means(x.detach(), traj)
             channels = means.requires_grad_(not closed_form)
             same, offset = _sign_tables(channels, log_base_fn(channels), eps)
         tables = same.detach(), offset.detach()
@@ -277,14 +282,13 @@ def _add_channel_terms(grad_x, per_channel, key):
     return grad_x
 
 
-def _native_channel_means(kernels, x, traj: Segments) -> torch.Tensor:
+def _native_channel_means(x, traj: Segments) -> torch.Tensor:
     """:func:`channel_means` by one C loop over the tokens: both channel sums at once, in token order."""
-    lib, _, suffix = kernels
+    lib, _, suffix = _native.kernels_for(x)
     sums = torch.zeros(2, traj.size, dtype=x.dtype)
     getattr(lib, f"channel_sums_{suffix}")(x.numel(), _native.ptr(x), _native.ptr(traj.narrow_index),
                                           _native.ptr(sums[0]), _native.ptr(sums[1]))
-    count = traj.count.to(x.dtype)
-    return torch.stack([sums[0] / count, (0.0 - sums[1]) / count], dim=1)  # 0 - Σ: +0.0 as channel_means gives
+    return _means_of_sums(sums[0], sums[1], traj)
 
 
 def _native_gate_tokens(x, narrow, same, offset, eps, gated, inside, key) -> None:
@@ -323,8 +327,7 @@ def _runs_channel_means(x, traj: Segments, runs: torch.Tensor) -> torch.Tensor:
     sums = torch.zeros(2, traj.size, dtype=x.dtype)
     getattr(lib, f"channel_sums_runs_{suffix}")(traj.size, _native.ptr(runs), _native.ptr(x),
                                                _native.ptr(sums[0]), _native.ptr(sums[1]))
-    count = traj.count.to(x.dtype)
-    return torch.stack([sums[0] / count, (0.0 - sums[1]) / count], dim=1)  # 0 - Σ: +0.0 as channel_means gives
+    return _means_of_sums(sums[0], sums[1], traj)
 
 
 def _runs_gate_tokens(x, runs, same, offset, eps, gated, flags) -> None:

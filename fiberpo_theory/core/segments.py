@@ -242,7 +242,7 @@ def _sorted_runs(ids: torch.Tensor) -> "Segments | None":
     increase, an M-sized check instead of an N-sized one.
     """
     n = ids.numel()
-    if ids.dtype in _NATIVE_IDS and n < _NATIVE_LIMIT and _native.plain_cpu(ids) and _native.library():
+    if ids.dtype in _NATIVE_IDS and _native.plain_cpu(ids) and _native.library():
         return _native_sorted_runs(ids.contiguous())
     change = torch.empty(n, dtype=torch.bool, device=ids.device)
     change[0] = False  # written in place so that the cumulative sum below needs no shifted copy
@@ -257,7 +257,6 @@ def _sorted_runs(ids: torch.Tensor) -> "Segments | None":
 
 
 _NATIVE_IDS = {torch.int64: "i64", torch.int32: "i32"}
-_NATIVE_LIMIT = torch.iinfo(torch.int32).max // 2 - 1  # every run index, and its sign key 2t + 1, fits int32
 _RUN_ROOM = 1 << 14
 
 

@@ -40,7 +40,7 @@ import torch
 
 from ..core import _validate
 from ..core.distributed import global_max, global_segment_sums
-from ..core.segments import Segments, nested_segments, parent_of
+from ..core.segments import Segments, nested_segments, parent_of, segments_for
 
 __all__ = [
     "CompiledHierarchy",
@@ -226,20 +226,13 @@ def _columns(level_ids, like: torch.Tensor | None, like_name: str) -> list[torch
     for k, ids in enumerate(level_ids):
         ref = like if like is not None else (out[0] if out else None)
         if k == last and isinstance(ids, Segments):  # the finest level indexed already (once per batch)
-            out.append(_ready_segments(f"level_ids[{k}]", ids, ref, like_name if like is not None else "level_ids[0]"))
+            out.append(ids if ref is None else segments_for(f"level_ids[{k}]", ids, ref))
             continue
         # no min pass: the finest column's sign is read off its run values by Segments.from_ids, the others'
         # off the ids they carry to the finest segments (nested_segments)
         out.append(_id_column(f"level_ids[{k}]", ids, ref, like_name if like is not None else "level_ids[0]",
                               sign=False))
     return out
-
-
-def _ready_segments(name: str, segs: Segments, like: torch.Tensor | None, like_name: str) -> Segments:
-    if like is not None and (segs.elements != like.numel() or segs.device != like.device):
-        raise ValueError(f"{name} segments index {segs.elements} elements on {segs.device} but {like_name} has "
-                         f"{like.numel()} on {like.device}")
-    return segs
 
 
 def _nested_segments(cols: list[torch.Tensor], names: list[str]) -> tuple[list[Segments], list[torch.Tensor | None]]:
