@@ -149,18 +149,18 @@ def test_gradcheck_through_the_compiled_loops():
 
 @needs_cc
 def test_infinite_upstream_gradient_stays_in_its_own_sign_entry():
-    """An infinite ∂L/∂G reaches the tables it belongs to only, as index_add would put it (no inf·0 = NaN)."""
-    x = torch.tensor([0.05, -0.05, 0.02, -0.03], dtype=torch.float64)
-    ids = torch.zeros(4, dtype=torch.long)
-    traj = Segments.from_ids(ids)
+    """An infinite ∂L/∂G reaches the tables it belongs to only, as index_add would put it (no inf·0 = NaN),
+    in the index loop and in the run loop alike."""
     gated = torch.ones(4, dtype=torch.float64)
-    key = torch.tensor([0, 1, 0, 1], dtype=torch.int32)
+    key = torch.tensor([0, 1, 0, 1], dtype=torch.int32)  # one trajectory, signs alternating
     inside = torch.ones(4, dtype=torch.bool)
+    flags = torch.tensor([1, 3, 1, 3], dtype=torch.uint8)  # the same as run-loop flags: inside | negative << 1
     grad = torch.tensor([float("inf"), 1.0, 2.0, 3.0], dtype=torch.float64)
-    _, offset, _ = fused._native_reduce_tokens(grad, gated, key, inside, 2 * traj.size)
-    _, expected, _ = fused._reduce_tokens(grad, gated, key, inside, 2 * traj.size)
-    assert torch.equal(offset, expected) and offset[1] == 4.0 and torch.isinf(offset[0])
-    assert torch.isfinite(x).all()
+    expected = fused._reduce_tokens(grad, gated, key, inside, 2)
+    for got in (fused._native_reduce_tokens(grad, gated, key, inside, 2),
+                fused._runs_reduce_tokens(grad, gated, flags, torch.tensor([4]))):
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+        assert torch.isinf(got[1][0]) and got[1][1] == 4.0 and got[2][1] == -4.0  # ∂L/∂A, ∂L/∂S of l = -1
 
 
 @needs_cc
