@@ -7,7 +7,7 @@ import torch
 
 import fiberpo_theory.core.native as native
 import fiberpo_theory.core.fused as fused
-from fiberpo_theory.core import objectives as obj
+from fiberpo_theory.core import gates, objectives as obj
 from fiberpo_theory.core.segments import Segments, _sorted_runs
 
 HYPER = dict(eps=0.1, c_pos=0.12, c_neg=0.2)
@@ -97,8 +97,10 @@ def test_compiled_and_torch_paths_give_the_same_bits(layout, dtype, monkeypatch)
         assert torch.equal(got.signbit(), expected.signbit())
 
 
-RUN_LOOPS = ["_runs_channel_means", "_runs_gate_tokens", "_runs_reduce_tokens", "_runs_add_channel_terms"]
-INDEX_LOOPS = ["_native_channel_means", "_native_gate_tokens", "_native_reduce_tokens", "_native_add_channel_terms"]
+RUN_LOOPS = ["_runs_channel_sums", "_compiled_chain", "_runs_gate_tokens", "_runs_reduce_tokens", "_compiled_chain_grad",
+             "_runs_add_channel_terms"]
+INDEX_LOOPS = ["_native_channel_sums", "_compiled_chain", "_native_gate_tokens", "_native_reduce_tokens",
+               "_compiled_chain_grad", "_native_add_channel_terms"]
 
 
 @needs_cc
@@ -106,7 +108,7 @@ INDEX_LOOPS = ["_native_channel_means", "_native_gate_tokens", "_native_reduce_t
 def test_compiled_path_runs_the_loops(layout, expected, monkeypatch):
     """The fused gate does call the compiled loops (so the bit-equality test above compares two paths)."""
     calls = []
-    for name in RUN_LOOPS + INDEX_LOOPS:
+    for name in dict.fromkeys(RUN_LOOPS + INDEX_LOOPS):  # the chain loops are on both lists
         real = getattr(fused, name)
         monkeypatch.setattr(fused, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     x, ids = _layouts(torch.float32)[layout]
@@ -161,6 +163,50 @@ def test_infinite_upstream_gradient_stays_in_its_own_sign_entry():
                 fused._runs_reduce_tokens(grad, gated, flags, torch.tensor([4]))):
         assert all(torch.equal(a, b) for a, b in zip(got, expected))
         assert torch.isinf(got[1][0]) and got[1][1] == 4.0 and got[2][1] == -4.0  # ∂L/∂A, ∂L/∂S of l = -1
+
+
+# dyadic budgets and values, so channel means land exactly on C, on (1 + 1/T)C and on ε
+EDGES = dict(eps=0.125, c_pos=0.125, c_neg=0.25)
+EDGE_VALUES = [0.125, 0.14, 0.15625, 0.3, -0.25, -0.28, -0.3125, -0.5, 0.0, -0.125, 0.05]
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("layout", ["sorted", "shuffled"])
+def test_compiled_trajectory_chain_gives_the_torch_bits_in_every_regime(layout, dtype, monkeypatch):
+    """The C chain of Eq. 8-10 (g_agg with k = T) and of its backward against the torch ops, every regime reached."""
+    gen = torch.Generator().manual_seed(5)
+    # trajectories of 4 tokens: 2 × a and 2 × b, b = a among them (a channel mean exactly a)
+    pairs = [(a, b) for a in EDGE_VALUES for b in [a, *EDGE_VALUES[::3]]]
+    # and channel means on ε with tokens of the other sign, whose table entry reads that clip's slope
+    pairs += [(0.25, -b) for b in (0.25, 0.5, 0.3)] + [(b, -0.25) for b in (0.5, 0.3)]
+    x = torch.tensor([v for a, b in pairs for v in (a, a, b, b)], dtype=dtype)
+    ids = torch.arange(len(pairs)).repeat_interleave(4)
+    if layout == "shuffled":
+        perm = torch.randperm(x.numel(), generator=gen)
+        x, ids = x[perm], ids[perm]
+    weight = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    def run():
+        leaf = x.clone().requires_grad_(True)
+        gated = obj.fiberpo_gated_ratio(leaf, ids, **EDGES)
+        (gated * weight).sum().backward()
+        return gated.detach(), leaf.grad
+
+    calls = []
+    real = fused._compiled_chain
+    monkeypatch.setattr(fused, "_compiled_chain", lambda *a: calls.append(1) or real(*a))
+    compiled = run()
+    monkeypatch.setattr(native, "library", lambda: None)
+    reference = run()
+    assert calls, "the compiled chain did not run"
+    for got, expected in zip(compiled, reference):
+        assert torch.equal(got, expected) and torch.equal(got.signbit(), expected.signbit())
+    parts = obj.fiberpo_parts(x, ids, **EDGES)
+    for channel, budget in ((parts.log_s_pos, EDGES["c_pos"]), (parts.log_s_neg, EDGES["c_neg"])):
+        regimes = set(gates.g_agg_regime(channel, budget, parts.length).tolist())
+        assert regimes == {gates.PASS, gates.ROLLBACK, gates.ZEROED}
+        assert bool((channel == budget).any()) and bool((channel.abs() == EDGES["eps"]).any())
 
 
 @needs_cc

@@ -2,8 +2,12 @@
  *
  * Each loop performs the same IEEE operations, in the same token order, as the
  * chain of torch ops it stands in for (built with -ffp-contract=off and no
- * fast-math), so both paths give the same bits; torch keeps the exp and every
- * M-sized formula (Eq. 8, 10, 15, 16, 20 live once, in Python).
+ * fast-math), so both paths give the same bits; torch keeps the exp.  The
+ * formulas live in Python (gates.py, objectives.py, fused.py) and stay the
+ * reference: besides the token passes, two M-sized loops (fiber_chain*) run
+ * FiberPO's per-trajectory chain op for op as the torch ops do, because at
+ * the sizes of a micro-batch some sixty of those ops cost more than the
+ * token passes themselves.
  *
  *   channel_sums   pos[t] += max(x, 0), neg[t] += min(x, 0)            (the sums of Eq. 9)
  *   gate_tokens    key = 2t + [x < 0], r = x - S[key], c = clip(r, eps),
@@ -13,6 +17,8 @@
  *   sorted_runs    index = number of id changes so far; the starts of the runs
  *   carried_runs   the id a coarser column holds on each run, or "does not nest"
  *   *_runs         the gate's passes walked by trajectory lengths (contiguous layouts), and gather_runs
+ *   fiber_chain    channel sums -> means (Eq. 9), log w by g_agg with k = T (Eq. 8, 10), its slopes (γ of
+ *                  Eq. 20), the tables S and A (Eq. 14-16); fiber_chain_grad: the backward of that chain
  *
  * The sums run in registers along each run of one trajectory and meet memory
  * only where the trajectory changes.  Every accumulator sees every token of its
@@ -183,6 +189,61 @@
             out += length;                                                                           \
         }                                                                                            \
     }
+
+/* FiberPO's per-trajectory chain with k = T (fused.py: _means_of_sums, _FiberPOLogBase, _sign_tables and
+ * _channel_grad), one trajectory at a time, each step the IEEE operation of the torch op it mirrors and in
+ * the same order (x * 1 and x * -1 where torch multiplies by a sign, so that zeros keep torch's signs).
+ * g_agg (Eq. 10): x if |x| <= C, sign(x)(k+1)C - kx if |x| < (1 + 1/k)C, else 0; its slope 1, -k, 0. */
+#define CHAIN_KERNELS(T, SUF)                                                                        \
+    static inline void g_agg_both_##SUF(T x, T c, T k, T *value, T *slope) {                        \
+        const T ax = x < 0 ? -x : x;                                                                 \
+        const T zero_at = ((T)1 + (T)1 / k) * c;                                                     \
+        const T sign = x > 0 ? (T)1 : (x < 0 ? (T)-1 : (T)0);                                        \
+        const T rollback = sign * (k + (T)1) * c - k * x;                                            \
+        const int passing = ax <= c, live = ax < zero_at;                                            \
+        *value = passing ? x : (live ? rollback : (T)0);                                             \
+        *slope = passing ? (T)1 : (live ? -k : (T)0);                                                \
+    }                                                                                                \
+                                                                                                     \
+    void fiber_chain_##SUF(int64_t m, const int64_t *restrict count, const T *restrict positive,     \
+                           const T *restrict nonpositive, T c_pos, T c_neg, T eps,                   \
+                           T *restrict channels, T *restrict same, T *restrict offset,               \
+                           T *restrict slopes) {                                                     \
+        for (int64_t t = 0; t < m; ++t) {                                                            \
+            const T length = (T)count[t];                                                            \
+            const T p = positive[t] / length, q = ((T)0 - nonpositive[t]) / length;                  \
+            T g0, g1, s0, s1;                                                                        \
+            g_agg_both_##SUF(p, c_pos, length, &g0, &s0);                                            \
+            g_agg_both_##SUF(q, c_neg, length, &g1, &s1);                                            \
+            const T log_base = g0 - g1;                                                              \
+            const T o0 = -q, o1 = p; /* l·v of l = +1 and of l = -1 */                               \
+            channels[2 * t] = p, channels[2 * t + 1] = q;                                            \
+            slopes[2 * t] = s0, slopes[2 * t + 1] = -s1;                                             \
+            same[2 * t] = p, same[2 * t + 1] = -q;                                                   \
+            offset[2 * t] = log_base - (o0 < -eps ? -eps : (o0 > eps ? eps : o0));                   \
+            offset[2 * t + 1] = log_base - (o1 < -eps ? -eps : (o1 > eps ? eps : o1));               \
+        }                                                                                            \
+    }                                                                                                \
+                                                                                                     \
+    void fiber_chain_grad_##SUF(int64_t m, const int64_t *restrict count, const T *restrict channels, \
+                                const T *restrict slopes, const T *restrict grad_offset,             \
+                                const T *restrict grad_same, T eps, T *restrict per_channel) {       \
+        for (int64_t t = 0; t < m; ++t) {                                                            \
+            const T length = (T)count[t];                                                            \
+            const T a0 = grad_offset[2 * t], a1 = grad_offset[2 * t + 1];                            \
+            const T s0 = grad_same[2 * t], s1 = grad_same[2 * t + 1];                                \
+            const T c0 = channels[2 * t], c1 = channels[2 * t + 1];                                  \
+            const T in0 = (T)((c0 < 0 ? -c0 : c0) <= eps), in1 = (T)((c1 < 0 ? -c1 : c1) <= eps);     \
+            const T base = a0 + a1;                                                                  \
+            const T crossed0 = a1 * in0 * (T)1, crossed1 = a0 * in1 * (T)-1;                         \
+            const T g0 = s0 * (T)1 + base * slopes[2 * t] - crossed0;                                \
+            const T g1 = s1 * (T)-1 + base * slopes[2 * t + 1] - crossed1;                           \
+            per_channel[2 * t] = g0 / length, per_channel[2 * t + 1] = -(g1 / length);               \
+        }                                                                                            \
+    }
+
+CHAIN_KERNELS(float, f32)
+CHAIN_KERNELS(double, f64)
 
 FIBER_KERNELS(float, uint32_t, f32)
 FIBER_KERNELS(double, uint64_t, f64)

@@ -136,13 +136,19 @@ class FiberGate(torch.autograd.Function):
             indexed = _native.kernels_for(x, traj.narrow_index)
             if indexed:
                 traj.checked_narrow_index()  # the loops index the tables without bounds checks
+        chain = None
         with torch.enable_grad() if not closed_form else torch.no_grad():
-            if runs is not None:
-                means = _runs_channel_means(x, traj, runs)
+            if runs is not None or indexed:
+                sums = _runs_channel_sums(x, traj, runs) if runs is not None else _native_channel_sums(x, traj)
+                chain = _compiled_chain(sums, traj, log_base_fn, eps) if closed_form else None
+                means = _means_of_sums(sums[0], sums[1], traj) if chain is None else None
             else:
-                means = _native_channel_means(x, traj) if indexed else channel_means(x.detach(), traj)
-            channels = means.requires_grad_(not closed_form)
-            same, offset = _sign_tables(channels, log_base_fn(channels), eps)
+                means = channel_means(x.detach(), traj)
+            if chain is None:
+                channels = means.requires_grad_(not closed_form)
+                same, offset = _sign_tables(channels, log_base_fn(channels), eps)
+            else:
+                channels, same, offset, slopes = chain
         tables = same.detach(), offset.detach()
         native_tables = same.dtype == x.dtype == offset.dtype
         gated = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -158,15 +164,16 @@ class FiberGate(torch.autograd.Function):
             gate(x, narrow, *tables, eps, gated, inside, key)
             ctx.save_for_backward(gated, key, inside)
         ctx.traj, ctx.channels, ctx.tables = traj, channels, (same, offset)
-        ctx.slopes = log_base_fn.slopes(channels) if closed_form else None  # ∂ log w/∂ channels, (M, 2)
-        ctx.eps = eps
+        if chain is None:
+            slopes = log_base_fn.slopes(channels) if closed_form else None  # ∂ log w/∂ channels, (M, 2)
+        ctx.slopes, ctx.compiled_chain, ctx.eps = slopes, chain is not None, eps
         return gated
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_gated):
         saved = ctx.saved_tensors
-        traj, channels, (same, offset) = ctx.traj, ctx.channels, ctx.tables
+        traj, channels, offset = ctx.traj, ctx.channels, ctx.tables[1]
         gated = saved[0]
         native = grad_gated.dtype == gated.dtype and _native.plain_cpu(grad_gated)
         if native:
@@ -181,15 +188,11 @@ class FiberGate(torch.autograd.Function):
             reduce = _native_reduce_tokens if indexed else (
                 _reduce_tokens_batched if _is_batched(grad_gated) else _reduce_tokens)
             grad_x, grad_offset, grad_same = reduce(grad_gated, gated, key, inside, offset.numel())
-        if ctx.slopes is not None:
-            grad_channels = _channel_grad(channels, ctx.slopes, grad_same, grad_offset, ctx.eps)
-        else:  # retain: gradcheck and retain_graph users call backward more than once (the graph is M-sized)
-            (grad_channels,) = torch.autograd.grad((same, offset), channels, (grad_same, grad_offset),
-                                                   retain_graph=True)
-        # ∂ log s⁺/∂x_j = 1[x_j >= 0]/T, ∂ log s⁻/∂x_j = -1[x_j < 0]/T
-        per_channel = grad_channels / traj.count.to(grad_offset.dtype).unsqueeze(1)
-        per_channel[..., 1].neg_()
-        per_channel = per_channel.reshape(-1)
+        per_channel = None
+        if ctx.compiled_chain and grad_offset.dtype == channels.dtype:
+            per_channel = _compiled_chain_grad(channels, ctx.slopes, grad_same, grad_offset, traj, ctx.eps)
+        if per_channel is None:
+            per_channel = _per_channel_grad(ctx, grad_same, grad_offset)
         same_dtype = per_channel.dtype == grad_x.dtype
         if key is None and same_dtype:
             return _runs_add_channel_terms(grad_x, per_channel, flags, traj.runs), None, None, None
@@ -197,6 +200,58 @@ class FiberGate(torch.autograd.Function):
             key = _key_and_inside(flags, traj)[0]
         add = _native_add_channel_terms if indexed and same_dtype else _add_channel_terms
         return add(grad_x, per_channel, key), None, None, None
+
+
+def _per_channel_grad(ctx, grad_same, grad_offset) -> torch.Tensor:
+    """``(2M,)`` each token's share of its trajectory's channel gradient, entry 2τ + 1[x < 0]."""
+    channels, (same, offset) = ctx.channels, ctx.tables
+    if ctx.slopes is not None:
+        grad_channels = _channel_grad(channels, ctx.slopes, grad_same, grad_offset, ctx.eps)
+    else:  # retain: gradcheck and retain_graph users call backward more than once (the graph is M-sized)
+        (grad_channels,) = torch.autograd.grad((same, offset), channels, (grad_same, grad_offset),
+                                               retain_graph=True)
+    # ∂ log s⁺/∂x_j = 1[x_j >= 0]/T, ∂ log s⁻/∂x_j = -1[x_j < 0]/T
+    per_channel = grad_channels / ctx.traj.count.to(grad_offset.dtype).unsqueeze(1)
+    per_channel[..., 1].neg_()
+    return per_channel.reshape(-1)
+
+
+def _compiled_chain(sums, traj: Segments, log_base_fn, eps):
+    """FiberPO's M-sized forward chain by one C loop, or ``None`` where it does not apply.
+
+    It applies to the base weight of Eq. 8 with k = T_τ (``length_budgets``
+    set) on CPU: the loop does, trajectory by trajectory, the operations of
+    :func:`_means_of_sums`, the base weight's ``__call__`` and ``slopes``
+    (g_agg and γ of Eq. 10, 20) and :func:`_sign_tables`, in their order, so
+    the tables, channels and slopes are those bits.  Returns
+    ``(channels (M, 2), S (2M,), A (2M,), slopes (M, 2))``.
+    """
+    budgets = getattr(log_base_fn, "length_budgets", None)
+    found = _native.kernels_for(sums, traj.count) if budgets is not None else None
+    if not found or traj.count.dtype != torch.long:
+        return None
+    lib, real, suffix = found
+    m = traj.size
+    channels, slopes = (torch.empty(m, 2, dtype=sums.dtype) for _ in range(2))
+    same, offset = (torch.empty(2 * m, dtype=sums.dtype) for _ in range(2))
+    ptr = _native.ptr
+    getattr(lib, f"fiber_chain_{suffix}")(m, ptr(traj.count), ptr(sums[0]), ptr(sums[1]), real(budgets[0]),
+                                          real(budgets[1]), real(eps), ptr(channels), ptr(same), ptr(offset),
+                                          ptr(slopes))
+    return channels, same, offset, slopes
+
+
+def _compiled_chain_grad(channels, slopes, grad_same, grad_offset, traj: Segments, eps):
+    """:func:`_per_channel_grad` of the closed-form chain by one C loop (``None`` where the tables are wrapped)."""
+    found = _native.kernels_for(grad_offset, grad_same, channels, slopes)
+    if not found:
+        return None
+    lib, real, suffix = found
+    per_channel = torch.empty(grad_offset.shape, dtype=grad_offset.dtype)
+    ptr = _native.ptr
+    getattr(lib, f"fiber_chain_grad_{suffix}")(traj.size, ptr(traj.count), ptr(channels), ptr(slopes),
+                                               ptr(grad_offset), ptr(grad_same), real(eps), ptr(per_channel))
+    return per_channel
 
 
 def _key_and_inside(flags: torch.Tensor, traj: Segments):
@@ -282,13 +337,13 @@ def _add_channel_terms(grad_x, per_channel, key):
     return grad_x
 
 
-def _native_channel_means(x, traj: Segments) -> torch.Tensor:
-    """:func:`channel_means` by one C loop over the tokens: both channel sums at once, in token order."""
+def _native_channel_sums(x, traj: Segments) -> torch.Tensor:
+    """``(2, M)`` sums of max(x, 0) and min(x, 0) per trajectory (:func:`channel_means` before the division), one C loop in token order."""
     lib, _, suffix = _native.kernels_for(x)
     sums = torch.zeros(2, traj.size, dtype=x.dtype)
     getattr(lib, f"channel_sums_{suffix}")(x.numel(), _native.ptr(x), _native.ptr(traj.narrow_index),
                                           _native.ptr(sums[0]), _native.ptr(sums[1]))
-    return _means_of_sums(sums[0], sums[1], traj)
+    return sums
 
 
 def _native_gate_tokens(x, narrow, same, offset, eps, gated, inside, key) -> None:
@@ -321,13 +376,13 @@ def _native_add_channel_terms(grad_x, per_channel, key):
     return grad_x
 
 
-def _runs_channel_means(x, traj: Segments, runs: torch.Tensor) -> torch.Tensor:
-    """:func:`channel_means` by one C loop walking the trajectories by their lengths."""
+def _runs_channel_sums(x, traj: Segments, runs: torch.Tensor) -> torch.Tensor:
+    """:func:`_native_channel_sums` by one C loop walking the trajectories by their lengths."""
     lib, _, suffix = _native.kernels_for(x)
     sums = torch.zeros(2, traj.size, dtype=x.dtype)
     getattr(lib, f"channel_sums_runs_{suffix}")(traj.size, _native.ptr(runs), _native.ptr(x),
                                                _native.ptr(sums[0]), _native.ptr(sums[1]))
-    return _means_of_sums(sums[0], sums[1], traj)
+    return sums
 
 
 def _runs_gate_tokens(x, runs, same, offset, eps, gated, flags) -> None:

@@ -128,8 +128,10 @@ class _FiberPOLogBase:
     closed form instead of through an M-sized autograd graph.
     """
 
-    def __init__(self, c_pos, c_neg, k):
+    def __init__(self, c_pos, c_neg, k, *, k_is_length: bool = False):
         self.c_pos, self.c_neg, self.k = c_pos, c_neg, k
+        # k = T_τ: the fused gate may run this chain as its compiled loop (the same operations, in C)
+        self.length_budgets = (c_pos, c_neg) if k_is_length else None
 
     def _both(self, fn, channels: torch.Tensor) -> torch.Tensor:
         """``fn(channel, C, k)`` of both channels as ``(M, 2)``.
@@ -157,7 +159,7 @@ def _fiberpo_inputs(log_ratio, traj_id, eps, c_pos, c_neg, k):
     eps, c_pos, c_neg = _check_budgets(eps, c_pos, c_neg)
     traj = segments_for("traj_id", traj_id, x)
     k_traj = traj.count.to(x.dtype) if k is None else _validate.positive("k", k)
-    return x, traj, eps, _FiberPOLogBase(c_pos, c_neg, k_traj)
+    return x, traj, eps, _FiberPOLogBase(c_pos, c_neg, k_traj, k_is_length=k is None)
 
 
 def fiberpo_parts(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None) -> FiberPOParts:
