@@ -250,23 +250,34 @@ FIBER_KERNELS(double, uint64_t, f64)
 RUN_KERNELS(float, uint32_t, f32)
 RUN_KERNELS(double, uint64_t, f64)
 
-/* Runs of a sorted id column: index[i] = number of id changes in ids[0..i], starts[r] = first element of run r
- * for the first `capacity` runs (index may be NULL: the runs alone).  Returns the number of runs (more than `capacity`: call again with room for
+/* Runs of a sorted id column: index[i] = number of id changes in ids[0..i]; for the first `capacity` runs
+ * starts[r] = its first element, counts[r] = its length, values[r] = its id (index, starts, counts and
+ * values may each be NULL).  Returns the number of runs (more than `capacity`: call again with room for
  * them all), or -1 as soon as a run's id is below the previous run's (the ids are not sorted). */
 #define RUN_KERNEL(I, SUF)                                                                           \
     int64_t sorted_runs_##SUF(int64_t n, const I *restrict ids, int32_t *restrict index,             \
-                              int64_t *restrict starts, int64_t capacity) {                          \
+                              int64_t *restrict starts, int64_t *restrict counts,                    \
+                              int64_t *restrict values, int64_t capacity) {                          \
         if (n <= 0) return 0;                                                                        \
-        int64_t runs = 1;                                                                            \
-        if (capacity > 0) starts[0] = 0;                                                             \
+        int64_t runs = 1, begin = 0;                                                                 \
+        if (starts && capacity > 0) starts[0] = 0;                                                   \
         if (index) index[0] = 0;                                                                     \
         for (int64_t i = 1; i < n; ++i) {                                                            \
             if (ids[i] != ids[i - 1]) {                                                              \
                 if (ids[i] < ids[i - 1]) return -1;                                                  \
-                if (runs < capacity) starts[runs] = i;                                               \
+                if (runs <= capacity) {                                                              \
+                    if (counts) counts[runs - 1] = i - begin;                                        \
+                    if (values) values[runs - 1] = (int64_t)ids[i - 1];                              \
+                }                                                                                    \
+                if (starts && runs < capacity) starts[runs] = i;                                     \
+                begin = i;                                                                           \
                 ++runs;                                                                              \
             }                                                                                        \
             if (index) index[i] = (int32_t)(runs - 1);                                               \
+        }                                                                                            \
+        if (runs <= capacity) {                                                                      \
+            if (counts) counts[runs - 1] = n - begin;                                                \
+            if (values) values[runs - 1] = (int64_t)ids[n - 1];                                      \
         }                                                                                            \
         return runs;                                                                                 \
     }

@@ -188,11 +188,9 @@ class FiberGate(torch.autograd.Function):
             reduce = _native_reduce_tokens if indexed else (
                 _reduce_tokens_batched if _is_batched(grad_gated) else _reduce_tokens)
             grad_x, grad_offset, grad_same = reduce(grad_gated, gated, key, inside, offset.numel())
-        per_channel = None
-        if ctx.compiled_chain and grad_offset.dtype == channels.dtype:
-            per_channel = _compiled_chain_grad(channels, ctx.slopes, grad_same, grad_offset, traj, ctx.eps)
-        if per_channel is None:
-            per_channel = _per_channel_grad(ctx, grad_same, grad_offset)
+        compiled = ctx.compiled_chain and (key is None or indexed) and grad_offset.dtype == channels.dtype
+        per_channel = (_compiled_chain_grad(channels, ctx.slopes, grad_same, grad_offset, traj, ctx.eps) if compiled
+                       else _per_channel_grad(ctx, grad_same, grad_offset))
         same_dtype = per_channel.dtype == grad_x.dtype
         if key is None and same_dtype:
             return _runs_add_channel_terms(grad_x, per_channel, flags, traj.runs), None, None, None
@@ -227,10 +225,10 @@ def _compiled_chain(sums, traj: Segments, log_base_fn, eps):
     ``(channels (M, 2), S (2M,), A (2M,), slopes (M, 2))``.
     """
     budgets = getattr(log_base_fn, "length_budgets", None)
-    found = _native.kernels_for(sums, traj.count) if budgets is not None else None
-    if not found or traj.count.dtype != torch.long:
+    count = traj.count
+    if budgets is None or count.dtype != torch.long or not (_native.plain_cpu(count) and count.is_contiguous()):
         return None
-    lib, real, suffix = found
+    lib, real, suffix = _native.loops(sums.dtype)
     m = traj.size
     channels, slopes = (torch.empty(m, 2, dtype=sums.dtype) for _ in range(2))
     same, offset = (torch.empty(2 * m, dtype=sums.dtype) for _ in range(2))
@@ -242,11 +240,8 @@ def _compiled_chain(sums, traj: Segments, log_base_fn, eps):
 
 
 def _compiled_chain_grad(channels, slopes, grad_same, grad_offset, traj: Segments, eps):
-    """:func:`_per_channel_grad` of the closed-form chain by one C loop (``None`` where the tables are wrapped)."""
-    found = _native.kernels_for(grad_offset, grad_same, channels, slopes)
-    if not found:
-        return None
-    lib, real, suffix = found
+    """:func:`_per_channel_grad` of the closed-form chain by one C loop, on the tables the compiled loops made."""
+    lib, real, suffix = _native.loops(grad_offset.dtype)
     per_channel = torch.empty(grad_offset.shape, dtype=grad_offset.dtype)
     ptr = _native.ptr
     getattr(lib, f"fiber_chain_grad_{suffix}")(traj.size, ptr(traj.count), ptr(channels), ptr(slopes),
@@ -339,7 +334,7 @@ def _add_channel_terms(grad_x, per_channel, key):
 
 def _native_channel_sums(x, traj: Segments) -> torch.Tensor:
     """``(2, M)`` sums of max(x, 0) and min(x, 0) per trajectory (:func:`channel_means` before the division), one C loop in token order."""
-    lib, _, suffix = _native.kernels_for(x)
+    lib, _, suffix = _native.loops(x.dtype)
     sums = torch.zeros(2, traj.size, dtype=x.dtype)
     getattr(lib, f"channel_sums_{suffix}")(x.numel(), _native.ptr(x), _native.ptr(traj.narrow_index),
                                           _native.ptr(sums[0]), _native.ptr(sums[1]))
@@ -348,7 +343,7 @@ def _native_channel_sums(x, traj: Segments) -> torch.Tensor:
 
 def _native_gate_tokens(x, narrow, same, offset, eps, gated, inside, key) -> None:
     """:func:`_gate_tokens` by one C loop per chunk, each chunk exponentiated by torch while it is in cache."""
-    lib, real, suffix = _native.kernels_for(x)
+    lib, real, suffix = _native.loops(x.dtype)
     gate, same, offset, ptr = getattr(lib, f"gate_tokens_{suffix}"), same.contiguous(), offset.contiguous(), _native.ptr
     for start in range(0, x.numel(), _CHUNK):
         size = min(_CHUNK, x.numel() - start)
@@ -359,7 +354,7 @@ def _native_gate_tokens(x, narrow, same, offset, eps, gated, inside, key) -> Non
 
 def _native_reduce_tokens(grad_gated, gated, key, inside, size):
     """:func:`_reduce_tokens` by one C loop over the tokens."""
-    lib, _, suffix = _native.kernels_for(gated)
+    lib, _, suffix = _native.loops(gated.dtype)
     grad_offset, grad_inside = (torch.zeros(size, dtype=gated.dtype) for _ in range(2))
     grad_x = torch.empty_like(gated)
     ptr = _native.ptr
@@ -370,7 +365,7 @@ def _native_reduce_tokens(grad_gated, gated, key, inside, size):
 
 def _native_add_channel_terms(grad_x, per_channel, key):
     """:func:`_add_channel_terms` by one C loop over the tokens, in place."""
-    lib, _, suffix = _native.kernels_for(grad_x)
+    lib, _, suffix = _native.loops(grad_x.dtype)
     per_channel = per_channel.contiguous()
     getattr(lib, f"add_channel_{suffix}")(key.numel(), _native.ptr(key), _native.ptr(per_channel), _native.ptr(grad_x))
     return grad_x
@@ -378,7 +373,7 @@ def _native_add_channel_terms(grad_x, per_channel, key):
 
 def _runs_channel_sums(x, traj: Segments, runs: torch.Tensor) -> torch.Tensor:
     """:func:`_native_channel_sums` by one C loop walking the trajectories by their lengths."""
-    lib, _, suffix = _native.kernels_for(x)
+    lib, _, suffix = _native.loops(x.dtype)
     sums = torch.zeros(2, traj.size, dtype=x.dtype)
     getattr(lib, f"channel_sums_runs_{suffix}")(traj.size, _native.ptr(runs), _native.ptr(x),
                                                _native.ptr(sums[0]), _native.ptr(sums[1]))
@@ -387,7 +382,7 @@ def _runs_channel_sums(x, traj: Segments, runs: torch.Tensor) -> torch.Tensor:
 
 def _runs_gate_tokens(x, runs, same, offset, eps, gated, flags) -> None:
     """The token gate by the run loop, a chunk of whole trajectories at a time, each chunk exponentiated in cache."""
-    lib, real, suffix = _native.kernels_for(x)
+    lib, real, suffix = _native.loops(x.dtype)
     gate, same, offset, ptr = getattr(lib, f"gate_runs_{suffix}"), same.contiguous(), offset.contiguous(), _native.ptr
     cuts, ends = [runs.numel()], None  # one chunk: no boundaries to find
     if x.numel() > _CHUNK:  # each chunk ends with the trajectory that crosses a multiple of _CHUNK tokens
@@ -405,7 +400,7 @@ def _runs_gate_tokens(x, runs, same, offset, eps, gated, flags) -> None:
 
 def _runs_reduce_tokens(grad_gated, gated, flags, runs):
     """:func:`_reduce_tokens` by the run loop (tables in registers per trajectory)."""
-    lib, _, suffix = _native.kernels_for(gated)
+    lib, _, suffix = _native.loops(gated.dtype)
     grad_offset, grad_inside = (torch.zeros(2 * runs.numel(), dtype=gated.dtype) for _ in range(2))
     grad_x = torch.empty_like(gated)
     ptr = _native.ptr
@@ -416,7 +411,7 @@ def _runs_reduce_tokens(grad_gated, gated, flags, runs):
 
 def _runs_add_channel_terms(grad_x, per_channel, flags, runs):
     """:func:`_add_channel_terms` by the run loop, in place."""
-    lib, _, suffix = _native.kernels_for(grad_x)
+    lib, _, suffix = _native.loops(grad_x.dtype)
     per_channel = per_channel.contiguous()
     getattr(lib, f"add_channel_runs_{suffix}")(runs.numel(), _native.ptr(runs), _native.ptr(flags),
                                               _native.ptr(per_channel), _native.ptr(grad_x))

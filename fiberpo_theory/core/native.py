@@ -110,7 +110,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"fiber_chain_{suffix}").argtypes = [i64, p, p, p, real, real, real, p, p, p, p]
         getattr(lib, f"fiber_chain_grad_{suffix}").argtypes = [i64, p, p, p, p, p, real, p]
     for suffix in ("i64", "i32"):
-        getattr(lib, f"sorted_runs_{suffix}").argtypes = [i64, p, p, p, i64]
+        getattr(lib, f"sorted_runs_{suffix}").argtypes = [i64, p, p, p, p, p, i64]
         getattr(lib, f"sorted_runs_{suffix}").restype = i64
         getattr(lib, f"carried_runs_{suffix}").argtypes = [i64, p, i64, p, p]
         getattr(lib, f"carried_runs_{suffix}").restype = ctypes.c_int
@@ -155,6 +155,12 @@ def kernels_for(*tensors: torch.Tensor) -> tuple[ctypes.CDLL, type, str] | None:
     return lib, real, suffix
 
 
+def loops(dtype: torch.dtype) -> tuple[ctypes.CDLL, type, str]:
+    """:func:`kernels_for`'s triple without the checks, for tensors a caller has already passed through it."""
+    real, suffix = _TYPES[dtype]
+    return library(), real, suffix
+
+
 def plain_cpu(tensor: torch.Tensor) -> bool:
     """A CPU tensor with storage of its own (not vmap-batched, functionalised or a subclass), any strides."""
     return tensor.device.type == "cpu" and not _wrapped(tensor)
@@ -169,4 +175,4 @@ def _wrapped(tensor: torch.Tensor) -> bool:
 
 def ptr(tensor: torch.Tensor, start: int = 0) -> int:
     """Address of element ``start`` of a contiguous tensor."""
-    return tensor.data_ptr() + start * tensor.element_size()
+    return tensor.data_ptr() + start * tensor.element_size() if start else tensor.data_ptr()

@@ -414,7 +414,8 @@ def aggregation_weights(kind: str, like: torch.Tensor, traj_id=None) -> torch.Te
         traj = traj_id if isinstance(traj_id, Segments) else segments_for("traj_id", traj_id, x)
         if x.dim() != 1 or traj.elements != x.numel():
             raise ValueError(f"traj_id segments index {traj.elements} tokens but like has {x.numel()}")
-        return traj.gather(1.0 / (traj.size * traj.count.to(x.dtype)))  # per trajectory, then one gather
+        per_trajectory = traj.count.to(x.dtype, copy=True).mul_(traj.size).reciprocal_()  # 1/(|Tj| T_τ), one buffer
+        return traj.gather(per_trajectory)
     raise ValueError(f"kind must be 'token', 'trajectory' or a method name, got {kind!r}")
 
 

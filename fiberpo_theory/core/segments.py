@@ -73,6 +73,7 @@ class Segments:
         # runs)
         self._index_checked = checked or (index is None and narrow_index is None)
         self._runs_checked = checked
+        self._runs_of = self._runs = None  # runs, cached with the count tensor it was read from
 
     def checked_narrow_index(self) -> torch.Tensor:
         """:attr:`narrow_index`, tested once to lie in ``0..M-1`` for a hand-built ``Segments`` (``ValueError`` else)."""
@@ -119,15 +120,20 @@ class Segments:
         The loops trust the lengths to cover the elements exactly, so that is checked (once) here: a
         ``Segments`` built by hand with lengths that do not add up raises instead of reading out of bounds.
         """
-        if not self.contiguous or self.count.dtype != torch.long or not _native.plain_cpu(self.count):
-            return None
-        if not self._runs_checked:
-            total = int(self.count.sum())
-            if total != self.elements or (self.count.numel() and int(self.count.min()) < 1):
-                raise ValueError(f"contiguous Segments: the counts sum to {total} (each must be at least 1) "
-                                 f"but {self.elements} elements are indexed")
-            self._runs_checked = True
-        return self.count.contiguous()
+        count = self.count
+        if self._runs_of is count:  # asked several times per step: the answer holds while the counts do
+            return self._runs
+        runs = None
+        if self.contiguous and count.dtype == torch.long and _native.plain_cpu(count):
+            if not self._runs_checked:
+                total = int(count.sum())
+                if total != self.elements or (count.numel() and int(count.min()) < 1):
+                    raise ValueError(f"contiguous Segments: the counts sum to {total} (each must be at least 1) "
+                                     f"but {self.elements} elements are indexed")
+                self._runs_checked = True
+            runs = count.contiguous()
+        self._runs_of, self._runs = count, runs
+        return runs
 
     @property
     def device(self) -> torch.device:
@@ -155,7 +161,8 @@ class Segments:
         the min that ranking needs anyway.
         """
         _validate.id_column(name, ids)
-        if ids.numel() >= 2 and _maybe_sorted(ids):
+        # the C pass stops at the first decrease, so it needs no probe first; the torch passes do
+        if ids.numel() >= 2 and (_native_runs_for(ids) or _maybe_sorted(ids)):
             segs = _sorted_runs(ids)
             if segs is not None:
                 if int(segs.ids[0]) < 0:
@@ -242,7 +249,7 @@ def _sorted_runs(ids: torch.Tensor) -> "Segments | None":
     increase, an M-sized check instead of an N-sized one.
     """
     n = ids.numel()
-    if ids.dtype in _NATIVE_IDS and _native.plain_cpu(ids) and _native.library():
+    if _native_runs_for(ids):
         return _native_sorted_runs(ids.contiguous())
     change = torch.empty(n, dtype=torch.bool, device=ids.device)
     change[0] = False  # written in place so that the cumulative sum below needs no shifted copy
@@ -260,21 +267,24 @@ _NATIVE_IDS = {torch.int64: "i64", torch.int32: "i32"}
 _RUN_ROOM = 1 << 14
 
 
+def _native_runs_for(ids: torch.Tensor) -> bool:
+    """Whether the C sorted-runs loop takes this id column."""
+    return ids.dtype in _NATIVE_IDS and _native.plain_cpu(ids) and _native.library() is not None
+
+
 def _native_sorted_runs(ids: torch.Tensor) -> "Segments | None":
-    """:func:`_sorted_runs` by one C loop: run starts and the sortedness test in one pass; the index is left lazy."""
+    """:func:`_sorted_runs` by one C loop: run lengths, run ids and the sortedness test in one pass; the index is left lazy."""
     n = ids.numel()
     runs_of = getattr(_native.library(), f"sorted_runs_{_NATIVE_IDS[ids.dtype]}")
     # room for a typical number of runs: an N-sized buffer would cost page faults on every call
-    starts = torch.empty(min(n, _RUN_ROOM), dtype=torch.long)
-    runs = runs_of(n, _native.ptr(ids), None, _native.ptr(starts), starts.numel())  # no index: built on demand
-    if runs > starts.numel():  # more runs than room: once more with room for all of them
-        starts = torch.empty(runs, dtype=torch.long)
-        runs = runs_of(n, _native.ptr(ids), None, _native.ptr(starts), runs)
+    table = torch.empty(2, min(n, _RUN_ROOM), dtype=torch.long)  # run lengths, run ids
+    runs = runs_of(n, _native.ptr(ids), None, None, _native.ptr(table[0]), _native.ptr(table[1]), table.shape[1])
+    if runs > table.shape[1]:  # more runs than room: once more with room for all of them
+        table = torch.empty(2, runs, dtype=torch.long)
+        runs = runs_of(n, _native.ptr(ids), None, None, _native.ptr(table[0]), _native.ptr(table[1]), runs)
     if runs < 0:
         return None
-    starts = starts[:runs]
-    count = torch.diff(starts, append=torch.full((1,), n, dtype=torch.long))
-    return Segments(count=count, ids=ids.index_select(0, starts).long(), contiguous=True, elements=n, checked=True)
+    return Segments(count=table[0, :runs], ids=table[1, :runs], contiguous=True, elements=n, checked=True)
 
 
 def parent_of(child: Segments, parent_index: torch.Tensor, *, child_name: str, parent_name: str) -> torch.Tensor:
