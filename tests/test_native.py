@@ -346,3 +346,17 @@ def test_hand_built_segments_with_an_index_out_of_range_are_refused_before_the_l
     good = Segments(narrow_index=torch.tensor([0, 1, 1, 0], dtype=torch.int32), count=torch.tensor([2, 2]),
                     ids=torch.tensor([0, 1]))
     assert obj.fiberpo_gated_ratio(x, good, **HYPER).shape == (4,) and good._index_checked
+
+
+@needs_cc
+@pytest.mark.parametrize("shape, density", [((7, 9), 0.6), ((5, 1), 0.5), ((3, 4), 1.0), ((4, 6), 0.0), ((0, 3), 0.5)])
+def test_compiled_mask_positions_equal_nonzero_and_sum(shape, density):
+    """The one-pass C loop over a (B, L) mask gives torch's nonzero positions (as int32) and row sums."""
+    from fiberpo_theory.core.layout import _native_positions
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    mask = torch.rand(shape, generator=gen) < density
+    positions, lengths = _native_positions(mask)
+    assert positions.dtype == torch.int32 and lengths.dtype == torch.long
+    assert torch.equal(positions.long(), mask.reshape(-1).nonzero().squeeze(1))
+    assert torch.equal(lengths, mask.sum(1))

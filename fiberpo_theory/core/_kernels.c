@@ -17,6 +17,7 @@
  *   sorted_runs    index = number of id changes so far; the starts of the runs
  *   carried_runs   the id a coarser column holds on each run, or "does not nest"
  *   *_runs         the gate's passes walked by trajectory lengths (contiguous layouts), and gather_runs
+ *   mask_positions the row-major positions (int32) and row lengths of a (B, L) 0/1 mask, in one pass
  *   fiber_chain    channel sums -> means (Eq. 9), log w by g_agg with k = T (Eq. 8, 10), its slopes (γ of
  *                  Eq. 20), the tables S and A (Eq. 14-16); fiber_chain_grad: the backward of that chain
  *
@@ -304,3 +305,21 @@ RUN_KERNEL(int32_t, i32)
 
 CARRY_KERNEL(int64_t, i64)
 CARRY_KERNEL(int32_t, i32)
+
+/* A (B, L) 0/1 byte mask (torch.bool) to the row-major positions of its ones (int32: B·L below 2^31) and the
+ * ones per row, one read pass; returns the number of ones, or -1 when it would exceed `capacity`. */
+int64_t mask_positions(int64_t rows, int64_t cols, const uint8_t *restrict mask, int32_t *restrict positions,
+                       int64_t *restrict lengths, int64_t capacity) {
+    int64_t n = 0;
+    for (int64_t b = 0; b < rows; ++b) {
+        const uint8_t *row = mask + b * cols;
+        const int64_t before = n;
+        for (int64_t j = 0; j < cols; ++j) {
+            if (n < capacity) positions[n] = (int32_t)(b * cols + j); /* overwritten unless row[j] is set */
+            n += row[j] != 0;
+        }
+        lengths[b] = n - before;
+        if (n > capacity) return -1;
+    }
+    return n;
+}

@@ -7,26 +7,38 @@ trajectory id per token.  Rows are trajectories.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
+from . import native as _native
 from .segments import Segments
 
 
-class FlatBatch(NamedTuple):
+class FlatBatch:
     """The flat view of a padded batch: values keep row-major token order.
 
     Selections go by ``positions`` (``index_select``, whose backward is one
     ``index_add``); boolean-mask indexing of a ``(B, L)`` tensor costs about
-    ten times more on CPU, forward and backward.
+    ten times more on CPU, forward and backward.  ``traj_id`` (the row of
+    each token, ``(N,)`` long) is built on first use: the fused objectives
+    walk the rows by their ``lengths`` instead.
     """
 
-    traj_id: torch.Tensor  # (N,) long, the row index of each token
-    mask: torch.Tensor  # (B, L) bool
-    shape: torch.Size
-    positions: torch.Tensor  # (N,) each token's row-major index into the (B, L) batch (int32 where B·L fits)
-    lengths: torch.Tensor  # (B,) long, response tokens per row
+    __slots__ = ("mask", "shape", "positions", "lengths", "_traj_id")
+
+    def __init__(self, mask: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor):
+        self.mask = mask  # (B, L) bool
+        self.shape = mask.shape
+        self.positions = positions  # (N,) each token's row-major index into the (B, L) batch (int32 where B·L fits)
+        self.lengths = lengths  # (B,) long, response tokens per row
+        self._traj_id = None
+
+    @property
+    def traj_id(self) -> torch.Tensor:
+        """``(N,)`` long: the row index of each token."""
+        if self._traj_id is None:
+            rows = torch.arange(self.shape[0], device=self.mask.device)
+            self._traj_id = rows.repeat_interleave(self.lengths, output_size=self.positions.numel())
+        return self._traj_id
 
 
 def _mask(name: str, response_mask: torch.Tensor, shape) -> torch.Tensor:
@@ -52,15 +64,32 @@ def flatten_mask(response_mask: torch.Tensor, *, allow_empty_rows: bool = False)
     have no tokens and no trajectory).
     """
     mask = _mask("response_mask", response_mask, None)
-    lengths = mask.sum(1)
+    narrow = mask.numel() < torch.iinfo(torch.int32).max  # what backward saves of each selection: half the bytes
+    found = _native_positions(mask) if narrow else None
+    if found is not None:
+        positions, lengths = found
+    else:
+        lengths = mask.sum(1)
+        positions = mask.reshape(-1).nonzero().squeeze(1)
+        positions = positions.to(torch.int32) if narrow else positions
     if not allow_empty_rows and mask.shape[0] and int(lengths.min()) == 0:
         raise ValueError(f"response_mask row {int((lengths == 0).nonzero()[0, 0])} is an empty trajectory "
                          "(no response token)")
-    positions = mask.reshape(-1).nonzero().squeeze(1)
-    if mask.numel() < torch.iinfo(torch.int32).max:  # what backward saves of each selection: half the bytes
-        positions = positions.to(torch.int32)
-    rows = torch.arange(mask.shape[0], device=mask.device).repeat_interleave(lengths, output_size=positions.numel())
-    return FlatBatch(rows, mask, mask.shape, positions, lengths)
+    return FlatBatch(mask, positions, lengths)
+
+
+def _native_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(int32 positions, long lengths) by one C pass over a CPU mask, or ``None`` without the compiled loops."""
+    lib = _native.library() if _native.plain_cpu(mask) else None
+    if lib is None:
+        return None
+    mask = mask.contiguous()
+    # room for every element: the pages past the last token are never written, so they cost nothing
+    room = torch.empty(mask.numel(), dtype=torch.int32)
+    lengths = torch.empty(mask.shape[0], dtype=torch.long)
+    n = lib.mask_positions(mask.shape[0], mask.shape[1], _native.ptr(mask), _native.ptr(room), _native.ptr(lengths),
+                           room.numel())
+    return room[:n], lengths
 
 
 def to_flat(values: torch.Tensor, batch: FlatBatch, name: str = "values") -> torch.Tensor:
@@ -91,5 +120,6 @@ def trajectory_segments(batch: FlatBatch) -> Segments:
     present = batch.lengths > 0
     rows = torch.arange(batch.shape[0], device=batch.mask.device)
     if bool(present.all()):
-        return Segments(index=batch.traj_id, count=batch.lengths, ids=rows, contiguous=True, checked=True)
+        return Segments(count=batch.lengths, ids=rows, contiguous=True, elements=batch.positions.numel(),
+                        checked=True)
     return Segments.from_lengths(batch.lengths[present], ids=rows[present])
