@@ -350,13 +350,23 @@ def test_hand_built_segments_with_an_index_out_of_range_are_refused_before_the_l
 
 @needs_cc
 @pytest.mark.parametrize("shape, density", [((7, 9), 0.6), ((5, 1), 0.5), ((3, 4), 1.0), ((4, 6), 0.0), ((0, 3), 0.5)])
-def test_compiled_mask_positions_equal_nonzero_and_sum(shape, density):
-    """The one-pass C loop over a (B, L) mask gives torch's nonzero positions (as int32) and row sums."""
+@pytest.mark.parametrize("padding", ["holes", "right", "left"])
+def test_compiled_mask_positions_equal_nonzero_and_sum(shape, density, padding):
+    """The one-pass C loop over a (B, L) mask gives torch's nonzero positions (as int32) and row sums, and the
+    row starts exactly when every row's tokens are one block."""
     from fiberpo_theory.core.layout import _native_positions
 
     gen = torch.Generator().manual_seed(sum(shape))
     mask = torch.rand(shape, generator=gen) < density
-    positions, lengths = _native_positions(mask)
+    if padding != "holes":  # each row's tokens moved together to one end
+        mask = torch.arange(shape[1]) < mask.sum(1, keepdim=True)
+        mask = mask.flip(1) if padding == "left" else mask
+    positions, lengths, starts = _native_positions(mask)
     assert positions.dtype == torch.int32 and lengths.dtype == torch.long
     assert torch.equal(positions.long(), mask.reshape(-1).nonzero().squeeze(1))
     assert torch.equal(lengths, mask.sum(1))
+    blocks = all(bool(row[row.nonzero().min():row.nonzero().max() + 1].all()) for row in mask if row.any())
+    assert (starts is not None) == blocks
+    if starts is not None:
+        first = torch.where(lengths > 0, mask.int().argmax(1), 0)
+        assert torch.equal(starts, first)

@@ -5,7 +5,10 @@ import pytest
 import torch
 
 from fiberpo_theory.core.layout import flatten_mask, to_flat, to_padded, trajectory_segments
+from fiberpo_theory.core import native
 from fiberpo_theory.core.segments import Segments
+
+HAS_LOOPS = native.library() is not None
 
 
 def _mask(seed, rows=7, length=9, empty=()):
@@ -66,3 +69,50 @@ def test_bad_masks_name_the_argument():
         flatten_mask(torch.full((2, 3), 0.5))
     with pytest.raises(ValueError, match="2-D"):
         flatten_mask(torch.ones(4, dtype=torch.bool))
+
+
+def _padded_mask(seed, side, rows=6, length=11, empty=()):
+    """Each row's tokens as one block at one end, as right-padded (verl) and left-padded batches hold them."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, length + 1, (rows,), generator=gen)
+    lengths[list(empty)] = 0
+    mask = torch.arange(length) < lengths.unsqueeze(1)
+    return mask.flip(1) if side == "left" else mask
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_blocks_select_and_scatter_what_boolean_indexing_does(side, dtype):
+    mask = _padded_mask(1, side, empty=(2,))
+    batch = flatten_mask(mask, allow_empty_rows=True)
+    assert batch.row_starts is not None or not HAS_LOOPS  # the block path is the one under test
+    values = torch.randn(mask.shape, dtype=dtype)
+    values[0, 0] = -0.0
+    leaf = values.clone().requires_grad_(True)
+    flat = to_flat(leaf, batch)
+    assert torch.equal(flat, values[mask]) and torch.equal(flat.signbit(), values[mask].signbit())
+    weights = torch.randn(flat.shape, dtype=dtype)
+    weights[0] = -0.0  # the gradient of index_add into zeros: +0 + (-0) = +0, as the reference
+    ours, = torch.autograd.grad((flat * weights).sum(), leaf)
+    reference, = torch.autograd.grad((leaf.reshape(-1).index_select(0, batch.positions) * weights).sum(), leaf)
+    assert torch.equal(ours, reference) and torch.equal(ours.signbit(), reference.signbit())
+    assert torch.equal(to_flat(mask.to(torch.int16), batch), torch.ones(flat.shape, dtype=torch.int16))
+
+
+def test_row_blocks_are_twice_differentiable_and_vectorise():
+    mask = _padded_mask(2, "right")
+    batch = flatten_mask(mask)
+    values = torch.randn(mask.shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: to_flat(v, batch) ** 2, (values,))
+    assert torch.autograd.gradgradcheck(lambda v: to_flat(v, batch) ** 2, (values,))
+    f = lambda v: to_flat(v, batch) * 3.0  # noqa: E731
+    vectorized = torch.autograd.functional.jacobian(f, values.detach(), vectorize=True)
+    looped = torch.autograd.functional.jacobian(f, values.detach())
+    assert torch.equal(vectorized, looped)
+    assert torch.equal(torch.func.vmap(f)(values.detach().unsqueeze(0).expand(3, *mask.shape)),
+                       f(values.detach()).expand(3, -1))
+
+
+def test_masks_with_holes_keep_the_position_path():
+    batch = flatten_mask(_mask(0))
+    assert batch.row_starts is None

@@ -306,11 +306,15 @@ RUN_KERNEL(int32_t, i32)
 CARRY_KERNEL(int64_t, i64)
 CARRY_KERNEL(int32_t, i32)
 
-/* A (B, L) 0/1 byte mask (torch.bool) to the row-major positions of its ones (int32: B·L below 2^31) and the
- * ones per row, one read pass; returns the number of ones, or -1 when it would exceed `capacity`. */
+/* A (B, L) 0/1 byte mask (torch.bool) to the row-major positions of its ones (int32: B·L below 2^31), the
+ * ones per row and where each row's first one is (0 for an empty row), one read pass; *blocks is 1 when the
+ * ones of every row are one unbroken block (a right- or left-padded batch).  Returns the number of ones, or
+ * -1 when it would exceed `capacity`. */
 int64_t mask_positions(int64_t rows, int64_t cols, const uint8_t *restrict mask, int32_t *restrict positions,
-                       int64_t *restrict lengths, int64_t capacity) {
+                       int64_t *restrict lengths, int64_t *restrict starts, int64_t *restrict blocks,
+                       int64_t capacity) {
     int64_t n = 0;
+    *blocks = 1;
     for (int64_t b = 0; b < rows; ++b) {
         const uint8_t *row = mask + b * cols;
         const int64_t before = n;
@@ -318,8 +322,39 @@ int64_t mask_positions(int64_t rows, int64_t cols, const uint8_t *restrict mask,
             if (n < capacity) positions[n] = (int32_t)(b * cols + j); /* overwritten unless row[j] is set */
             n += row[j] != 0;
         }
-        lengths[b] = n - before;
         if (n > capacity) return -1;
+        lengths[b] = n - before;
+        starts[b] = n > before ? positions[before] - b * cols : 0;
+        if (n > before && positions[n - 1] - positions[before] != n - before - 1) *blocks = 0;
     }
     return n;
 }
+
+/* Row blocks of a (B, L) batch <-> its flat tokens, for masks whose rows are one block each (mask_positions):
+ * gather copies each row's block (bytes: any dtype), as index_select by the positions does; scatter writes
+ * the (B, L) gradient, +0 + g inside the blocks and +0 outside, as index_add into zeros does. */
+void gather_blocks(int64_t rows, int64_t cols, int64_t size, const char *restrict values,
+                   const int64_t *restrict starts, const int64_t *restrict lengths, char *restrict out) {
+    for (int64_t b = 0; b < rows; ++b) {
+        const int64_t length = lengths[b];
+        memcpy(out, values + (b * cols + starts[b]) * size, (size_t)(length * size));
+        out += length * size;
+    }
+}
+
+#define SCATTER_KERNEL(T, SUF)                                                                       \
+    void scatter_blocks_##SUF(int64_t rows, int64_t cols, const T *restrict flat,                    \
+                              const int64_t *restrict starts, const int64_t *restrict lengths,       \
+                              T *restrict out) {                                                     \
+        for (int64_t b = 0; b < rows; ++b) {                                                         \
+            T *row = out + b * cols;                                                                 \
+            const int64_t lo = starts[b], hi = starts[b] + lengths[b];                               \
+            for (int64_t j = 0; j < lo; ++j) row[j] = (T)0;                                          \
+            for (int64_t j = lo; j < hi; ++j) row[j] = (T)0 + flat[j - lo];                          \
+            for (int64_t j = hi; j < cols; ++j) row[j] = (T)0;                                       \
+            flat += hi - lo;                                                                         \
+        }                                                                                            \
+    }
+
+SCATTER_KERNEL(float, f32)
+SCATTER_KERNEL(double, f64)

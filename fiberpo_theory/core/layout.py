@@ -23,13 +23,17 @@ class FlatBatch:
     walk the rows by their ``lengths`` instead.
     """
 
-    __slots__ = ("mask", "shape", "positions", "lengths", "_traj_id")
+    __slots__ = ("mask", "shape", "positions", "lengths", "row_starts", "_traj_id")
 
-    def __init__(self, mask: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor):
+    def __init__(self, mask: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
+                 row_starts: torch.Tensor | None = None):
         self.mask = mask  # (B, L) bool
         self.shape = mask.shape
         self.positions = positions  # (N,) each token's row-major index into the (B, L) batch (int32 where B·L fits)
         self.lengths = lengths  # (B,) long, response tokens per row
+        # (B,) long, the column of each row's first token when every row's tokens are one block (left- or
+        # right-padded batches), else None: then selections copy blocks instead of gathering by position
+        self.row_starts = row_starts
         self._traj_id = None
 
     @property
@@ -66,8 +70,9 @@ def flatten_mask(response_mask: torch.Tensor, *, allow_empty_rows: bool = False)
     mask = _mask("response_mask", response_mask, None)
     narrow = mask.numel() < torch.iinfo(torch.int32).max  # what backward saves of each selection: half the bytes
     found = _native_positions(mask) if narrow else None
+    starts = None
     if found is not None:
-        positions, lengths = found
+        positions, lengths, starts = found
     else:
         lengths = mask.sum(1)
         positions = mask.reshape(-1).nonzero().squeeze(1)
@@ -75,21 +80,59 @@ def flatten_mask(response_mask: torch.Tensor, *, allow_empty_rows: bool = False)
     if not allow_empty_rows and mask.shape[0] and int(lengths.min()) == 0:
         raise ValueError(f"response_mask row {int((lengths == 0).nonzero()[0, 0])} is an empty trajectory "
                          "(no response token)")
-    return FlatBatch(mask, positions, lengths)
+    return FlatBatch(mask, positions, lengths, starts)
 
 
-def _native_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(int32 positions, long lengths) by one C pass over a CPU mask, or ``None`` without the compiled loops."""
+def _native_positions(mask: torch.Tensor):
+    """(int32 positions, long lengths, row starts or ``None``) by one C pass over a CPU mask; ``None`` without the loops.
+
+    The row starts are given only when every row's tokens form one block.
+    """
     lib = _native.library() if _native.plain_cpu(mask) else None
     if lib is None:
         return None
     mask = mask.contiguous()
     # room for every element: the pages past the last token are never written, so they cost nothing
     room = torch.empty(mask.numel(), dtype=torch.int32)
-    lengths = torch.empty(mask.shape[0], dtype=torch.long)
-    n = lib.mask_positions(mask.shape[0], mask.shape[1], _native.ptr(mask), _native.ptr(room), _native.ptr(lengths),
-                           room.numel())
-    return room[:n], lengths
+    rows = torch.empty(2, mask.shape[0], dtype=torch.long)  # lengths, starts
+    blocks = torch.empty(1, dtype=torch.long)
+    n = lib.mask_positions(mask.shape[0], mask.shape[1], _native.ptr(mask), _native.ptr(room), _native.ptr(rows[0]),
+                           _native.ptr(rows[1]), _native.ptr(blocks), room.numel())
+    return room[:n], rows[0], (rows[1] if int(blocks) else None)
+
+
+class _RowBlocks(torch.autograd.Function):
+    """The tokens of a ``(B, L)`` CPU tensor whose rows hold one block each, by block copies (C), and back.
+
+    The same values as ``index_select`` by the positions, and the same
+    gradient as its backward (``index_add`` into zeros), without the
+    per-token index.  A gradient the loops cannot take (another dtype, a
+    vmap-batched one, one that needs a graph) goes by ``index_add``.
+    """
+
+    @staticmethod
+    def forward(ctx, values, batch):
+        values = values.contiguous()
+        out = torch.empty(batch.positions.numel(), dtype=values.dtype)
+        ptr = _native.ptr
+        _native.library().gather_blocks(batch.shape[0], batch.shape[1], values.element_size(), ptr(values),
+                                        ptr(batch.row_starts), ptr(batch.lengths), ptr(out))
+        ctx.batch = batch
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        batch = ctx.batch
+        found = _native.kernels_for(grad) if not (torch.is_grad_enabled() and grad.requires_grad) else None
+        if found is None:
+            padded = grad.new_zeros(batch.mask.numel()).index_add(0, batch.positions, grad)
+            return padded.view(batch.shape), None
+        lib, _, suffix = found
+        out = torch.empty(batch.shape, dtype=grad.dtype)
+        ptr = _native.ptr
+        getattr(lib, f"scatter_blocks_{suffix}")(batch.shape[0], batch.shape[1], ptr(grad), ptr(batch.row_starts),
+                                                 ptr(batch.lengths), ptr(out))
+        return out, None
 
 
 def to_flat(values: torch.Tensor, batch: FlatBatch, name: str = "values") -> torch.Tensor:
@@ -97,6 +140,8 @@ def to_flat(values: torch.Tensor, batch: FlatBatch, name: str = "values") -> tor
     if not isinstance(values, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor")
     if values.shape == batch.shape:
+        if batch.row_starts is not None and _native.plain_cpu(values) and values.device == batch.mask.device:
+            return _RowBlocks.apply(values, batch)
         return values.reshape(-1).index_select(0, batch.positions)
     if values.dim() == 1 and values.shape[0] == batch.shape[0]:
         return values.index_select(0, batch.traj_id)

@@ -109,8 +109,11 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"gather_runs_{suffix}").argtypes = [i64, p, p, p]
         getattr(lib, f"fiber_chain_{suffix}").argtypes = [i64, p, p, p, real, real, real, p, p, p, p]
         getattr(lib, f"fiber_chain_grad_{suffix}").argtypes = [i64, p, p, p, p, p, real, p]
-    lib.mask_positions.argtypes = [i64, i64, p, p, p, i64]
+    lib.mask_positions.argtypes = [i64, i64, p, p, p, p, p, i64]
     lib.mask_positions.restype = i64
+    lib.gather_blocks.argtypes = [i64, i64, i64, p, p, p, p]
+    for suffix in ("f32", "f64"):
+        getattr(lib, f"scatter_blocks_{suffix}").argtypes = [i64, i64, p, p, p, p]
     for suffix in ("i64", "i32"):
         getattr(lib, f"sorted_runs_{suffix}").argtypes = [i64, p, p, p, p, p, i64]
         getattr(lib, f"sorted_runs_{suffix}").restype = i64
