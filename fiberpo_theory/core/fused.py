@@ -33,7 +33,11 @@ whose batched gradients cannot be written into our buffers).  On CPU
 the same passes run as C loops (:mod:`fiberpo_theory.core.native`); for
 contiguous trajectories those walk the trajectories by their lengths and
 save G and one byte per token (the clip flag and the sign), the key being
-implied by the run.
+implied by the run.  With those loops, FiberPO's M-sized chain (k = T_τ:
+means, base weight, slopes and tables, and its backward) is one C loop each
+way too (:func:`_compiled_chain`), doing the torch ops' operations in their
+order: at micro-batch sizes those sixty-odd small ops cost more than the
+token passes.
 """
 
 from __future__ import annotations

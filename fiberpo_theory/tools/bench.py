@@ -481,7 +481,8 @@ What each baseline includes:
 * `verl/padded`: the installed verl's own `compute_policy_loss_vanilla` (dual-clip PPO with its KL and
   clip-fraction metrics) and `agg_loss` in `seq-mean-token-mean` mode on the padded batch.
 * `fiberpo/padded` and `fiberpo_domain/padded`: flatten with the mask as the registry losses do (the token
-  positions found once, values selected by `index_select`: no boolean indexing), the rows as trajectories by
+  positions and row lengths found in one pass; the bench's rows are right-padded blocks, so values are
+  selected and gradients written back by block copies: no boolean indexing), the rows as trajectories by
   their lengths (no sort), the fused gate, μ and Eq. 2.  `fiberpo_loss/padded` is the registry loss: the fused gate for the loss, its
   metrics from the autograd reference run without a graph.
 * `fiberpo/indexed`: as `fiberpo/sorted`, with the trajectory `Segments` built once per batch outside the
@@ -496,13 +497,16 @@ What each baseline includes:
 On CPU the FiberPO rows run the package's compiled token loops when a C compiler is present (the header
 line says whether they did): the fused gate's channel sums, token gate and two backward passes (walking
 contiguous trajectories by their lengths, so the sorted and padded layouts read no per-token index), the run
-starts of sorted ids and the group/domain ids carried by contiguous trajectories, one C loop each, with
-torch's `exp` and every per-trajectory formula left to torch.  `FIBERPO_THEORY_NATIVE=0 fiberpo-theory bench`
+lengths of sorted ids, the group/domain ids carried by contiguous trajectories and the padded layout's
+positions and block copies, one C loop each, and FiberPO's per-trajectory chain (Eq. 8-10 with k = T and
+its backward) as one loop over the trajectories each way; torch keeps the `exp` and FiberPO-Domain's
+per-trajectory formulas.  `FIBERPO_THEORY_NATIVE=0 fiberpo-theory bench`
 times the torch-op path instead; both give the same bits.
 
 The last goal lines fit each scaling column to a fixed cost per call plus a cost per token (least squares
-on relative residuals): a per-token cost that is not flat from 64k tokens up is mostly that fixed part,
-the ~140 small torch ops of the per-trajectory chain, validation and autograd.
+on relative residuals): the fixed part is what a call costs whatever its size (validation, the remaining
+small torch ops, ctypes calls and autograd), the rest is what each token costs; a per-token cost that
+rises at the large sizes is the buffers outgrowing the caches (the clip shows it too).
 
 `saved MB` is what autograd keeps for backward; `% copy BW` divides a floor on the bytes a step moves
 (saved tensors written and read back, plus the leaf's value and gradient) by the step time and by the copy
