@@ -119,3 +119,10 @@ def test_segments_objective_paths_agree_with_aggregation_weights():
     seg = obj.segments_for("traj_id", b.traj_id, b.log_ratio)
     assert torch.equal(obj.aggregation_weights("fiberpo", b.log_ratio, seg),
                        obj.aggregation_weights("fiberpo", b.log_ratio, b.names[b.traj_id]))
+
+
+def test_scaling_repeats_give_small_sizes_more_steps_and_the_largest_the_base():
+    per_size = bench.scaling_repeats([65536, 262144, 1 << 20, 1 << 22], 4)
+    assert per_size == {65536: 256, 262144: 64, 1 << 20: 16, 1 << 22: 4}
+    assert bench.scaling_repeats([1, 1 << 30], 2)[1] == 1000  # capped
+    assert bench.scaling_repeats([3000, 7000], 5) == {3000: 12, 7000: 5}  # rounded up

@@ -350,13 +350,24 @@ def run_table(batch: Batch, repeats: int, methods=None, progress=None) -> list[R
     return rows
 
 
+def scaling_repeats(sizes: list[int], repeats: int) -> dict[int, int]:
+    """Repeats per size: ``repeats`` at the largest, more at smaller sizes, so that each size times about as many tokens.
+
+    A step of 64k tokens lasts about a millisecond, so a handful of them is at the mercy of one
+    scheduler hiccup; the medians of the small sizes, which set the per-token spread, need more.
+    """
+    largest = max(sizes)
+    return {n: min(max(repeats, -(-repeats * largest // n)), 1000) for n in sizes}
+
+
 def run_scaling(sizes: list[int], repeats: int, device, dtype, progress=None) -> list[Row]:
     rows = []
     task = progress.add_task("scaling", total=len(sizes)) if progress else None
+    per_size = scaling_repeats(sizes, repeats)
     for n in sizes:
         batch = make_batch(n, max(n // 1024, 1), device=device, dtype=dtype)
         cases = [case for case in all_cases(batch) if case.name in SCALING_CASES]
-        measured = measure_all(cases, repeats)
+        measured = measure_all(cases, per_size[n])
         rows += [Row(c.name, n, *measured[c.name], value_bytes=batch.log_ratio.element_size()) for c in cases]
         if progress:
             progress.advance(task)
@@ -566,10 +577,14 @@ def run(args) -> int:
     console.print(f"compiled token loops (CPU): {_native.status()}")
     with Progress(console=console, transient=True) as progress:
         rows = run_table(batch, args.repeats, args.methods, progress)
-        scaling = run_scaling(args.scaling, max(args.repeats // 2, 1), device, dtype, progress) if args.scaling else []
+        scaling_base = max(args.repeats // 2, 1)
+        scaling = run_scaling(args.scaling, scaling_base, device, dtype, progress) if args.scaling else []
     console.print(_ratio_table(rows, device, bandwidth))
     if scaling:
         console.print(_scaling_table(scaling, bandwidth))
+        per_size = scaling_repeats(args.scaling, scaling_base)
+        console.print("scaling medians over " + ", ".join(f"{per_size[n]} steps at {n:,}" for n in args.scaling)
+                      + " tokens (interleaved across the columns)")
     console.print("% copy BW: (2 × bytes saved for backward + value and gradient of the leaf) / time, "
                   "over the measured copy bandwidth; a floor on the traffic, so a floor on the fraction.")
     console.print("goals, ratios from this run:")
