@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fiberpo_theory.core import objectives as obj
+from fiberpo_theory.core import gates, objectives as obj
 from fiberpo_theory.core.diagnostics import channel_regimes
 from fiberpo_theory.core.segments import Segments
 
@@ -307,5 +307,41 @@ def test_closed_form_channel_chain_equals_autograd_also_on_every_kink():
         gen = torch.Generator().manual_seed(0)
         grad_same, grad_offset = (torch.randn(16, generator=gen, dtype=torch.float64) for _ in range(2))
         (expected,) = torch.autograd.grad((same, offset), channels, (grad_same, grad_offset))
-        got = fused._channel_grad(channels.detach(), log_base.slopes(channels.detach()), grad_same, grad_offset, eps)
+        slopes = log_base.slopes(channels.detach())
+        got = fused._channel_grad(channels.detach(), lambda base: base.unsqueeze(-1) * slopes, grad_same, grad_offset,
+                                  eps)
         assert torch.allclose(got, expected, rtol=0, atol=1e-14), (got - expected).abs().max()
+
+
+def test_domain_base_weight_vjp_equals_autograd_in_every_regime_of_every_level():
+    """FiberPO-Domain's base weight (Eq. 31, 33): the closed-form vector-Jacobian product against autograd.
+
+    Random channels over 40 trajectories in groups of 1 to 4 and 3 domains, at scales that put the domain
+    means, the group deviations and the trajectory deviations in g_agg's pass, rollback and zero regimes;
+    batched cotangents (leading dimensions, as vmap and jacobian give) included.
+    """
+    gen = torch.Generator().manual_seed(7)
+    sizes = torch.randint(1, 5, (40,), generator=gen)  # more than enough groups for 40 trajectories
+    group_of_traj = torch.arange(40).repeat_interleave(sizes)[:40]
+    lengths = torch.randint(1, 6, (40,), generator=gen)
+    traj = torch.arange(40).repeat_interleave(lengths)
+    group, domain = group_of_traj[traj], (group_of_traj % 3)[traj]
+    x = torch.zeros(traj.numel(), dtype=torch.float64)
+    lv = obj._domain_levels(x, traj, group, domain)
+    base = obj._DomainLogBase(lv, 0.05, 0.08)
+    reached = set()
+    # the domain level's rollback band (C, (1 + 1/T_D)C) is narrow: channels equal within each domain, inside it
+    t_domain = lv.domain_tokens.to(torch.float64)[lv.group_domain[lv.traj_group]]
+    in_band = torch.stack([0.05 * (1 + 0.5 / t_domain), 0.08 * (1 + 0.5 / t_domain)], dim=1)
+    samples = [torch.rand(40, 2, generator=gen, dtype=torch.float64) * scale for scale in (0.01, 0.05, 0.2, 1.0)]
+    for channels in samples + [in_band]:
+        channels = channels.clone().requires_grad_(True)
+        cotangent = torch.randn(3, 40, generator=gen, dtype=torch.float64)
+        out = base(channels)
+        expected = torch.stack([torch.autograd.grad(out, channels, c, retain_graph=True)[0] for c in cotangent])
+        got = base.vjp(channels.detach(), cotangent)
+        assert torch.allclose(got, expected, rtol=0, atol=1e-13), (got - expected).abs().max()
+        args, budget, ks, _ = obj._domain_terms(channels.detach(), lv, 0.05, 0.08, None)
+        for level, (arg, k) in enumerate(zip(args, ks)):
+            reached |= {(level, int(r)) for r in gates.g_agg_regime(arg, budget, k).unique()}
+    assert reached == {(level, r) for level in range(3) for r in (gates.PASS, gates.ROLLBACK, gates.ZEROED)}

@@ -370,3 +370,13 @@ def test_compiled_mask_positions_equal_nonzero_and_sum(shape, density, padding):
     if starts is not None:
         first = torch.where(lengths > 0, mask.int().argmax(1), 0)
         assert torch.equal(starts, first)
+
+
+@needs_cc
+def test_under_torch_func_transforms_the_loops_step_aside():
+    """torch.func lifts even fresh buffers into wrapped tensors without storage: the C paths (sorted runs,
+    carried ids) must not run there, so the autograd reference differentiates by jacrev as by jacobian."""
+    x = torch.randn(30, dtype=torch.float64) * 0.2
+    traj = torch.arange(6).repeat_interleave(5)
+    f = lambda z: obj.fiberpo_domain_parts(z, traj, traj // 2, traj // 4, **HYPER).gated_ratio  # noqa: E731
+    assert torch.allclose(torch.func.jacrev(f)(x), torch.autograd.functional.jacobian(f, x), rtol=0, atol=1e-14)

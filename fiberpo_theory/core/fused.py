@@ -133,7 +133,8 @@ class FiberGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, traj: Segments, log_base_fn: Callable[[torch.Tensor], torch.Tensor], eps: float):
-        closed_form = hasattr(log_base_fn, "slopes")  # the base weight's derivative is known: no M-sized graph
+        # the base weight's derivative is known (slopes, or a vector-Jacobian product): no M-sized graph
+        closed_form = hasattr(log_base_fn, "slopes") or hasattr(log_base_fn, "vjp")
         runs = traj.runs if _native.kernels_for(x) else None
         indexed = None
         if runs is None and traj.narrow_index.dtype == torch.int32:
@@ -168,9 +169,10 @@ class FiberGate(torch.autograd.Function):
             gate(x, narrow, *tables, eps, gated, inside, key)
             ctx.save_for_backward(gated, key, inside)
         ctx.traj, ctx.channels, ctx.tables = traj, channels, (same, offset)
-        if chain is None:
-            slopes = log_base_fn.slopes(channels) if closed_form else None  # ∂ log w/∂ channels, (M, 2)
+        if chain is None:  # ∂ log w/∂ channels, (M, 2), where the base weight is diagonal in the trajectories
+            slopes = log_base_fn.slopes(channels) if hasattr(log_base_fn, "slopes") else None
         ctx.slopes, ctx.compiled_chain, ctx.eps = slopes, chain is not None, eps
+        ctx.vjp = getattr(log_base_fn, "vjp", None) if slopes is None else None
         return gated
 
     @staticmethod
@@ -208,7 +210,10 @@ def _per_channel_grad(ctx, grad_same, grad_offset) -> torch.Tensor:
     """``(2M,)`` each token's share of its trajectory's channel gradient, entry 2τ + 1[x < 0]."""
     channels, (same, offset) = ctx.channels, ctx.tables
     if ctx.slopes is not None:
-        grad_channels = _channel_grad(channels, ctx.slopes, grad_same, grad_offset, ctx.eps)
+        grad_channels = _channel_grad(channels, lambda base: base.unsqueeze(-1) * ctx.slopes, grad_same, grad_offset,
+                                      ctx.eps)
+    elif ctx.vjp is not None:
+        grad_channels = _channel_grad(channels, lambda base: ctx.vjp(channels, base), grad_same, grad_offset, ctx.eps)
     else:  # retain: gradcheck and retain_graph users call backward more than once (the graph is M-sized)
         (grad_channels,) = torch.autograd.grad((same, offset), channels, (grad_same, grad_offset),
                                                retain_graph=True)
@@ -259,14 +264,16 @@ def _key_and_inside(flags: torch.Tensor, traj: Segments):
     return key, torch.bitwise_and(flags, 1).bool()
 
 
-def _channel_grad(channels, slopes, grad_same, grad_offset, eps):
+def _channel_grad(channels, through_base, grad_same, grad_offset, eps):
     """∂L/∂(log s⁺, log s⁻) from the table gradients, in closed form: the chain of :func:`_sign_tables`.
 
     With S_(τ,+) = log s⁺, S_(τ,-) = -log s⁻, A_(τ,+) = log w + clip(log s⁻, ε) and
-    A_(τ,-) = log w - clip(log s⁺, ε), and ∂ log w/∂ channel = ``slopes``
-    ((γ⁺, -γ⁻) of Eq. 20), each channel collects its S entry, the log w share
-    of both A entries, and the clip of the A entry that reads it (derivative
-    1 inside [-ε, ε], ends included, as ``clamp``'s).
+    A_(τ,-) = log w - clip(log s⁺, ε), each channel collects its S entry, the
+    log w share of both A entries, and the clip of the A entry that reads it
+    (derivative 1 inside [-ε, ε], ends included, as ``clamp``'s).
+    ``through_base`` maps ∂L/∂ log w ``(..., M)`` to its share of the channel
+    gradient ``(..., M, 2)``: the slopes times it for FiberPO ((γ⁺, -γ⁻) of
+    Eq. 20), the base weight's vector-Jacobian product for FiberPO-Domain.
     """
     pairs = (*grad_same.shape[:-1], channels.shape[0], 2)  # reshape, not unflatten: vmap has no rule for that
     grad_same, grad_offset = grad_same.reshape(pairs), grad_offset.reshape(pairs)
@@ -274,7 +281,7 @@ def _channel_grad(channels, slopes, grad_same, grad_offset, eps):
     signs = channels.new_tensor([1.0, -1.0])  # S_(τ,-) and the clip in A_(τ,+) read their channel negated
     inside = (channels.abs() <= eps).to(base.dtype)  # |log s| <= ε: the clip of the A entry that reads it is open
     crossed = grad_offset.flip(-1) * inside * signs  # each channel's clip sits in the other sign's A entry
-    return grad_same * signs + base.unsqueeze(-1) * slopes - crossed
+    return grad_same * signs + through_base(base) - crossed
 
 
 def _is_batched(tensor: torch.Tensor) -> bool:

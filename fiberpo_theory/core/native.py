@@ -167,8 +167,10 @@ def loops(dtype: torch.dtype) -> tuple[ctypes.CDLL, type, str]:
 
 
 def plain_cpu(tensor: torch.Tensor) -> bool:
-    """A CPU tensor with storage of its own (not vmap-batched, functionalised or a subclass), any strides."""
-    return tensor.device.type == "cpu" and not _wrapped(tensor)
+    """A CPU tensor with storage of its own (not vmap-batched, functionalised or a subclass), any strides,
+    outside torch.func transforms (under one, even the buffers made for the loops have no plain storage)."""
+    return (tensor.device.type == "cpu" and not _wrapped(tensor)
+            and torch._C._functorch.peek_interpreter_stack() is None)
 
 
 def _wrapped(tensor: torch.Tensor) -> bool:

@@ -274,11 +274,59 @@ def _domain_inputs(log_ratio, traj_id, group_id, domain_id, eps, c_pos, c_neg, p
     x = _validate.flat_values("log_ratio", log_ratio)
     eps, c_pos, c_neg = _check_budgets(eps, c_pos, c_neg)
     lv = _domain_levels(x, traj_id, group_id, domain_id)
+    if process_group is None:  # one process: the base weight's chain rule in closed form
+        return x, lv, eps, _DomainLogBase(lv, c_pos, c_neg)
     return x, lv, eps, lambda channels: _domain_log_base(channels, lv, c_pos, c_neg, process_group)
 
 
-def _domain_log_base(channels, lv: _Levels, c_pos, c_neg, process_group):
-    """log w_τ of Eq. 31 from the ``(M_traj, 2)`` channel means, with the aggregates of Eq. 33."""
+class _DomainLogBase:
+    """log w_τ of Eq. 31 on one process, with its vector-Jacobian product in closed form.
+
+    Per channel l (sign s_l), log w_τ collects s_l·g_agg at three deviations:
+    the domain mean d̄ (k = T_D), the group mean's deviation ḡ - d̄ (k = T_g)
+    and the trajectory's c_τ - ḡ (k = T_τ), the means being over trajectories
+    (Eq. 33).  With slopes γ1, γ2, γ3 of g_agg there (γ of Eq. 20) and
+    v_τ = s_l ∂L/∂ log w_τ, the channel of trajectory σ receives
+
+        v_σ γ3_σ + mean over σ's group of v (γ2 - γ3) + mean over σ's domain of v (γ1 - γ2)
+
+    (each mean is a sum over the trajectories of that group or domain divided
+    by their number): :meth:`vjp`, which the fused gate calls instead of
+    differentiating an M-sized graph.
+    """
+
+    def __init__(self, lv: _Levels, c_pos, c_neg):
+        self.lv, self.c_pos, self.c_neg = lv, c_pos, c_neg
+        self._terms = (None, None)  # the channels of the last call and their _domain_terms, for vjp
+
+    def __call__(self, channels: torch.Tensor) -> torch.Tensor:
+        terms = _domain_terms(channels, self.lv, self.c_pos, self.c_neg, None)
+        self._terms = (channels, terms)
+        return _weighted_g_agg(*terms)
+
+    def vjp(self, channels: torch.Tensor, grad_log_base: torch.Tensor) -> torch.Tensor:
+        """∂L/∂channels ``(..., M, 2)`` from ∂L/∂ log w ``(..., M)`` (leading batch dimensions allowed)."""
+        lv = self.lv
+        seen, terms = self._terms
+        if seen is not channels:  # the fused gate asks for the channels it has just called this with
+            terms = _domain_terms(channels, lv, self.c_pos, self.c_neg, None)
+        args, budget, ks, sign_of_channel = terms
+        gamma = [g_agg_slope(arg, budget, k) for arg, k in zip(args, ks)]  # domain, group, trajectory level
+        v = grad_log_base.unsqueeze(-1) * sign_of_channel
+        domain_of_traj = lv.group_domain[lv.traj_group]
+        per_group = v * (gamma[1] - gamma[2])
+        per_domain = v * (gamma[0] - gamma[1])
+        pairs = (*v.shape[:-2], lv.group_count.numel(), 2)
+        group_mean = v.new_zeros(pairs).index_add(-2, lv.traj_group, per_group)
+        group_mean = group_mean / lv.group_count.to(v.dtype).unsqueeze(1)
+        domain_mean = v.new_zeros((*v.shape[:-2], lv.domain_count.numel(), 2)).index_add(-2, domain_of_traj, per_domain)
+        domain_mean = domain_mean / lv.domain_count.to(v.dtype).unsqueeze(1)
+        return (v * gamma[2] + group_mean.index_select(-2, lv.traj_group)
+                + domain_mean.index_select(-2, domain_of_traj))
+
+
+def _domain_terms(channels, lv: _Levels, c_pos, c_neg, process_group):
+    """The three g_agg arguments of Eq. 31 (domain mean, group deviation, trajectory deviation), their k, the budgets."""
     group_sum = channels.new_zeros((lv.group_count.numel(), 2)).index_add(0, lv.traj_group, channels)
     domain_sum = channels.new_zeros((lv.domain_count.numel(), 2)).index_add(0, lv.group_domain, group_sum)
     # Eq. 33 is over the whole batch: sum numerators and counts over the ranks (identity without a group).
@@ -303,11 +351,18 @@ def _domain_log_base(channels, lv: _Levels, c_pos, c_neg, process_group):
     t_traj = lv.traj.count.to(dtype).unsqueeze(1)
     d_agg = log_s_domain[domain_of_traj]
     g_agg_ = log_s_group[lv.traj_group]
-    gated = (
-        g_agg(d_agg, budget, t_domain)
-        + g_agg(g_agg_ - d_agg, budget, t_group)
-        + g_agg(channels - g_agg_, budget, t_traj)
-    )
+    args = (d_agg, g_agg_ - d_agg, channels - g_agg_)
+    return args, budget, (t_domain, t_group, t_traj), sign_of_channel
+
+
+def _domain_log_base(channels, lv: _Levels, c_pos, c_neg, process_group):
+    """log w_τ of Eq. 31 from the ``(M_traj, 2)`` channel means, with the aggregates of Eq. 33."""
+    return _weighted_g_agg(*_domain_terms(channels, lv, c_pos, c_neg, process_group))
+
+
+def _weighted_g_agg(args, budget, ks, sign_of_channel) -> torch.Tensor:
+    """Σ over the levels and channels of s_l · g_agg (Eq. 31), from :func:`_domain_terms`."""
+    gated = g_agg(args[0], budget, ks[0]) + g_agg(args[1], budget, ks[1]) + g_agg(args[2], budget, ks[2])
     return (gated * sign_of_channel).sum(dim=1)
 
 
