@@ -297,21 +297,26 @@ class _DomainLogBase:
 
     def __init__(self, lv: _Levels, c_pos, c_neg):
         self.lv, self.c_pos, self.c_neg = lv, c_pos, c_neg
-        self._terms = (None, None)  # the channels of the last call and their _domain_terms, for vjp
+        self._slopes = (None, None)  # the channels of the last call and their slopes, for vjp
 
     def __call__(self, channels: torch.Tensor) -> torch.Tensor:
         terms = _domain_terms(channels, self.lv, self.c_pos, self.c_neg, None)
-        self._terms = (channels, terms)
+        # the slopes are taken with the values, as FiberPO's are: the backward reuses what this call saw
+        self._slopes = (channels, self._level_slopes(terms))
         return _weighted_g_agg(*terms)
+
+    def _level_slopes(self, terms):
+        """γ1, γ2, γ3 (domain, group, trajectory level), each ``(M, 2)``, and the channel signs s_l."""
+        args, budget, ks, sign_of_channel = terms
+        return [g_agg_slope(arg, budget, k) for arg, k in zip(args, ks)], sign_of_channel
 
     def vjp(self, channels: torch.Tensor, grad_log_base: torch.Tensor) -> torch.Tensor:
         """∂L/∂channels ``(..., M, 2)`` from ∂L/∂ log w ``(..., M)`` (leading batch dimensions allowed)."""
         lv = self.lv
-        seen, terms = self._terms
+        seen, slopes = self._slopes
         if seen is not channels:  # the fused gate asks for the channels it has just called this with
-            terms = _domain_terms(channels, lv, self.c_pos, self.c_neg, None)
-        args, budget, ks, sign_of_channel = terms
-        gamma = [g_agg_slope(arg, budget, k) for arg, k in zip(args, ks)]  # domain, group, trajectory level
+            slopes = self._level_slopes(_domain_terms(channels, lv, self.c_pos, self.c_neg, None))
+        gamma, sign_of_channel = slopes
         v = grad_log_base.unsqueeze(-1) * sign_of_channel
         domain_of_traj = lv.group_domain[lv.traj_group]
         per_group = v * (gamma[1] - gamma[2])

@@ -117,7 +117,11 @@ class _Batch:
         self.flat = flatten_mask(self.mask, allow_empty_rows=True)  # token positions: no boolean indexing
         self.log_ratio = to_flat(log_prob - old.detach(), self.flat)
         self.adv = to_flat(adv, self.flat)
-        self.traj_id = self.flat.traj_id
+
+    @property
+    def traj_id(self) -> torch.Tensor:
+        """``(N,)`` row of each token, built on first use (FiberPO walks the rows by their lengths instead)."""
+        return self.flat.traj_id
 
     def row_ids(self, name: str, values) -> torch.Tensor:
         """Per-row ids (strings or integers, length B) spread onto the response tokens."""
