@@ -82,4 +82,4 @@ def fiberpo_metrics(parts: FiberPOParts, *, eps, c_pos, c_neg, k=None) -> dict[s
 
 def clip_fraction(ratio: torch.Tensor, gated_ratio: torch.Tensor) -> float:
     """Fraction of tokens whose gated ratio differs from the raw ratio (any method)."""
-    return float((gated_ratio != ratio).double().mean())
+    return _share(gated_ratio != ratio)

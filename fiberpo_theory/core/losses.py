@@ -43,8 +43,8 @@ def _weights(mode: str | None, method: str, batch: FlatBatch, like: torch.Tensor
     mode = mode or {"token": "token-mean", "trajectory": "seq-mean-token-mean"}[objectives.METHOD_WEIGHTS[method]]
     if mode == "token-mean":
         return objectives.aggregation_weights("token", like)
-    if mode == "seq-mean-token-mean":
-        return objectives.aggregation_weights("trajectory", like, batch.traj_id if traj is None else traj)
+    if mode == "seq-mean-token-mean":  # the rows with tokens are the trajectories: by their lengths, no id pass
+        return objectives.aggregation_weights("trajectory", like, trajectory_segments(batch) if traj is None else traj)
     if mode == "seq-mean-token-sum":
         return torch.full_like(like, 1.0 / batch.shape[0])
     raise ValueError(f"loss_agg_mode must be one of {AGG_MODES} or None, got {mode!r}")
