@@ -204,7 +204,7 @@ def rgf_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode
     gated = baselines.ppo_gated_ratio(ratio, advantages=batch.adv, clip_ratio_c=clip_ratio_c, **_clip(config))
     pg_loss, metrics = _finish(batch, gated, response_mask, loss_agg_mode, config, rollout_is_weights, {})
     metrics["actor/pg_clipfrac"] = diagnostics.clip_fraction(ratio.detach(), single.detach())
-    metrics["actor/pg_clipfrac_lower"] = float((gated.detach() != single.detach()).double().mean())
+    metrics["actor/pg_clipfrac_lower"] = diagnostics.clip_fraction(single.detach(), gated.detach())  # the dual clip's share
     return pg_loss, metrics
 
 
