@@ -126,3 +126,11 @@ def test_scaling_repeats_give_small_sizes_more_steps_and_the_largest_the_base():
     assert per_size == {65536: 256, 262144: 64, 1 << 20: 16, 1 << 22: 4}
     assert bench.scaling_repeats([1, 1 << 30], 2)[1] == 1000  # capped
     assert bench.scaling_repeats([3000, 7000], 5) == {3000: 12, 7000: 5}  # rounded up
+
+
+def test_cache_state_times_each_case_warm_and_after_a_flush():
+    measured = bench.cache_state(4096, 3, flush_bytes=1 << 20)
+    assert set(measured) == set(bench.CACHE_CASES)
+    assert all(warm > 0 and cold > 0 for warm, cold in measured.values())
+    line = bench.cache_state_line(4096, measured, flush_bytes=1 << 20)
+    assert line.startswith("cache state at 4,096 tokens: clip/sorted") and "after a 1 MB write" in line

@@ -374,6 +374,39 @@ def run_scaling(sizes: list[int], repeats: int, device, dtype, progress=None) ->
     return rows
 
 
+CACHE_CASES = ("clip/sorted", "fiberpo/sorted")
+
+
+def cache_state(n_tokens: int, repeats: int, *, flush_bytes: int = 256 << 20, device="cpu", dtype=torch.float32):
+    """Median seconds per case at ``n_tokens``: ``{case: (warm, after a flush_bytes write)}`` (CPU only).
+
+    What the small sizes of the scaling table are sensitive to: the same
+    step, once with its inputs left in the caches by the step before, once
+    after a large write has pushed everything out (as another case's
+    step, or a model's backward, does).
+    """
+    batch = make_batch(n_tokens, max(n_tokens // 1024, 1), device=device, dtype=dtype)
+    cases = [case for case in all_cases(batch) if case.name in CACHE_CASES]
+    flush = torch.empty(flush_bytes // 4, dtype=torch.float32)
+    out = {}
+    for case in cases:
+        _step(case, [0])
+        warm = statistics.median(_step(case, [0]) for _ in range(repeats))
+        cold = []
+        for _ in range(repeats):
+            flush.fill_(1.0)
+            cold.append(_step(case, [0]))
+        out[case.name] = (warm, statistics.median(cold))
+    return out
+
+
+def cache_state_line(n_tokens: int, measured: dict[str, tuple[float, float]], flush_bytes: int = 256 << 20) -> str:
+    parts = [f"{name} {warm * 1e3:.2f} ms warm, {cold * 1e3:.2f} ms after a {flush_bytes >> 20} MB write"
+             for name, (warm, cold) in measured.items()]
+    return (f"cache state at {n_tokens:,} tokens: " + "; ".join(parts)
+            + " (the scaling table's small sizes sit between the two: its steps follow other cases' steps)")
+
+
 def goal_lines(rows: list[Row], scaling: list[Row], main_tokens: int) -> list[str]:
     """Each speed goal as one line: the ratio measured in this run and whether it is met."""
     by = {row.method: row for row in rows}
@@ -516,8 +549,10 @@ times the torch-op path instead; both give the same bits.
 
 The last goal lines fit each scaling column to a fixed cost per call plus a cost per token (least squares
 on relative residuals): the fixed part is what a call costs whatever its size (validation, the remaining
-small torch ops, ctypes calls and autograd), the rest is what each token costs; a per-token cost that
-rises at the large sizes is the buffers outgrowing the caches (the clip shows it too).
+small torch ops, ctypes calls and autograd), the rest is what each token costs.  At the small sizes a
+step's time also depends on what the step before it left in the caches; the `cache state` line times the
+clip and FiberPO at the smallest scaling size warm and after a large write, so the spread can be read
+against the machine's own range.
 
 `saved MB` is what autograd keeps for backward; `% copy BW` divides a floor on the bytes a step moves
 (saved tensors written and read back, plus the leaf's value and gradient) by the step time and by the copy
@@ -585,6 +620,9 @@ def run(args) -> int:
         per_size = scaling_repeats(args.scaling, scaling_base)
         console.print("scaling medians over " + ", ".join(f"{per_size[n]} steps at {n:,}" for n in args.scaling)
                       + " tokens (interleaved across the columns)")
+        if torch.device(device).type == "cpu":
+            smallest = min(args.scaling)
+            console.print(cache_state_line(smallest, cache_state(smallest, min(per_size[smallest], 100), dtype=dtype)))
     console.print("% copy BW: (2 × bytes saved for backward + value and gradient of the leaf) / time, "
                   "over the measured copy bandwidth; a floor on the traffic, so a floor on the fraction.")
     console.print("goals, ratios from this run:")
