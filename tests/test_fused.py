@@ -331,7 +331,7 @@ def test_domain_base_weight_vjp_equals_autograd_in_every_regime_of_every_level()
     base = obj._DomainLogBase(lv, 0.05, 0.08)
     reached = set()
     # the domain level's rollback band (C, (1 + 1/T_D)C) is narrow: channels equal within each domain, inside it
-    t_domain = lv.domain_tokens.to(torch.float64)[lv.group_domain[lv.traj_group]]
+    t_domain = lv.domain_tokens.to(torch.float64)[lv.traj_domain]
     in_band = torch.stack([0.05 * (1 + 0.5 / t_domain), 0.08 * (1 + 0.5 / t_domain)], dim=1)
     samples = [torch.rand(40, 2, generator=gen, dtype=torch.float64) * scale for scale in (0.01, 0.05, 0.2, 1.0)]
     for channels in samples + [in_band]:
@@ -339,7 +339,9 @@ def test_domain_base_weight_vjp_equals_autograd_in_every_regime_of_every_level()
         cotangent = torch.randn(3, 40, generator=gen, dtype=torch.float64)
         out = base(channels)
         expected = torch.stack([torch.autograd.grad(out, channels, c, retain_graph=True)[0] for c in cotangent])
-        got = base.vjp(channels.detach(), cotangent)
+        value, vjp = base.with_vjp(channels.detach())
+        assert torch.equal(value, out.detach())  # the value with_vjp gives is the base weight itself
+        got = vjp(cotangent)
         assert torch.allclose(got, expected, rtol=0, atol=1e-13), (got - expected).abs().max()
         args, budget, ks, _ = obj._domain_terms(channels.detach(), lv, 0.05, 0.08, None)
         for level, (arg, k) in enumerate(zip(args, ks)):

@@ -134,14 +134,14 @@ class FiberGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, traj: Segments, log_base_fn: Callable[[torch.Tensor], torch.Tensor], eps: float):
         # the base weight's derivative is known (slopes, or a vector-Jacobian product): no M-sized graph
-        closed_form = hasattr(log_base_fn, "slopes") or hasattr(log_base_fn, "vjp")
+        closed_form = hasattr(log_base_fn, "slopes") or hasattr(log_base_fn, "with_vjp")
         runs = traj.runs if _native.kernels_for(x) else None
         indexed = None
         if runs is None and traj.narrow_index.dtype == torch.int32:
             indexed = _native.kernels_for(x, traj.narrow_index)
             if indexed:
                 traj.checked_narrow_index()  # the loops index the tables without bounds checks
-        chain = None
+        chain = vjp = None
         with torch.enable_grad() if not closed_form else torch.no_grad():
             if runs is not None or indexed:
                 sums = _runs_channel_sums(x, traj, runs) if runs is not None else _native_channel_sums(x, traj)
@@ -151,7 +151,11 @@ class FiberGate(torch.autograd.Function):
                 means = channel_means(x.detach(), traj)
             if chain is None:
                 channels = means.requires_grad_(not closed_form)
-                same, offset = _sign_tables(channels, log_base_fn(channels), eps)
+                if hasattr(log_base_fn, "with_vjp"):
+                    log_base, vjp = log_base_fn.with_vjp(channels)
+                else:
+                    log_base = log_base_fn(channels)
+                same, offset = _sign_tables(channels, log_base, eps)
             else:
                 channels, same, offset, slopes = chain
         tables = same.detach(), offset.detach()
@@ -171,8 +175,7 @@ class FiberGate(torch.autograd.Function):
         ctx.traj, ctx.channels, ctx.tables = traj, channels, (same, offset)
         if chain is None:  # ∂ log w/∂ channels, (M, 2), where the base weight is diagonal in the trajectories
             slopes = log_base_fn.slopes(channels) if hasattr(log_base_fn, "slopes") else None
-        ctx.slopes, ctx.compiled_chain, ctx.eps = slopes, chain is not None, eps
-        ctx.vjp = getattr(log_base_fn, "vjp", None) if slopes is None else None
+        ctx.slopes, ctx.vjp, ctx.compiled_chain, ctx.eps = slopes, vjp, chain is not None, eps
         return gated
 
     @staticmethod
@@ -213,7 +216,7 @@ def _per_channel_grad(ctx, grad_same, grad_offset) -> torch.Tensor:
         grad_channels = _channel_grad(channels, lambda base: base.unsqueeze(-1) * ctx.slopes, grad_same, grad_offset,
                                       ctx.eps)
     elif ctx.vjp is not None:
-        grad_channels = _channel_grad(channels, lambda base: ctx.vjp(channels, base), grad_same, grad_offset, ctx.eps)
+        grad_channels = _channel_grad(channels, ctx.vjp, grad_same, grad_offset, ctx.eps)
     else:  # retain: gradcheck and retain_graph users call backward more than once (the graph is M-sized)
         (grad_channels,) = torch.autograd.grad((same, offset), channels, (grad_same, grad_offset),
                                                retain_graph=True)

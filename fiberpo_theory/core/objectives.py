@@ -226,6 +226,7 @@ class _Levels(NamedTuple):
     domain_ids: torch.Tensor  # (M_domain,) original domain ids
     domain_count: torch.Tensor  # (M_domain,) trajectories per domain
     domain_tokens: torch.Tensor  # (M_domain,) T_D
+    traj_domain: torch.Tensor  # (M_traj,) dense domain index
 
 
 def _domain_levels(x, traj_id, group_id, domain_id) -> _Levels:
@@ -242,7 +243,7 @@ def _domain_levels(x, traj_id, group_id, domain_id) -> _Levels:
                                                            id_names=names)
     return _Levels(
         traj, group.index, group.ids, group.count, group.sum(traj.count), group_domain,
-        domain.ids, domain.count, domain.sum(traj.count),
+        domain.ids, domain.count, domain.sum(traj.count), group_domain[group.index],
     )
 
 
@@ -291,34 +292,30 @@ class _DomainLogBase:
         v_σ γ3_σ + mean over σ's group of v (γ2 - γ3) + mean over σ's domain of v (γ1 - γ2)
 
     (each mean is a sum over the trajectories of that group or domain divided
-    by their number): :meth:`vjp`, which the fused gate calls instead of
-    differentiating an M-sized graph.
+    by their number): the function :meth:`with_vjp` returns, which the fused
+    gate calls instead of differentiating an M-sized graph.
     """
 
     def __init__(self, lv: _Levels, c_pos, c_neg):
         self.lv, self.c_pos, self.c_neg = lv, c_pos, c_neg
-        self._slopes = (None, None)  # the channels of the last call and their slopes, for vjp
 
     def __call__(self, channels: torch.Tensor) -> torch.Tensor:
-        terms = _domain_terms(channels, self.lv, self.c_pos, self.c_neg, None)
-        # the slopes are taken with the values, as FiberPO's are: the backward reuses what this call saw
-        self._slopes = (channels, self._level_slopes(terms))
-        return _weighted_g_agg(*terms)
+        return _weighted_g_agg(*_domain_terms(channels, self.lv, self.c_pos, self.c_neg, None))
 
-    def _level_slopes(self, terms):
-        """γ1, γ2, γ3 (domain, group, trajectory level), each ``(M, 2)``, and the channel signs s_l."""
-        args, budget, ks, sign_of_channel = terms
-        return [g_agg_slope(arg, budget, k) for arg, k in zip(args, ks)], sign_of_channel
+    def with_vjp(self, channels: torch.Tensor):
+        """``(log w, vjp)``: the value and ``vjp(∂L/∂ log w (..., M)) -> ∂L/∂channels (..., M, 2)``.
 
-    def vjp(self, channels: torch.Tensor, grad_log_base: torch.Tensor) -> torch.Tensor:
-        """∂L/∂channels ``(..., M, 2)`` from ∂L/∂ log w ``(..., M)`` (leading batch dimensions allowed)."""
+        The slopes are taken here, with the values (as FiberPO's are), so the
+        backward differentiates the base weight this call evaluated.
+        """
+        args, budget, ks, sign_of_channel = terms = _domain_terms(channels, self.lv, self.c_pos, self.c_neg, None)
+        gamma = [g_agg_slope(arg, budget, k) for arg, k in zip(args, ks)]  # domain, group, trajectory level
+        return _weighted_g_agg(*terms), lambda grad_log_base: self._vjp(gamma, sign_of_channel, grad_log_base)
+
+    def _vjp(self, gamma, sign_of_channel, grad_log_base: torch.Tensor) -> torch.Tensor:
         lv = self.lv
-        seen, slopes = self._slopes
-        if seen is not channels:  # the fused gate asks for the channels it has just called this with
-            slopes = self._level_slopes(_domain_terms(channels, lv, self.c_pos, self.c_neg, None))
-        gamma, sign_of_channel = slopes
         v = grad_log_base.unsqueeze(-1) * sign_of_channel
-        domain_of_traj = lv.group_domain[lv.traj_group]
+        domain_of_traj = lv.traj_domain
         per_group = v * (gamma[1] - gamma[2])
         per_domain = v * (gamma[0] - gamma[1])
         pairs = (*v.shape[:-2], lv.group_count.numel(), 2)
@@ -350,7 +347,7 @@ def _domain_terms(channels, lv: _Levels, c_pos, c_neg, process_group):
     budget = torch.tensor([c_pos, c_neg], dtype=dtype, device=device)
     sign_of_channel = torch.tensor([1.0, -1.0], dtype=dtype, device=device)
 
-    domain_of_traj = lv.group_domain[lv.traj_group]
+    domain_of_traj = lv.traj_domain
     t_domain = domain_tokens.to(dtype)[domain_of_traj].unsqueeze(1)
     t_group = group_tokens.to(dtype)[lv.traj_group].unsqueeze(1)
     t_traj = lv.traj.count.to(dtype).unsqueeze(1)
