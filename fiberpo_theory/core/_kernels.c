@@ -29,6 +29,10 @@
 #include <stdint.h>
 #include <string.h>
 
+/* clip(v, ±eps) as torch.clamp takes it (a -0 inside stays -0), and |v| */
+#define CLIP(v, eps) ((v) < -(eps) ? -(eps) : ((v) > (eps) ? (eps) : (v)))
+#define ABS(v) ((v) < 0 ? -(v) : (v))
+
 /* v where keep is 1, +0 where it is 0, by a bit mask: no branch to mispredict on the token signs, and no
  * v * 0 (which would be NaN for an infinite v) */
 #define SELECT(T, U, keep, v)                                                                        \
@@ -82,7 +86,7 @@
             const T v = x[i];                                                                        \
             const int32_t k = 2 * seg[i] + (v < 0);                                                  \
             const T r = v - same[k];                                                                 \
-            const T c = r < -eps ? -eps : (r > eps ? eps : r);                                       \
+            const T c = CLIP(r, eps);                                                                \
             key[i] = k;                                                                              \
             inside[i] = (uint8_t)(c == r);                                                           \
             out[i] = offset[k] + c;                                                                  \
@@ -146,7 +150,7 @@
                 const T v = x[i];                                                                    \
                 const int negative = v < 0;                                                          \
                 const T res = v - (negative ? s1 : s0);                                              \
-                const T c = res < -eps ? -eps : (res > eps ? eps : res);                             \
+                const T c = CLIP(res, eps);                                                          \
                 flags[i] = (uint8_t)((c == res) | negative << 1);                                    \
                 out[i] = (negative ? a1 : a0) + c;                                                   \
             }                                                                                        \
@@ -197,7 +201,7 @@
  * g_agg (Eq. 10): x if |x| <= C, sign(x)(k+1)C - kx if |x| < (1 + 1/k)C, else 0; its slope 1, -k, 0. */
 #define CHAIN_KERNELS(T, SUF)                                                                        \
     static inline void g_agg_both_##SUF(T x, T c, T k, T *value, T *slope) {                        \
-        const T ax = x < 0 ? -x : x;                                                                 \
+        const T ax = ABS(x);                                                                         \
         const T zero_at = ((T)1 + (T)1 / k) * c;                                                     \
         const T sign = x > 0 ? (T)1 : (x < 0 ? (T)-1 : (T)0);                                        \
         const T rollback = sign * (k + (T)1) * c - k * x;                                            \
@@ -221,8 +225,7 @@
             channels[2 * t] = p, channels[2 * t + 1] = q;                                            \
             slopes[2 * t] = s0, slopes[2 * t + 1] = -s1;                                             \
             same[2 * t] = p, same[2 * t + 1] = -q;                                                   \
-            offset[2 * t] = log_base - (o0 < -eps ? -eps : (o0 > eps ? eps : o0));                   \
-            offset[2 * t + 1] = log_base - (o1 < -eps ? -eps : (o1 > eps ? eps : o1));               \
+            offset[2 * t] = log_base - CLIP(o0, eps), offset[2 * t + 1] = log_base - CLIP(o1, eps);  \
         }                                                                                            \
     }                                                                                                \
                                                                                                      \
@@ -234,7 +237,7 @@
             const T a0 = grad_offset[2 * t], a1 = grad_offset[2 * t + 1];                            \
             const T s0 = grad_same[2 * t], s1 = grad_same[2 * t + 1];                                \
             const T c0 = channels[2 * t], c1 = channels[2 * t + 1];                                  \
-            const T in0 = (T)((c0 < 0 ? -c0 : c0) <= eps), in1 = (T)((c1 < 0 ? -c1 : c1) <= eps);     \
+            const T in0 = (T)(ABS(c0) <= eps), in1 = (T)(ABS(c1) <= eps);                            \
             const T base = a0 + a1;                                                                  \
             const T crossed0 = a1 * in0 * (T)1, crossed1 = a0 * in1 * (T)-1;                         \
             const T g0 = s0 * (T)1 + base * slopes[2 * t] - crossed0;                                \
