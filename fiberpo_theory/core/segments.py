@@ -378,16 +378,15 @@ def nested_segments(
     if not coarser:
         return [finest], []
     low = _carried_by_runs(finest, coarser) if finest.contiguous else None
+    split = None  # the run check found every column constant on every run: nothing splits
     if low is None:  # scattered segments, or ids that do not nest: the min/max pass names the culprit
         low, split = carried_ids(finest, torch.stack([column.long() for column in coarser], dim=1))
-    else:
-        split = torch.zeros(low.shape, dtype=torch.bool, device=low.device)
     if id_names is not None:
         smallest = low.amin(dim=0).tolist()  # one read of the (M, K) carried ids
         for name, value in zip(id_names, smallest):
             if value < 0:
                 raise ValueError(f"{name} must be non-negative, found {value}")
-    for k in reversed(range(len(coarser))):  # the nearest parent first
+    for k in reversed(range(len(coarser)) if split is not None else ()):  # the nearest parent first
         if bool(split[:, k].any()):
             bad = int(split[:, k].nonzero()[0, 0])
             child, parent = labels[-1], labels[k]

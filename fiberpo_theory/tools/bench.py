@@ -375,9 +375,10 @@ def run_scaling(sizes: list[int], repeats: int, device, dtype, progress=None) ->
 
 
 CACHE_CASES = ("clip/sorted", "fiberpo/sorted")
+CACHE_FLUSH_BYTES = 256 << 20  # well past the caches of the machines this runs on
 
 
-def cache_state(n_tokens: int, repeats: int, *, flush_bytes: int = 256 << 20, device="cpu", dtype=torch.float32):
+def cache_state(n_tokens: int, repeats: int, *, flush_bytes: int = CACHE_FLUSH_BYTES, dtype=torch.float32):
     """Median seconds per case at ``n_tokens``: ``{case: (warm, after a flush_bytes write)}`` (CPU only).
 
     What the small sizes of the scaling table are sensitive to: the same
@@ -385,7 +386,7 @@ def cache_state(n_tokens: int, repeats: int, *, flush_bytes: int = 256 << 20, de
     after a large write has pushed everything out (as another case's
     step, or a model's backward, does).
     """
-    batch = make_batch(n_tokens, max(n_tokens // 1024, 1), device=device, dtype=dtype)
+    batch = make_batch(n_tokens, max(n_tokens // 1024, 1), dtype=dtype)
     cases = [case for case in all_cases(batch) if case.name in CACHE_CASES]
     flush = torch.empty(flush_bytes // 4, dtype=torch.float32)
     out = {}
@@ -400,7 +401,7 @@ def cache_state(n_tokens: int, repeats: int, *, flush_bytes: int = 256 << 20, de
     return out
 
 
-def cache_state_line(n_tokens: int, measured: dict[str, tuple[float, float]], flush_bytes: int = 256 << 20) -> str:
+def cache_state_line(n_tokens: int, measured: dict[str, tuple[float, float]], flush_bytes: int = CACHE_FLUSH_BYTES) -> str:
     parts = [f"{name} {warm * 1e3:.2f} ms warm, {cold * 1e3:.2f} ms after a {flush_bytes >> 20} MB write"
              for name, (warm, cold) in measured.items()]
     return (f"cache state at {n_tokens:,} tokens: " + "; ".join(parts)
