@@ -22,7 +22,8 @@ def test_every_case_computes_the_same_fiberpo_loss_in_every_layout():
     b = bench.make_batch(3000, 20, dtype=torch.float64)
     cases = {c.name: c for c in bench.all_cases(b)}
     losses = {name: float(cases[name].loss(cases[name].start.clone())) for name in
-              ("fiberpo/sorted", "fiberpo/shuffled", "fiberpo/padded", "fiberpo_loss/padded")}
+              ("fiberpo/sorted", "fiberpo_objective/sorted", "fiberpo/shuffled", "fiberpo/padded",
+                           "fiberpo_loss/padded")}
     assert max(losses.values()) - min(losses.values()) < 1e-10, losses
     domain = [float(cases[n].loss(cases[n].start.clone())) for n in
               ("fiberpo_domain/sorted", "fiberpo_domain/shuffled", "fiberpo_domain/padded")]

@@ -17,6 +17,9 @@
  *   sorted_runs    index = number of id changes so far; the starts of the runs
  *   carried_runs   the id a coarser column holds on each run, or "does not nest"
  *   *_runs         the gate's passes walked by trajectory lengths (contiguous layouts), and gather_runs
+ *   weigh_runs     the objective's pass (Eq. 2, weights per trajectory): q = adv * G in place of G, and per
+ *                  run and sign w * sum q and -(w * sum q [inside]) (dJ/dA, dJ/dS); total += w * sum q
+ *   objective_grad_runs  grad = scale * (w * q [inside] + per_channel[run, sign])
  *   mask_positions the row-major positions (int32) and row lengths of a (B, L) 0/1 mask, in one pass
  *   fiber_chain    channel sums -> means (Eq. 9), log w by g_agg with k = T (Eq. 8, 10), its slopes (γ of
  *                  Eq. 20), the tables S and A (Eq. 14-16); fiber_chain_grad: the backward of that chain
@@ -182,6 +185,46 @@
             const T c0 = per_channel[2 * r], c1 = per_channel[2 * r + 1];                            \
             for (int64_t i = 0; i < length; ++i) grad_x[i] = grad_x[i] + (flags[i] >> 1 ? c1 : c0);  \
             flags += length, grad_x += length;                                                       \
+        }                                                                                            \
+    }                                                                                                \
+                                                                                                     \
+    void weigh_runs_##SUF(int64_t runs, const int64_t *restrict count, const T *restrict weights,     \
+                          const T *restrict adv, const uint8_t *restrict flags, T *restrict q,       \
+                          T *restrict grad_offset, T *restrict grad_same, T *restrict total) {       \
+        T sum = *total;                                                                              \
+        for (int64_t r = 0; r < runs; ++r) {                                                         \
+            const int64_t length = count[r]; /* a local: flags (uint8_t) could alias it */           \
+            T o0 = 0, o1 = 0, d0 = 0, d1 = 0;                                                        \
+            for (int64_t i = 0; i < length; ++i) {                                                   \
+                const int negative = flags[i] >> 1;                                                  \
+                const T v = adv[i] * q[i];                                                           \
+                const T w = SELECT(T, U, flags[i] & 1, v);                                           \
+                q[i] = v;                                                                            \
+                o0 = o0 + SELECT(T, U, 1 - negative, v), o1 = o1 + SELECT(T, U, negative, v);        \
+                d0 = d0 + SELECT(T, U, 1 - negative, w), d1 = d1 + SELECT(T, U, negative, w);        \
+            }                                                                                        \
+            const T weight = weights[r];                                                             \
+            grad_offset[2 * r] = weight * o0, grad_offset[2 * r + 1] = weight * o1;                  \
+            grad_same[2 * r] = -(weight * d0), grad_same[2 * r + 1] = -(weight * d1);                \
+            sum = sum + weight * (o0 + o1);                                                          \
+            adv += length, flags += length, q += length;                                             \
+        }                                                                                            \
+        *total = sum;                                                                                \
+    }                                                                                                \
+                                                                                                     \
+    void objective_grad_runs_##SUF(int64_t runs, const int64_t *restrict count,                      \
+                                   const T *restrict weights, const T *restrict q,                   \
+                                   const uint8_t *restrict flags, const T *restrict per_channel,     \
+                                   T scale, T *restrict grad_x) {                                    \
+        for (int64_t r = 0; r < runs; ++r) {                                                         \
+            const int64_t length = count[r]; /* a local: flags (uint8_t) could alias it */           \
+            const T w = scale * weights[r];                                                          \
+            const T c0 = scale * per_channel[2 * r], c1 = scale * per_channel[2 * r + 1];            \
+            for (int64_t i = 0; i < length; ++i) {                                                   \
+                const T a = SELECT(T, U, flags[i] & 1, w * q[i]);                                    \
+                grad_x[i] = a + (flags[i] >> 1 ? c1 : c0);                                           \
+            }                                                                                        \
+            q += length, flags += length, grad_x += length;                                          \
         }                                                                                            \
     }                                                                                                \
                                                                                                      \

@@ -42,7 +42,7 @@ token passes.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -133,33 +133,15 @@ class FiberGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, traj: Segments, log_base_fn: Callable[[torch.Tensor], torch.Tensor], eps: float):
-        # the base weight's derivative is known (slopes, or a vector-Jacobian product): no M-sized graph
-        closed_form = hasattr(log_base_fn, "slopes") or hasattr(log_base_fn, "with_vjp")
         runs = traj.runs if _native.kernels_for(x) else None
         indexed = None
         if runs is None and traj.narrow_index.dtype == torch.int32:
             indexed = _native.kernels_for(x, traj.narrow_index)
             if indexed:
                 traj.checked_narrow_index()  # the loops index the tables without bounds checks
-        chain = vjp = None
-        with torch.enable_grad() if not closed_form else torch.no_grad():
-            if runs is not None or indexed:
-                sums = _runs_channel_sums(x, traj, runs) if runs is not None else _native_channel_sums(x, traj)
-                chain = _compiled_chain(sums, traj, log_base_fn, eps) if closed_form else None
-                means = _means_of_sums(sums[0], sums[1], traj) if chain is None else None
-            else:
-                means = channel_means(x.detach(), traj)
-            if chain is None:
-                channels = means.requires_grad_(not closed_form)
-                if hasattr(log_base_fn, "with_vjp"):
-                    log_base, vjp = log_base_fn.with_vjp(channels)
-                else:
-                    log_base = log_base_fn(channels)
-                same, offset = _sign_tables(channels, log_base, eps)
-            else:
-                channels, same, offset, slopes = chain
-        tables = same.detach(), offset.detach()
-        native_tables = same.dtype == x.dtype == offset.dtype
+        chain = trajectory_chain(x, traj, runs, bool(indexed), log_base_fn, eps)
+        tables = chain.same.detach(), chain.offset.detach()
+        native_tables = chain.same.dtype == x.dtype == chain.offset.dtype
         gated = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         if runs is not None and native_tables:
             flags = torch.empty(x.shape, dtype=torch.uint8)  # inside | negative << 1
@@ -172,17 +154,14 @@ class FiberGate(torch.autograd.Function):
             gate = _native_gate_tokens if indexed and native_tables else _gate_tokens
             gate(x, narrow, *tables, eps, gated, inside, key)
             ctx.save_for_backward(gated, key, inside)
-        ctx.traj, ctx.channels, ctx.tables = traj, channels, (same, offset)
-        if chain is None:  # ∂ log w/∂ channels, (M, 2), where the base weight is diagonal in the trajectories
-            slopes = log_base_fn.slopes(channels) if hasattr(log_base_fn, "slopes") else None
-        ctx.slopes, ctx.vjp, ctx.compiled_chain, ctx.eps = slopes, vjp, chain is not None, eps
+        ctx.traj, ctx.chain, ctx.eps = traj, chain, eps
         return gated
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_gated):
         saved = ctx.saved_tensors
-        traj, channels, offset = ctx.traj, ctx.channels, ctx.tables[1]
+        traj, chain = ctx.traj, ctx.chain
         gated = saved[0]
         native = grad_gated.dtype == gated.dtype and _native.plain_cpu(grad_gated)
         if native:
@@ -196,10 +175,8 @@ class FiberGate(torch.autograd.Function):
             indexed = native and key.dtype == torch.int32 and _native.kernels_for(gated, key)
             reduce = _native_reduce_tokens if indexed else (
                 _reduce_tokens_batched if _is_batched(grad_gated) else _reduce_tokens)
-            grad_x, grad_offset, grad_same = reduce(grad_gated, gated, key, inside, offset.numel())
-        compiled = ctx.compiled_chain and (key is None or indexed) and grad_offset.dtype == channels.dtype
-        per_channel = (_compiled_chain_grad(channels, ctx.slopes, grad_same, grad_offset, traj, ctx.eps) if compiled
-                       else _per_channel_grad(ctx, grad_same, grad_offset))
+            grad_x, grad_offset, grad_same = reduce(grad_gated, gated, key, inside, chain.offset.numel())
+        per_channel = chain_grad(chain, traj, ctx.eps, grad_same, grad_offset, compiled=key is None or bool(indexed))
         same_dtype = per_channel.dtype == grad_x.dtype
         if key is None and same_dtype:
             return _runs_add_channel_terms(grad_x, per_channel, flags, traj.runs), None, None, None
@@ -209,19 +186,72 @@ class FiberGate(torch.autograd.Function):
         return add(grad_x, per_channel, key), None, None, None
 
 
-def _per_channel_grad(ctx, grad_same, grad_offset) -> torch.Tensor:
-    """``(2M,)`` each token's share of its trajectory's channel gradient, entry 2τ + 1[x < 0]."""
-    channels, (same, offset) = ctx.channels, ctx.tables
-    if ctx.slopes is not None:
-        grad_channels = _channel_grad(channels, lambda base: base.unsqueeze(-1) * ctx.slopes, grad_same, grad_offset,
-                                      ctx.eps)
-    elif ctx.vjp is not None:
-        grad_channels = _channel_grad(channels, ctx.vjp, grad_same, grad_offset, ctx.eps)
+class Chain(NamedTuple):
+    """The per-trajectory part of the gate: channels (M, 2), tables S and A (2M,), and what its backward needs.
+
+    ``slopes`` (M, 2) where the base weight is diagonal in the trajectories
+    (FiberPO), ``vjp`` where it has a closed-form vector-Jacobian product
+    (FiberPO-Domain on one process), neither where the M-sized graph from
+    ``channels`` to the tables is differentiated by autograd; ``compiled``:
+    made by the C loop, whose backward is its C loop too.
+    """
+
+    channels: torch.Tensor
+    same: torch.Tensor
+    offset: torch.Tensor
+    slopes: torch.Tensor | None
+    vjp: Callable | None
+    compiled: bool
+
+
+def trajectory_chain(x, traj: Segments, runs, indexed: bool, log_base_fn, eps) -> Chain:
+    """Channel means (Eq. 9), base weight and the tables of the module docstring, by the cheapest path.
+
+    ``runs`` (the trajectory lengths) or ``indexed`` say which compiled
+    token loops may take the channel sums; without either, torch ops.
+    """
+    # the base weight's derivative is known (slopes, or a vector-Jacobian product): no M-sized graph
+    closed_form = hasattr(log_base_fn, "slopes") or hasattr(log_base_fn, "with_vjp")
+    compiled = vjp = None
+    with torch.enable_grad() if not closed_form else torch.no_grad():
+        if runs is not None or indexed:
+            sums = _runs_channel_sums(x, traj, runs) if runs is not None else _native_channel_sums(x, traj)
+            compiled = _compiled_chain(sums, traj, log_base_fn, eps) if closed_form else None
+            means = _means_of_sums(sums[0], sums[1], traj) if compiled is None else None
+        else:
+            means = channel_means(x.detach(), traj)
+        if compiled is not None:
+            return Chain(*compiled, vjp=None, compiled=True)
+        channels = means.requires_grad_(not closed_form)
+        if hasattr(log_base_fn, "with_vjp"):
+            log_base, vjp = log_base_fn.with_vjp(channels)
+        else:
+            log_base = log_base_fn(channels)
+        same, offset = _sign_tables(channels, log_base, eps)
+    # ∂ log w/∂ channels, (M, 2), where the base weight is diagonal in the trajectories
+    slopes = log_base_fn.slopes(channels) if hasattr(log_base_fn, "slopes") else None
+    return Chain(channels, same, offset, slopes, vjp, compiled=False)
+
+
+def chain_grad(chain: Chain, traj: Segments, eps, grad_same, grad_offset, *, compiled: bool) -> torch.Tensor:
+    """``(2M,)`` each token's share of its trajectory's channel gradient, entry 2τ + 1[x < 0].
+
+    ``compiled``: the caller's tables are plain CPU buffers the C loop may
+    read (then a chain the C loop made is differentiated by its C loop).
+    """
+    if compiled and chain.compiled and grad_offset.dtype == chain.channels.dtype:
+        return _compiled_chain_grad(chain.channels, chain.slopes, grad_same, grad_offset, traj, eps)
+    channels = chain.channels
+    if chain.slopes is not None:
+        grad_channels = _channel_grad(channels, lambda base: base.unsqueeze(-1) * chain.slopes, grad_same,
+                                      grad_offset, eps)
+    elif chain.vjp is not None:
+        grad_channels = _channel_grad(channels, chain.vjp, grad_same, grad_offset, eps)
     else:  # retain: gradcheck and retain_graph users call backward more than once (the graph is M-sized)
-        (grad_channels,) = torch.autograd.grad((same, offset), channels, (grad_same, grad_offset),
+        (grad_channels,) = torch.autograd.grad((chain.same, chain.offset), channels, (grad_same, grad_offset),
                                                retain_graph=True)
     # ∂ log s⁺/∂x_j = 1[x_j >= 0]/T, ∂ log s⁻/∂x_j = -1[x_j < 0]/T
-    per_channel = grad_channels / ctx.traj.count.to(grad_offset.dtype).unsqueeze(1)
+    per_channel = grad_channels / traj.count.to(grad_offset.dtype).unsqueeze(1)
     per_channel[..., 1].neg_()
     return per_channel.reshape(-1)
 
@@ -252,7 +282,7 @@ def _compiled_chain(sums, traj: Segments, log_base_fn, eps):
 
 
 def _compiled_chain_grad(channels, slopes, grad_same, grad_offset, traj: Segments, eps):
-    """:func:`_per_channel_grad` of the closed-form chain by one C loop, on the tables the compiled loops made."""
+    """:func:`chain_grad` of the closed-form chain by one C loop, on the tables the compiled loops made."""
     lib, real, suffix = _native.loops(grad_offset.dtype)
     per_channel = torch.empty(grad_offset.shape, dtype=grad_offset.dtype)
     ptr = _native.ptr
@@ -394,22 +424,34 @@ def _runs_channel_sums(x, traj: Segments, runs: torch.Tensor) -> torch.Tensor:
     return sums
 
 
+def run_chunks(n: int, runs: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """``(first run, end run, first token, end token)`` of chunks of whole trajectories, about ``_CHUNK`` tokens each.
+
+    Each chunk ends with the trajectory that crosses a multiple of
+    ``_CHUNK`` tokens, so a chunk's buffers are still in cache when torch
+    exponentiates it.
+    """
+    if n <= _CHUNK:
+        return [(0, runs.numel(), 0, n)]
+    ends = runs.cumsum(0)
+    targets = torch.arange(1, (n - 1) // _CHUNK + 1, dtype=torch.long) * _CHUNK
+    cuts = sorted(set((torch.searchsorted(ends, targets) + 1).tolist()) | {runs.numel()})
+    chunks, first, start = [], 0, 0
+    for last in cuts:
+        stop = int(ends[last - 1])
+        chunks.append((first, last, start, stop))
+        first, start = last, stop
+    return chunks
+
+
 def _runs_gate_tokens(x, runs, same, offset, eps, gated, flags) -> None:
     """The token gate by the run loop, a chunk of whole trajectories at a time, each chunk exponentiated in cache."""
     lib, real, suffix = _native.loops(x.dtype)
     gate, same, offset, ptr = getattr(lib, f"gate_runs_{suffix}"), same.contiguous(), offset.contiguous(), _native.ptr
-    cuts, ends = [runs.numel()], None  # one chunk: no boundaries to find
-    if x.numel() > _CHUNK:  # each chunk ends with the trajectory that crosses a multiple of _CHUNK tokens
-        ends = runs.cumsum(0)
-        targets = torch.arange(1, (x.numel() - 1) // _CHUNK + 1, dtype=torch.long) * _CHUNK
-        cuts = sorted(set((torch.searchsorted(ends, targets) + 1).tolist()) | {runs.numel()})
-    first, start = 0, 0
-    for last in cuts:
-        stop = x.numel() if ends is None else int(ends[last - 1])
+    for first, last, start, stop in run_chunks(x.numel(), runs):
         gate(last - first, ptr(runs, first), ptr(x, start), ptr(same, 2 * first), ptr(offset, 2 * first), real(eps),
              ptr(gated, start), ptr(flags, start))
         gated[start:stop].exp_()
-        first, start = last, stop
 
 
 def _runs_reduce_tokens(grad_gated, gated, flags, runs):

@@ -18,6 +18,7 @@ from . import _validate
 from .distributed import global_segment_sums
 from .fused import channel_means, fiber_gated_ratio, sign_tables
 from .fused_apc import apc_gated_ratio
+from .fused_objective import fiber_objective
 from .gates import budget_clip, g_agg, g_agg_slope, sign_channel, sign_split, symmetric_clip
 from .segments import Segments, nested_segments, segments_for
 # the clip baselines live in their own module; re-exported under the names users import from here
@@ -29,6 +30,8 @@ __all__ = [
     "fiberpo_gated_ratio",
     "fiberpo_domain_parts",
     "fiberpo_domain_gated_ratio",
+    "fiberpo_objective",
+    "fiberpo_domain_objective",
     "fiberpo_gated_residual_eq11",
     "fiberpo_jacobian",
     "apc_obj_gated_ratio",
@@ -383,6 +386,45 @@ def fiberpo_domain_gated_ratio(
     return fiber_gated_ratio(x, lv.traj, log_base_fn, eps)
 
 
+def fiberpo_objective(log_ratio, traj_id, advantages, *, eps, c_pos, c_neg, k=None, weights="trajectory"):
+    """J = Σ_i μ_i G(r)_i Â_i (Eq. 2) with FiberPO's gate (Eq. 7, 16): the objective to maximise, a scalar.
+
+    Equal to ``rgf_objective(fiberpo_gated_ratio(...), advantages,
+    aggregation_weights(weights, ...))`` and its gradient (up to the order of
+    the sums), but on contiguous trajectories on CPU (sorted ids, padded rows)
+    it runs in the gate's own pass (:mod:`fiberpo_theory.core.fused_objective`):
+    G, μ and the product are never written.
+
+    Args:
+        log_ratio, traj_id, eps, c_pos, c_neg, k: as in :func:`fiberpo_gated_ratio`.
+        advantages: ``(N,)`` Â_i, finite; a gradient through them takes the composed path.
+        weights: ``"trajectory"`` for μ_i = 1/(|Tj| T_τ) (FiberPO's, Eq. 2) or ``"token"`` for 1/N.
+    """
+    x, traj, eps, log_base_fn = _fiberpo_inputs(log_ratio, traj_id, eps, c_pos, c_neg, k)
+    return _gate_objective(x, traj, log_base_fn, eps, advantages, weights)
+
+
+def fiberpo_domain_objective(
+    log_ratio, traj_id, group_id, domain_id, advantages, *, eps, c_pos, c_neg, weights="trajectory",
+    process_group=None,
+):
+    """J of Eq. 2 with FiberPO-Domain's gate (Eq. 30-33), as :func:`fiberpo_objective` is for FiberPO.
+
+    Ids and ``process_group`` as in :func:`fiberpo_domain_gated_ratio`; μ stays per process.
+    """
+    x, lv, eps, log_base_fn = _domain_inputs(log_ratio, traj_id, group_id, domain_id, eps, c_pos, c_neg, process_group)
+    return _gate_objective(x, lv.traj, log_base_fn, eps, advantages, weights)
+
+
+def _gate_objective(x, traj: Segments, log_base_fn, eps, advantages, weights: str) -> torch.Tensor:
+    adv = _validate.same_shape("advantages", advantages, x, finite=False)
+    per_trajectory = _per_trajectory_weights(weights, traj, x)
+    objective = fiber_objective(x, traj, log_base_fn, eps, adv, per_trajectory)
+    if objective is not None:
+        return objective
+    return rgf_objective(fiber_gated_ratio(x, traj, log_base_fn, eps), adv, traj.gather(per_trajectory))
+
+
 def fiberpo_jacobian(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None) -> torch.Tensor:
     """The analytic Ratio Gating Jacobian J_ij = ∂G_i/∂r_j of Proposition 5.2 (Eq. 20).
 
@@ -471,9 +513,17 @@ def aggregation_weights(kind: str, like: torch.Tensor, traj_id=None) -> torch.Te
         traj = traj_id if isinstance(traj_id, Segments) else segments_for("traj_id", traj_id, x)
         if x.dim() != 1 or traj.elements != x.numel():
             raise ValueError(f"traj_id segments index {traj.elements} tokens but like has {x.numel()}")
-        per_trajectory = traj.count.to(x.dtype, copy=True).mul_(traj.size).reciprocal_()  # 1/(|Tj| T_τ), one buffer
-        return traj.gather(per_trajectory)
+        return traj.gather(_per_trajectory_weights("trajectory", traj, x))
     raise ValueError(f"kind must be 'token', 'trajectory' or a method name, got {kind!r}")
+
+
+def _per_trajectory_weights(kind: str, traj: Segments, x: torch.Tensor) -> torch.Tensor:
+    """``(M,)`` μ of Eq. 2 for weightings constant on each trajectory: 1/(|Tj| T_τ) or 1/N."""
+    if kind == "trajectory":
+        return traj.count.to(x.dtype, copy=True).mul_(traj.size).reciprocal_()  # one buffer
+    if kind == "token":
+        return torch.full((traj.size,), 1.0 / x.numel(), dtype=x.dtype, device=x.device)
+    raise ValueError(f"weights must be 'trajectory' or 'token', got {kind!r}")
 
 
 def rgf_objective(gated_ratio, advantages, weights) -> torch.Tensor:

@@ -1,0 +1,141 @@
+"""The objective fused into the gate's pass (Eq. 2 with FiberPO / FiberPO-Domain) against the composed reference."""
+
+import pytest
+import torch
+
+from fiberpo_theory.core import native, objectives as obj
+from fiberpo_theory.core.diagnostics import channel_regimes
+from fiberpo_theory.core.segments import Segments
+
+HYPER = dict(eps=0.1, c_pos=0.12, c_neg=0.2)
+needs_loops = pytest.mark.skipif(native.library() is None, reason="the compiled loops are off on this machine")
+
+
+def _batches(n_batches, seed, zeros=False):
+    """Sorted trajectory ids (contiguous, increasing) with log-ratios at scales from pass to zeroed."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n_batches):
+        lengths = torch.randint(1, 7, (int(torch.randint(1, 6, (1,), generator=gen)),), generator=gen)
+        traj = torch.repeat_interleave(torch.arange(lengths.numel()) * 3 + 1, lengths)
+        scale = float(torch.empty(1).uniform_(0.02, 0.6, generator=gen))
+        x = torch.randn(traj.numel(), generator=gen, dtype=torch.float64) * scale
+        if zeros:
+            x[torch.rand(traj.numel(), generator=gen) < 0.15] = 0.0
+        yield x, traj, torch.randn(traj.numel(), generator=gen, dtype=torch.float64)
+
+
+def _groups(traj):
+    dense = Segments.from_ids(traj).index
+    return dense // 2 + 100, dense // 4
+
+
+def _composed(x, traj, adv, weights, k=None):
+    gated = obj.fiberpo_gated_ratio(x, traj, k=k, **HYPER)
+    return obj.rgf_objective(gated, adv, obj.aggregation_weights(weights, gated, traj))
+
+
+def _value_and_grad(fn, x):
+    leaf = x.clone().requires_grad_(True)
+    value = fn(leaf)
+    value.backward()
+    return value, leaf.grad, type(value.grad_fn).__name__
+
+
+@needs_loops
+@pytest.mark.parametrize("k", [None, 3.0])
+@pytest.mark.parametrize("weights", ["trajectory", "token"])
+def test_fused_objective_equals_the_gate_composed_with_eq2_in_every_regime(k, weights):
+    reached = set()
+    for x, traj, adv in _batches(80, seed=3, zeros=True):
+        value, grad, node = _value_and_grad(lambda z: obj.fiberpo_objective(z, traj, adv, k=k, weights=weights,
+                                                                            **HYPER), x)
+        expected, expected_grad, _ = _value_and_grad(lambda z: _composed(z, traj, adv, weights, k), x)
+        assert node == "FiberObjectiveBackward"
+        assert abs(float(value.detach() - expected.detach())) <= 1e-12 * max(1.0, abs(float(expected)))
+        assert (grad - expected_grad).abs().max() <= 1e-10
+        parts = obj.fiberpo_parts(x, traj, k=k, **HYPER)
+        for channel, regime in zip("+-", channel_regimes(parts, c_pos=HYPER["c_pos"], c_neg=HYPER["c_neg"], k=k)):
+            reached |= {(channel, int(r)) for r in regime.unique()}
+        reached |= {"u-clipped"} if bool((parts.u.abs() > HYPER["eps"]).any()) else set()
+        reached |= {"v-clipped"} if bool((parts.v.abs() > HYPER["eps"]).any()) else set()
+    assert reached >= {(c, r) for c in "+-" for r in range(3)} | {"u-clipped", "v-clipped"}, reached
+
+
+@needs_loops
+def test_fused_objective_passes_gradcheck_in_float64():
+    checked = 0
+    for x, traj, adv in _batches(40, seed=4):
+        parts = obj.fiberpo_parts(x, traj, **HYPER)
+        if not bool((parts.u.abs() - HYPER["eps"]).abs().min() > 1e-4):  # finite differences across a clip kink
+            continue
+        leaf = x.clone().requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda z: obj.fiberpo_objective(z, traj, adv, **HYPER), (leaf,))
+        checked += 1
+    assert checked >= 10
+
+
+@needs_loops
+def test_fused_domain_objective_equals_the_composed_domain_gate():
+    for x, traj, adv in _batches(40, seed=5, zeros=True):
+        group, domain = _groups(traj)
+        value, grad, node = _value_and_grad(
+            lambda z: obj.fiberpo_domain_objective(z, traj, group, domain, adv, **HYPER), x)
+        gated = lambda z: obj.fiberpo_domain_gated_ratio(z, traj, group, domain, **HYPER)  # noqa: E731
+        expected, expected_grad, _ = _value_and_grad(
+            lambda z: obj.rgf_objective(gated(z), adv, obj.aggregation_weights("fiberpo_domain", z, traj)), x)
+        assert node == "FiberObjectiveBackward"
+        assert abs(float(value.detach() - expected.detach())) <= 1e-12 * max(1.0, abs(float(expected)))
+        assert (grad - expected_grad).abs().max() <= 1e-10
+
+
+@needs_loops
+def test_float32_and_several_chunks_agree_with_the_composed_path():
+    gen = torch.Generator().manual_seed(6)
+    lengths = torch.randint(1, 900, (400,), generator=gen)  # about 180k tokens: several chunks of whole runs
+    traj = Segments.from_lengths(lengths)
+    x = torch.randn(int(lengths.sum()), generator=gen) * 0.1
+    adv = torch.randn(x.numel(), generator=gen)
+    value, grad, node = _value_and_grad(lambda z: obj.fiberpo_objective(z, traj, adv, **HYPER), x)
+    expected, expected_grad, _ = _value_and_grad(lambda z: _composed(z, traj, adv, "trajectory"), x)
+    assert node == "FiberObjectiveBackward"
+    assert abs(float(value.detach() - expected.detach())) <= 1e-5 * abs(float(expected))
+    assert (grad - expected_grad).abs().max() <= 1e-6 * expected_grad.abs().max()
+
+
+def test_paths_the_fused_pass_does_not_take_give_the_composed_objective():
+    gen = torch.Generator().manual_seed(8)
+    traj = torch.randint(0, 6, (40,), generator=gen)  # shuffled ids: no runs to walk
+    x, adv = torch.randn(40, generator=gen, dtype=torch.float64) * 0.2, torch.randn(40, dtype=torch.float64)
+    value, grad, node = _value_and_grad(lambda z: obj.fiberpo_objective(z, traj, adv, **HYPER), x)
+    expected, expected_grad, _ = _value_and_grad(lambda z: _composed(z, traj, adv, "trajectory"), x)
+    assert node != "FiberObjectiveBackward"
+    assert torch.equal(value, expected) and torch.equal(grad, expected_grad)
+    learnable = adv.clone().requires_grad_(True)  # a gradient through the advantages: the composed path carries it
+    obj.fiberpo_objective(x, torch.sort(traj).values, learnable, **HYPER).backward()
+    assert learnable.grad is not None and bool(learnable.grad.abs().sum() > 0)
+
+
+@needs_loops
+def test_a_batched_cotangent_gets_the_same_gradient_rows():
+    x, traj, adv = next(_batches(1, seed=9))
+    def objective(z):
+        return obj.fiberpo_objective(z, traj, adv, **HYPER) * torch.tensor([1.0, -2.0], dtype=torch.float64)
+    rows = torch.autograd.functional.jacobian(objective, x, vectorize=True)
+    single = _value_and_grad(lambda z: obj.fiberpo_objective(z, traj, adv, **HYPER), x)[1]
+    assert torch.allclose(rows[0], single, rtol=0, atol=1e-14) and torch.allclose(rows[1], -2 * single, atol=1e-14)
+
+
+@pytest.mark.parametrize("advantages, message", [
+    (torch.zeros(4), "advantages has shape"),
+    (torch.tensor([0.0, float("nan"), 1.0]), "advantages has non-finite"),
+    (torch.tensor([0, 1, 2]), "advantages must be a floating-point"),
+])
+def test_bad_advantages_are_named(advantages, message):
+    x, traj = torch.tensor([0.1, -0.2, 0.3]), torch.tensor([0, 0, 1])
+    with pytest.raises(ValueError, match=message):
+        obj.fiberpo_objective(x, traj, advantages, **HYPER)
+
+
+def test_an_unknown_weighting_is_named():
+    with pytest.raises(ValueError, match="weights must be"):
+        obj.fiberpo_objective(torch.tensor([0.1, 0.2]), torch.tensor([0, 0]), torch.ones(2), weights="seq", **HYPER)
