@@ -297,6 +297,31 @@ FIBER_KERNELS(double, uint64_t, f64)
 RUN_KERNELS(float, uint32_t, f32)
 RUN_KERNELS(double, uint64_t, f64)
 
+/* FiberPO's objective (fused_objective.py) in as few calls as its exp allows, on one workspace of 16m + 1
+ * values: sums (positive, non-positive: m each), channels, S, A, slopes, dJ/dA, dJ/dS, per-channel gradient
+ * (2m each), J.  fiber_objective_chain: the channel sums and fiber_chain, J = +0; fiber_objective_grad:
+ * fiber_chain_grad on dJ/dA, dJ/dS, then objective_grad_runs. */
+#define OBJECTIVE_KERNELS(T, SUF)                                                                    \
+    void fiber_objective_chain_##SUF(int64_t m, const int64_t *restrict count, const T *restrict x,  \
+                                     T c_pos, T c_neg, T eps, T *restrict ws) {                      \
+        for (int64_t i = 0; i < 2 * m; ++i) ws[i] = (T)0;                                            \
+        channel_sums_runs_##SUF(m, count, x, ws, ws + m);                                            \
+        fiber_chain_##SUF(m, count, ws, ws + m, c_pos, c_neg, eps, ws + 2 * m, ws + 4 * m,           \
+                          ws + 6 * m, ws + 8 * m);                                                   \
+        ws[16 * m] = (T)0;                                                                           \
+    }                                                                                                \
+                                                                                                     \
+    void fiber_objective_grad_##SUF(int64_t m, const int64_t *restrict count, T *restrict ws, T eps, \
+                                    const T *restrict weights, const T *restrict q,                  \
+                                    const uint8_t *restrict flags, T scale, T *restrict grad_x) {    \
+        fiber_chain_grad_##SUF(m, count, ws + 2 * m, ws + 8 * m, ws + 10 * m, ws + 12 * m, eps,      \
+                               ws + 14 * m);                                                         \
+        objective_grad_runs_##SUF(m, count, weights, q, flags, ws + 14 * m, scale, grad_x);          \
+    }
+
+OBJECTIVE_KERNELS(float, f32)
+OBJECTIVE_KERNELS(double, f64)
+
 /* Runs of a sorted id column: index[i] = number of id changes in ids[0..i]; for the first `capacity` runs
  * starts[r] = its first element, counts[r] = its length, values[r] = its id (index, starts, counts and
  * values may each be NULL).  Returns the number of runs (more than `capacity`: call again with room for

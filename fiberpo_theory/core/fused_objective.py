@@ -42,27 +42,50 @@ def applies(x: torch.Tensor, traj: Segments, advantages: torch.Tensor, weights: 
 
 
 class FiberObjective(torch.autograd.Function):
-    """``J = Σ_τ weights_τ Σ_{i∈τ} advantages_i G_i`` with G the FiberPO-family gate of ``log_base_fn``."""
+    """``J = Σ_τ weights_τ Σ_{i∈τ} advantages_i G_i`` with G the FiberPO-family gate of ``log_base_fn``.
+
+    FiberPO with k = T_τ runs its per-trajectory chain as one C call each
+    way, its M-sized buffers one workspace; other base weights take the
+    gate's :func:`~fiberpo_theory.core.fused.trajectory_chain`.
+    """
 
     @staticmethod
     def forward(ctx, x, traj: Segments, log_base_fn, eps: float, advantages, weights):
-        runs = traj.runs
-        chain = trajectory_chain(x, traj, runs, False, log_base_fn, eps)
-        same, offset = (table.detach().to(x.dtype).contiguous() for table in (chain.same, chain.offset))
+        runs, m = traj.runs, traj.size
         lib, real, suffix = _native.loops(x.dtype)
-        gate, weigh, ptr = getattr(lib, f"gate_runs_{suffix}"), getattr(lib, f"weigh_runs_{suffix}"), _native.ptr
+        ptr, size = _native.ptr, x.element_size()
+        budgets = getattr(log_base_fn, "length_budgets", None)
+        chain = None
+        if budgets is not None:  # layout in _kernels.c: sums, channels, S, A, slopes, dJ/dA, dJ/dS, per channel, J
+            ws = torch.empty(16 * m + 1, dtype=x.dtype)
+            getattr(lib, f"fiber_objective_chain_{suffix}")(m, ptr(runs), ptr(x), real(budgets[0]), real(budgets[1]),
+                                                           real(eps), ptr(ws))
+            base = ptr(ws)
+            same, offset, grad_offset, grad_same = (base + k * m * size for k in (4, 6, 10, 12))
+            total = ws[16 * m]
+        else:
+            chain = trajectory_chain(x, traj, runs, False, log_base_fn, eps)
+            ws = torch.empty(4 * m + 1, dtype=x.dtype)  # S, A (in x's dtype), dJ/dA, dJ/dS, J
+            ws[: 2 * m].copy_(chain.same.detach().reshape(-1))
+            ws[2 * m : 4 * m].copy_(chain.offset.detach().reshape(-1))
+            ws[4 * m].zero_()
+            base = ptr(ws)
+            same, offset = base, base + 2 * m * size
+            grad_offset, grad_same = (torch.empty(2 * m, dtype=x.dtype) for _ in range(2))
+            ctx.table_grads = grad_same, grad_offset
+            grad_offset, grad_same = ptr(grad_offset), ptr(grad_same)
+            total = ws[4 * m]
+        gate, weigh = getattr(lib, f"gate_runs_{suffix}"), getattr(lib, f"weigh_runs_{suffix}")
         q, flags = torch.empty_like(x), torch.empty(x.shape, dtype=torch.uint8)  # flags: inside | negative << 1
-        grad_offset, grad_same = torch.empty(offset.shape, dtype=x.dtype), torch.empty(offset.shape, dtype=x.dtype)
-        total = torch.zeros((), dtype=x.dtype)
         for first, last, start, stop in run_chunks(x.numel(), runs):
-            gate(last - first, ptr(runs, first), ptr(x, start), ptr(same, 2 * first), ptr(offset, 2 * first),
-                 real(eps), ptr(q, start), ptr(flags, start))
+            tables = 2 * first * size
+            gate(last - first, ptr(runs, first), ptr(x, start), same + tables, offset + tables, real(eps),
+                 ptr(q, start), ptr(flags, start))
             q[start:stop].exp_()  # G, while the chunk is in cache; weigh turns it into q = Â·G
             weigh(last - first, ptr(runs, first), ptr(weights, first), ptr(advantages, start), ptr(flags, start),
-                  ptr(q, start), ptr(grad_offset, 2 * first), ptr(grad_same, 2 * first), ptr(total))
+                  ptr(q, start), grad_offset + tables, grad_same + tables, ptr(total))
         ctx.save_for_backward(q, flags)
-        ctx.traj, ctx.chain, ctx.eps, ctx.weights = traj, chain, eps, weights
-        ctx.table_grads = grad_same, grad_offset
+        ctx.traj, ctx.chain, ctx.eps, ctx.weights, ctx.ws = traj, chain, eps, weights, ws
         return total
 
     @staticmethod
@@ -70,18 +93,22 @@ class FiberObjective(torch.autograd.Function):
     def backward(ctx, grad_total):
         q, flags = ctx.saved_tensors
         traj, weights = ctx.traj, ctx.weights
-        grad_same, grad_offset = (g.to(ctx.chain.channels.dtype) for g in ctx.table_grads)
-        per_channel = chain_grad(ctx.chain, traj, ctx.eps, grad_same, grad_offset, compiled=True)
-        per_channel = per_channel.detach().to(q.dtype).contiguous()
         plain = _native.plain_cpu(grad_total) and not _is_batched(grad_total)
         scale = float(grad_total) if plain else 1.0  # a batched gradient (jacobian(vectorize=True)) scales after
         lib, real, suffix = _native.loops(q.dtype)
-        grad_x = torch.empty_like(q)
         ptr = _native.ptr
-        getattr(lib, f"objective_grad_runs_{suffix}")(traj.size, ptr(traj.runs), ptr(weights), ptr(q), ptr(flags),
-                                                      ptr(per_channel), real(scale), ptr(grad_x))
-        grad_x = grad_x if plain else grad_total * grad_x
-        return grad_x, None, None, None, None, None
+        grad_x = torch.empty_like(q)
+        if ctx.chain is None:
+            getattr(lib, f"fiber_objective_grad_{suffix}")(traj.size, ptr(traj.runs), ptr(ctx.ws), real(ctx.eps),
+                                                          ptr(weights), ptr(q), ptr(flags), real(scale), ptr(grad_x))
+        else:
+            dtype = ctx.chain.channels.dtype
+            grad_same, grad_offset = (g if g.dtype == dtype else g.to(dtype) for g in ctx.table_grads)
+            per_channel = chain_grad(ctx.chain, traj, ctx.eps, grad_same, grad_offset, compiled=True)
+            per_channel = per_channel.detach().to(q.dtype).contiguous()
+            getattr(lib, f"objective_grad_runs_{suffix}")(traj.size, ptr(traj.runs), ptr(weights), ptr(q),
+                                                          ptr(flags), ptr(per_channel), real(scale), ptr(grad_x))
+        return grad_x if plain else grad_total * grad_x, None, None, None, None, None
 
 
 def fiber_objective(x, traj: Segments, log_base_fn, eps: float, advantages, weights) -> torch.Tensor | None:
