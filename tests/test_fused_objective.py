@@ -139,3 +139,18 @@ def test_bad_advantages_are_named(advantages, message):
 def test_an_unknown_weighting_is_named():
     with pytest.raises(ValueError, match="weights must be"):
         obj.fiberpo_objective(torch.tensor([0.1, 0.2]), torch.tensor([0, 0]), torch.ones(2), weights="seq", **HYPER)
+
+
+@needs_loops
+def test_the_fused_objective_saves_q_and_one_flag_byte_per_token_only():
+    traj = Segments.from_lengths(torch.full((50,), 40))
+    x, adv = torch.randn(2000) * 0.1, torch.randn(2000)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+        fused = obj.fiberpo_objective(x.clone().requires_grad_(True), traj, adv, **HYPER)
+    assert type(fused.grad_fn).__name__ == "FiberObjectiveBackward"
+    assert sum(saved) == 2000 * (4 + 1)
+    composed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: composed.append(t.numel() * t.element_size()) or t, lambda t: t):
+        _composed(x.clone().requires_grad_(True), traj, adv, "trajectory")
+    assert sum(composed) > sum(saved)
