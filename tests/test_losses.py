@@ -211,3 +211,24 @@ def test_padded_slots_are_ignored_for_every_input(name, arg, padded_batch):
     inputs[arg][mask == 0] = float("nan")
     dirty, _ = POLICY_LOSSES[name](**inputs, response_mask=mask, loss_agg_mode=None, **extra)
     assert torch.equal(clean, dirty)
+
+
+@pytest.mark.skipif(__import__("fiberpo_theory.core.native", fromlist=["x"]).library() is None,
+                    reason="the compiled loops are off on this machine")
+@pytest.mark.parametrize("mode", [None, "token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_fiberpo_loss_takes_eq2_in_the_gates_pass_where_mu_is_constant_per_row(mode, padded_batch):
+    old, new, adv, mask = padded_batch(seed=5)
+    leaf = new.clone().requires_grad_(True)
+    hyper = dict(eps=0.04, c_pos=0.12, c_neg=0.05)
+    loss, _ = POLICY_LOSSES["fiberpo"](old, leaf, adv, mask, mode, **hyper)
+    nodes = {type(f).__name__ for f, _ in loss.grad_fn.next_functions if f is not None}
+    assert ("FiberObjectiveBackward" in nodes) == (mode != "seq-mean-token-sum"), nodes
+    batch = flatten_mask(mask)
+    x, a = (leaf - old)[batch.mask], adv[batch.mask]
+    gated = obj.fiberpo_gated_ratio(x, batch.traj_id, **hyper)
+    weights = (torch.full_like(gated, 1.0 / mask.shape[0]) if mode == "seq-mean-token-sum"
+               else obj.aggregation_weights("token" if mode == "token-mean" else "trajectory", gated, batch.traj_id))
+    want = -obj.rgf_objective(gated, a, weights)
+    got_grad, want_grad = (torch.autograd.grad(v, leaf)[0] for v in (loss, want))
+    assert torch.allclose(loss, want, rtol=0, atol=1e-12)
+    assert torch.allclose(got_grad, want_grad, rtol=0, atol=1e-10) and got_grad.abs().max() > 0

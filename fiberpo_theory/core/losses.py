@@ -39,8 +39,17 @@ def get_policy_loss_fn(name: str) -> Callable:
     return POLICY_LOSSES[name]
 
 
+def _mode(mode: str | None, method: str) -> str:
+    """``loss_agg_mode``, or the method's own μ from the paper when ``None``."""
+    return mode or {"token": "token-mean", "trajectory": "seq-mean-token-mean"}[objectives.METHOD_WEIGHTS[method]]
+
+
+# the modes whose μ is constant on each trajectory (rows with tokens), which the fused objectives take
+_PER_TRAJECTORY = {"token-mean": "token", "seq-mean-token-mean": "trajectory"}
+
+
 def _weights(mode: str | None, method: str, batch: FlatBatch, like: torch.Tensor, traj=None) -> torch.Tensor:
-    mode = mode or {"token": "token-mean", "trajectory": "seq-mean-token-mean"}[objectives.METHOD_WEIGHTS[method]]
+    mode = _mode(mode, method)
     if mode == "token-mean":
         return objectives.aggregation_weights("token", like)
     if mode == "seq-mean-token-mean":  # the rows with tokens are the trajectories: by their lengths, no id pass
@@ -121,6 +130,15 @@ def _finish(method, gated, log_ratio, adv, batch, mode, metrics, traj=None):
     return -objective, metrics
 
 
+def _fiber_finish(method, objective_fn, gated_fn, log_ratio, adv, batch, mode, metrics, traj):
+    """:func:`_finish` for the FiberPO family: Eq. 2 in the gate's pass where μ is constant on each row."""
+    weights = _PER_TRAJECTORY.get(_mode(mode, method))
+    if weights is None:
+        return _finish(method, gated_fn(), log_ratio, adv, batch, mode, metrics, traj=traj)
+    metrics = {**metrics, "ratio/mean": float(torch.exp(log_ratio.detach()).mean())}
+    return -objective_fn(adv, weights), metrics
+
+
 def _clip_loss(method, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, clip):
     batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)
     ratio = baselines.bounded_ratio(x)
@@ -188,16 +206,18 @@ def fiberpo_loss(
 ):
     """FiberPO (Eq. 6-16); defaults are the illustrative values of the paper's Fig. 4.
 
-    The loss runs the fused gate (:func:`~fiberpo_theory.objectives.fiberpo_gated_ratio`);
-    the metrics come from the autograd reference evaluated without a graph.
+    The loss is :func:`~fiberpo_theory.objectives.fiberpo_objective` (Eq. 2 in the fused gate's pass) for
+    the token-mean and seq-mean-token-mean modes, the fused gate with Eq. 2 for the others; the metrics
+    come from the autograd reference evaluated without a graph.
     """
     batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)
     traj = trajectory_segments(batch)
     hyper = dict(eps=eps, c_pos=c_pos, c_neg=c_neg, k=k)
-    gated = objectives.fiberpo_gated_ratio(x, traj, **hyper)
     with torch.no_grad():
         metrics = diagnostics.fiberpo_metrics(objectives.fiberpo_parts(x.detach(), traj, **hyper), **hyper)
-    return _finish("fiberpo", gated, x, adv, batch, loss_agg_mode, metrics, traj=traj)
+    return _fiber_finish("fiberpo", lambda a, w: objectives.fiberpo_objective(x, traj, a, weights=w, **hyper),
+                         lambda: objectives.fiberpo_gated_ratio(x, traj, **hyper), x, adv, batch, loss_agg_mode,
+                         metrics, traj)
 
 
 @register_policy_loss("fiberpo_domain")
@@ -220,16 +240,19 @@ def fiberpo_domain_loss(
     ``process_group`` all-reduces the group and domain aggregates across
     data-parallel ranks (see :mod:`fiberpo_theory.core.distributed`); the μ weights
     of ``loss_agg_mode`` and the metrics stay per rank, as in any DDP loss.
-    The loss runs the fused gate; the metrics, the autograd reference without
-    a graph (with a ``process_group`` both make the same collectives on every rank).
+    The loss runs the fused gate (with Eq. 2 in its pass, as for ``fiberpo``); the metrics, the autograd
+    reference without a graph (with a ``process_group`` both make the same collectives on every rank).
     """
     batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)
     traj = trajectory_segments(batch)
     groups = _row_ids("group_ids", group_ids, batch)
     domains = _row_ids("domain_ids", domain_ids, batch)
     hyper = dict(eps=eps, c_pos=c_pos, c_neg=c_neg, process_group=process_group)
-    gated = objectives.fiberpo_domain_gated_ratio(x, traj, groups, domains, **hyper)
     with torch.no_grad():
         parts = objectives.fiberpo_domain_parts(x.detach(), traj, groups, domains, **hyper)
     metrics = diagnostics.fiberpo_metrics(parts, eps=eps, c_pos=c_pos, c_neg=c_neg)
-    return _finish("fiberpo_domain", gated, x, adv, batch, loss_agg_mode, metrics, traj=traj)
+    return _fiber_finish(
+        "fiberpo_domain", lambda a, w: objectives.fiberpo_domain_objective(x, traj, groups, domains, a, weights=w,
+                                                                           **hyper),
+        lambda: objectives.fiberpo_domain_gated_ratio(x, traj, groups, domains, **hyper), x, adv, batch,
+        loss_agg_mode, metrics, traj)

@@ -172,7 +172,7 @@ def _padded_cases(b: Batch) -> list[Case]:
              fiberpo),
         Case("fiberpo_domain/padded", "as fiberpo/padded plus row group/domain ids per token", b.padded_log_prob,
              fiberpo_domain),
-        Case("fiberpo_loss/padded", "package registry FiberPO: fused gate, metrics by the reference without a graph",
+        Case("fiberpo_loss/padded", "package registry FiberPO: Eq. 2 in the fused gate's pass, metrics by the reference without a graph",
              b.padded_log_prob, registry("fiberpo", **FIBER)),
     ]
     verl = verl_loss()
@@ -533,7 +533,7 @@ What each baseline includes:
 * `fiberpo/padded` and `fiberpo_domain/padded`: flatten with the mask as the registry losses do (the token
   positions and row lengths found in one pass; the bench's rows are right-padded blocks, so values are
   selected and gradients written back by block copies: no boolean indexing), the rows as trajectories by
-  their lengths (no sort), the fused gate, μ and Eq. 2.  `fiberpo_loss/padded` is the registry loss: the fused gate for the loss, its
+  their lengths (no sort), the fused gate, μ and Eq. 2.  `fiberpo_loss/padded` is the registry loss: `fiberpo_objective` for the loss, its
   metrics from the autograd reference run without a graph.
 * `fiberpo_objective/sorted`: `fiberpo_objective`, the same J (Eq. 2 with FiberPO's gate and μ) taken in
   the gate's own pass: per trajectory and sign the forward sums Â·G and Â·G on the open clip, so G, μ and
