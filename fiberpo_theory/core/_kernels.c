@@ -49,17 +49,24 @@
         out_;                                                                                        \
     })
 
+/* a to the sum of its sign's entry (o0 for l = +1, o1 for l = -1) and b likewise to d0 / d1, the other
+ * entry adding +0: the per-run, per-sign sums of the backward passes and of the objective's pass */
+#define SIGN_SUMS(T, U, negative, a, b, o0, o1, d0, d1)                                              \
+    do {                                                                                             \
+        const int negative_ = (negative);                                                            \
+        o0 = o0 + SELECT(T, U, 1 - negative_, a);                                                    \
+        o1 = o1 + SELECT(T, U, negative_, a);                                                        \
+        d0 = d0 + SELECT(T, U, 1 - negative_, b);                                                    \
+        d1 = d1 + SELECT(T, U, negative_, b);                                                        \
+    } while (0)
+
 /* One token of a backward pass: a = ∂L/∂G·G goes to dA of its sign's entry, a·1u (as torch's a * inside:
  * ±0 off the clip's open interval) to dS and to the gradient; o0/o1, d0/d1 are the run's l = +1 / l = -1 sums */
 #define ACCUMULATE(T, U, i, negative, inside, o0, o1, d0, d1)                                        \
     do {                                                                                             \
-        const int negative_ = (negative);                                                            \
         const T a_ = grad[i] * gated[i];                                                             \
         const T b_ = a_ * (T)(inside);                                                               \
-        o0 = o0 + SELECT(T, U, 1 - negative_, a_);                                                   \
-        o1 = o1 + SELECT(T, U, negative_, a_);                                                       \
-        d0 = d0 + SELECT(T, U, 1 - negative_, b_);                                                   \
-        d1 = d1 + SELECT(T, U, negative_, b_);                                                       \
+        SIGN_SUMS(T, U, negative, a_, b_, o0, o1, d0, d1);                                           \
         grad_x[i] = b_;                                                                              \
     } while (0)
 
@@ -196,12 +203,9 @@
             const int64_t length = count[r]; /* a local: flags (uint8_t) could alias it */           \
             T o0 = 0, o1 = 0, d0 = 0, d1 = 0;                                                        \
             for (int64_t i = 0; i < length; ++i) {                                                   \
-                const int negative = flags[i] >> 1;                                                  \
                 const T v = adv[i] * q[i];                                                           \
-                const T w = SELECT(T, U, flags[i] & 1, v);                                           \
+                SIGN_SUMS(T, U, flags[i] >> 1, v, SELECT(T, U, flags[i] & 1, v), o0, o1, d0, d1);    \
                 q[i] = v;                                                                            \
-                o0 = o0 + SELECT(T, U, 1 - negative, v), o1 = o1 + SELECT(T, U, negative, v);        \
-                d0 = d0 + SELECT(T, U, 1 - negative, w), d1 = d1 + SELECT(T, U, negative, w);        \
             }                                                                                        \
             const T weight = weights[r];                                                             \
             grad_offset[2 * r] = weight * o0, grad_offset[2 * r + 1] = weight * o1;                  \

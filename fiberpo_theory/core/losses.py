@@ -125,9 +125,12 @@ def _validate_row_ids(name, ids):
 def _finish(method, gated, log_ratio, adv, batch, mode, metrics, traj=None):
     """``traj``: the trajectory ``Segments`` the objective already built, reused for μ (no second sort)."""
     weights = _weights(mode, method, batch, gated, traj)
-    objective = objectives.rgf_objective(gated, adv, weights)
-    metrics = {**metrics, "ratio/mean": float(torch.exp(log_ratio.detach()).mean())}
-    return -objective, metrics
+    return _loss_and_metrics(objectives.rgf_objective(gated, adv, weights), log_ratio, metrics)
+
+
+def _loss_and_metrics(objective, log_ratio, metrics):
+    """The loss -J and the method's metrics with the mean raw ratio added."""
+    return -objective, {**metrics, "ratio/mean": float(torch.exp(log_ratio.detach()).mean())}
 
 
 def _fiber_finish(method, objective_fn, gated_fn, log_ratio, adv, batch, mode, metrics, traj):
@@ -135,8 +138,7 @@ def _fiber_finish(method, objective_fn, gated_fn, log_ratio, adv, batch, mode, m
     weights = _PER_TRAJECTORY.get(_mode(mode, method))
     if weights is None:
         return _finish(method, gated_fn(), log_ratio, adv, batch, mode, metrics, traj=traj)
-    metrics = {**metrics, "ratio/mean": float(torch.exp(log_ratio.detach()).mean())}
-    return -objective_fn(adv, weights), metrics
+    return _loss_and_metrics(objective_fn(adv, weights), log_ratio, metrics)
 
 
 def _clip_loss(method, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, clip):
