@@ -8,7 +8,7 @@ import torch
 import fiberpo_theory.core.native as native
 import fiberpo_theory.core.fused as fused
 from fiberpo_theory.core import gates, objectives as obj
-from fiberpo_theory.core.segments import Segments, _sorted_runs
+from fiberpo_theory.core.segments import Segments, _native_sorted_runs, _sorted_runs
 
 HYPER = dict(eps=0.1, c_pos=0.12, c_neg=0.2)
 HAS_CC = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
@@ -218,15 +218,26 @@ def test_compiled_sorted_runs_equal_the_torch_passes(ids, dtype, room, monkeypat
 
     column = torch.tensor(ids, dtype=dtype)
     monkeypatch.setattr(segments, "_RUN_ROOM", room)  # 2: more runs than room, so the loop runs again
-    compiled = _sorted_runs(column)
-    monkeypatch.setattr(native, "library", lambda: None)
-    reference = _sorted_runs(column)
+    compiled = _native_sorted_runs(column)
+    reference = _sorted_runs(column)  # the torch passes
     if reference is None:
         assert compiled is None
         return
     assert torch.equal(compiled.narrow_index, reference.narrow_index)
     assert compiled.narrow_index.dtype == reference.narrow_index.dtype == torch.int32
     assert torch.equal(compiled.count, reference.count) and torch.equal(compiled.ids, reference.ids)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_negative_sorted_ids_are_named_with_the_least_id(compiled, dtype, monkeypatch):
+    """Sorted ids are checked by their first run (read from the C loop's buffer on the compiled path)."""
+    if not compiled:
+        monkeypatch.setattr(native, "library", lambda: None)
+    with pytest.raises(ValueError, match="traj_id must be non-negative, found -3"):
+        Segments.from_ids(torch.tensor([-3, -3, -1, 0, 2], dtype=dtype), name="traj_id")
+    segs = Segments.from_ids(torch.tensor([0, 0, 5, 7, 7], dtype=dtype))
+    assert segs.ids.tolist() == [0, 5, 7] and segs.count.tolist() == [2, 1, 2]
 
 
 def test_torch_path_alone_matches_the_autograd_reference(torch_only):

@@ -81,7 +81,7 @@ class FiberObjective(torch.autograd.Function):
             tables = 2 * first * size
             gate(last - first, ptr(runs, first), ptr(x, start), same + tables, offset + tables, real(eps),
                  ptr(q, start), ptr(flags, start))
-            q[start:stop].exp_()  # G, while the chunk is in cache; weigh turns it into q = Â·G
+            (q if stop - start == q.numel() else q[start:stop]).exp_()  # G, in cache; weigh makes it q = Â·G
             weigh(last - first, ptr(runs, first), ptr(weights, first), ptr(advantages, start), ptr(flags, start),
                   ptr(q, start), grad_offset + tables, grad_same + tables, ptr(total))
         ctx.save_for_backward(q, flags)

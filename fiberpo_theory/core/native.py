@@ -155,8 +155,11 @@ def status() -> str:
 
 def kernels_for(*tensors: torch.Tensor) -> tuple[ctypes.CDLL, type, str] | None:
     """``(library, ctypes real type, suffix)`` when every tensor is a contiguous CPU tensor the loops take."""
-    if tensors[0].dtype not in _TYPES or not all(plain_cpu(t) and t.is_contiguous() for t in tensors):
-        return None  # checked first: a CUDA-only run never builds the library
+    if tensors[0].dtype not in _TYPES or torch._C._functorch.peek_interpreter_stack() is not None:
+        return None
+    for tensor in tensors:  # checked first: a CUDA-only run never builds the library
+        if not (tensor.is_cpu and tensor.is_contiguous()) or _wrapped(tensor):
+            return None
     lib = library()
     if lib is None:
         return None
@@ -173,8 +176,7 @@ def loops(dtype: torch.dtype) -> tuple[ctypes.CDLL, type, str]:
 def plain_cpu(tensor: torch.Tensor) -> bool:
     """A CPU tensor with storage of its own (not vmap-batched, functionalised or a subclass), any strides,
     outside torch.func transforms (under one, even the buffers made for the loops have no plain storage)."""
-    return (tensor.device.type == "cpu" and not _wrapped(tensor)
-            and torch._C._functorch.peek_interpreter_stack() is None)
+    return tensor.is_cpu and not _wrapped(tensor) and torch._C._functorch.peek_interpreter_stack() is None
 
 
 def _wrapped(tensor: torch.Tensor) -> bool:

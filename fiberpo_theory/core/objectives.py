@@ -131,10 +131,18 @@ class _FiberPOLogBase:
     closed form instead of through an M-sized autograd graph.
     """
 
-    def __init__(self, c_pos, c_neg, k, *, k_is_length: bool = False):
-        self.c_pos, self.c_neg, self.k = c_pos, c_neg, k
+    def __init__(self, c_pos, c_neg, k, *, lengths_of=None):
+        self.c_pos, self.c_neg, self._k, self._lengths_of = c_pos, c_neg, k, lengths_of
         # k = T_τ: the fused gate may run this chain as its compiled loop (the same operations, in C)
-        self.length_budgets = (c_pos, c_neg) if k_is_length else None
+        self.length_budgets = (c_pos, c_neg) if lengths_of is not None else None
+
+    @property
+    def k(self):
+        """The rollback slope: a float, or T_τ per trajectory (built on first use: the compiled chain reads the lengths)."""
+        if self._k is None:
+            count, dtype = self._lengths_of
+            self._k = count.to(dtype)
+        return self._k
 
     def _both(self, fn, channels: torch.Tensor) -> torch.Tensor:
         """``fn(channel, C, k)`` of both channels as ``(M, 2)``.
@@ -161,8 +169,9 @@ def _fiberpo_inputs(log_ratio, traj_id, eps, c_pos, c_neg, k):
     x = _validate.flat_values("log_ratio", log_ratio)
     eps, c_pos, c_neg = _check_budgets(eps, c_pos, c_neg)
     traj = segments_for("traj_id", traj_id, x)
-    k_traj = traj.count.to(x.dtype) if k is None else _validate.positive("k", k)
-    return x, traj, eps, _FiberPOLogBase(c_pos, c_neg, k_traj, k_is_length=k is None)
+    if k is None:
+        return x, traj, eps, _FiberPOLogBase(c_pos, c_neg, None, lengths_of=(traj.count, x.dtype))
+    return x, traj, eps, _FiberPOLogBase(c_pos, c_neg, _validate.positive("k", k))
 
 
 def fiberpo_parts(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None) -> FiberPOParts:

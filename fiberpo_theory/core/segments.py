@@ -23,6 +23,8 @@ fits (the long one is built only when asked for).
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from . import _validate
@@ -161,12 +163,14 @@ class Segments:
         the min that ranking needs anyway.
         """
         _validate.id_column(name, ids)
-        # the C pass stops at the first decrease, so it needs no probe first; the torch passes do
-        if ids.numel() >= 2 and (_native_runs_for(ids) or _maybe_sorted(ids)):
-            segs = _sorted_runs(ids)
+        if ids.numel() >= 2:
+            # the C pass stops at the first decrease, so it needs no probe first; the torch passes do
+            native = _native_runs_for(ids)
+            segs = _native_sorted_runs(ids.contiguous()) if native else _sorted_runs(ids) if _maybe_sorted(ids) else None
             if segs is not None:
-                if int(segs.ids[0]) < 0:
-                    raise ValueError(f"{name} must be non-negative, found {int(segs.ids[0])}")
+                first = _first_id(segs.ids) if native else int(segs.ids[0])  # sorted: the first id is the least
+                if first < 0:
+                    raise ValueError(f"{name} must be non-negative, found {first}")
                 return segs
         if ids.numel() < 2:
             unique, inverse, count = torch.unique_consecutive(ids.long(), return_inverse=True, return_counts=True)
@@ -249,8 +253,6 @@ def _sorted_runs(ids: torch.Tensor) -> "Segments | None":
     increase, an M-sized check instead of an N-sized one.
     """
     n = ids.numel()
-    if _native_runs_for(ids):
-        return _native_sorted_runs(ids.contiguous())
     change = torch.empty(n, dtype=torch.bool, device=ids.device)
     change[0] = False  # written in place so that the cumulative sum below needs no shifted copy
     torch.ne(ids[1:], ids[:-1], out=change[1:])
@@ -277,14 +279,22 @@ def _native_sorted_runs(ids: torch.Tensor) -> "Segments | None":
     n = ids.numel()
     runs_of = getattr(_native.library(), f"sorted_runs_{_NATIVE_IDS[ids.dtype]}")
     # room for a typical number of runs: an N-sized buffer would cost page faults on every call
-    table = torch.empty(2, min(n, _RUN_ROOM), dtype=torch.long)  # run lengths, run ids
-    runs = runs_of(n, _native.ptr(ids), None, None, _native.ptr(table[0]), _native.ptr(table[1]), table.shape[1])
-    if runs > table.shape[1]:  # more runs than room: once more with room for all of them
-        table = torch.empty(2, runs, dtype=torch.long)
-        runs = runs_of(n, _native.ptr(ids), None, None, _native.ptr(table[0]), _native.ptr(table[1]), runs)
+    room = min(n, _RUN_ROOM)
+    count, values = torch.empty(room, dtype=torch.long), torch.empty(room, dtype=torch.long)
+    runs = runs_of(n, _native.ptr(ids), None, None, _native.ptr(count), _native.ptr(values), room)
+    if runs > room:  # more runs than room: once more with room for all of them
+        count, values = torch.empty(runs, dtype=torch.long), torch.empty(runs, dtype=torch.long)
+        runs = runs_of(n, _native.ptr(ids), None, None, _native.ptr(count), _native.ptr(values), runs)
     if runs < 0:
         return None
-    return Segments(count=table[0, :runs], ids=table[1, :runs], contiguous=True, elements=n, checked=True)
+    if runs < count.numel():  # shrunk in place (the buffers are ours alone): cheaper than two views
+        count.resize_(runs), values.resize_(runs)
+    return Segments(count=count, ids=values, contiguous=True, elements=n, checked=True)
+
+
+def _first_id(values: torch.Tensor) -> int:
+    """``int(values[0])`` of a contiguous CPU int64 tensor the C loop wrote, read from its memory (no indexing op)."""
+    return ctypes.c_int64.from_address(values.data_ptr()).value
 
 
 def parent_of(child: Segments, parent_index: torch.Tensor, *, child_name: str, parent_name: str) -> torch.Tensor:
