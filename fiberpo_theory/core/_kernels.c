@@ -20,6 +20,8 @@
  *   weigh_runs     the objective's pass (Eq. 2, weights per trajectory): q = adv * G in place of G, and per
  *                  run and sign w * sum q and -(w * sum q [inside]) (dJ/dA, dJ/dS); total += w * sum q
  *   objective_grad_runs  grad = scale * (w * q [inside] + per_channel[run, sign])
+ *   tally_runs     the training metrics' pass (diagnostics.py): per run the tokens with x < 0, with |u| >= eps
+ *                  and with |u| > eps (u = r as gate_runs takes it), and gate_runs' exponent
  *   mask_positions the row-major positions (int32) and row lengths of a (B, L) 0/1 mask, in one pass
  *   fiber_chain    channel sums -> means (Eq. 9), log w by g_agg with k = T (Eq. 8, 10), its slopes (γ of
  *                  Eq. 20), the tables S and A (Eq. 14-16); fiber_chain_grad: the backward of that chain
@@ -239,6 +241,31 @@
             const T v = values[r];                                                                   \
             for (int64_t i = 0; i < length; ++i) out[i] = v;                                         \
             out += length;                                                                           \
+        }                                                                                            \
+    }                                                                                                \
+                                                                                                     \
+    void tally_runs_##SUF(int64_t runs, const int64_t *restrict count, const T *restrict x,          \
+                          const T *restrict same, const T *restrict offset, T eps, T *restrict out,  \
+                          int64_t *restrict tallies) {                                               \
+        for (int64_t r = 0; r < runs; ++r) {                                                         \
+            const int64_t length = count[r];                                                         \
+            const T s0 = same[2 * r], s1 = same[2 * r + 1];                                          \
+            const T a0 = offset[2 * r], a1 = offset[2 * r + 1];                                      \
+            /* counters as wide as T's lanes (a run is far below 2^32 tokens) and only quiet compares    \
+             * (== and the clip's selects): then the loop vectorises.  For finite x, |u| > eps iff the    \
+             * clip moved u, and |u| >= eps iff it did or u = ±eps */                                     \
+            U below = 0, reach = 0, past = 0;                                                        \
+            for (int64_t i = 0; i < length; ++i) {                                                   \
+                const T v = x[i];                                                                    \
+                const int negative = v < 0;                                                          \
+                const T res = v - (negative ? s1 : s0);                                              \
+                const T c = CLIP(res, eps);                                                          \
+                const U outside = (U)(c != res), edge = (U)(res == eps) + (U)(res == -eps);          \
+                below += (U)negative, past += outside, reach += outside + edge;                      \
+                out[i] = (negative ? a1 : a0) + c;                                                   \
+            }                                                                                        \
+            tallies[3 * r] = below, tallies[3 * r + 1] = reach, tallies[3 * r + 2] = past;           \
+            x += length, out += length;                                                              \
         }                                                                                            \
     }
 

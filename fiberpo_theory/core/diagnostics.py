@@ -1,14 +1,24 @@
 """Regime labels and clip fractions to log during training.
 
-All functions take the ``FiberPOParts`` returned by
-:func:`fiberpo_theory.core.objectives.fiberpo_parts` (or ``fiberpo_domain_parts``),
-so nothing is recomputed and nothing is re-derived.
+The labels take the ``FiberPOParts`` returned by
+:func:`fiberpo_theory.core.objectives.fiberpo_parts` (or ``fiberpo_domain_parts``).
+The metrics dict is made from a :class:`GateTally`, the few per-trajectory
+tables and token counts it needs: :func:`tally_of_parts` reads them off the
+parts, and on contiguous trajectories on CPU :func:`fiberpo_loss_metrics` /
+:func:`fiberpo_domain_loss_metrics` count them in one compiled token pass
+instead of building the parts (``tests/test_diagnostics.py`` holds the two
+tallies equal in every regime).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from . import native as _native
+from . import objectives
+from .fused import run_chunks, trajectory_chain
 from .gates import PASS, REGIME_NAMES, ROLLBACK, ZEROED, g_agg_regime
 from .objectives import FiberPOParts
 
@@ -18,8 +28,12 @@ LOCAL_REGIMES = ("L-I", "L-II", "L-III")
 
 def channel_regimes(parts: FiberPOParts, *, c_pos, c_neg, k=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-trajectory regime (P=0, R=1, Z=2) of g_agg on each sign channel (Eq. 10)."""
-    k_traj = parts.length if k is None else float(k)
-    return g_agg_regime(parts.log_s_pos, c_pos, k_traj), g_agg_regime(parts.log_s_neg, c_neg, k_traj)
+    return _channel_regimes(parts.log_s_pos, parts.log_s_neg, parts.length, c_pos, c_neg, k)
+
+
+def _channel_regimes(log_s_pos, log_s_neg, length, c_pos, c_neg, k):
+    k_traj = length if k is None else float(k)
+    return g_agg_regime(log_s_pos, c_pos, k_traj), g_agg_regime(log_s_neg, c_neg, k_traj)
 
 
 def global_regime(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -42,10 +56,14 @@ def global_regime(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
 def local_regime(parts: FiberPOParts, *, eps) -> torch.Tensor:
     """Per-trajectory L-I (0) / L-II (1) / L-III (2) by how many |u_i| >= ε (Sec. 5.2)."""
     over = (parts.signed_u.abs() >= eps).to(parts.length.dtype)  # |u| = |l·u|
-    n_over = parts.traj.sum(over)
+    return _local_label(parts.traj.sum(over), parts.length)
+
+
+def _local_label(n_over: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """L-I (0) / L-II (1) / L-III (2) from each trajectory's count of tokens with |u_i| >= ε and its length."""
     label = torch.ones_like(n_over, dtype=torch.long)
     label = torch.where(n_over == 0, torch.zeros_like(label), label)
-    return torch.where(n_over == parts.length, torch.full_like(label, 2), label)
+    return torch.where(n_over == length, torch.full_like(label, 2), label)
 
 
 def _share(mask: torch.Tensor) -> float:
@@ -58,26 +76,137 @@ def _fractions(labels: torch.Tensor, names: tuple[str, ...], prefix: str) -> dic
     return {f"{prefix}/{name}": float(c) for name, c in zip(names, counts)}
 
 
+class GateTally(NamedTuple):
+    """What :func:`fiberpo_metrics` is made of: per-trajectory tables ``(M,)`` and token totals.
+
+    ``reaching`` counts each trajectory's tokens with |u_i| >= ε (the local
+    regimes, Sec. 5.2); ``numerator_clipped`` / ``denominator_clipped`` count
+    the tokens with |u_i| > ε / |v_i| > ε (the two clips of Eq. 16);
+    ``abs_log_base_sum`` is Σ_i |log w_τ(i)| and ``gated_sum`` Σ_i G_i, both in float64.
+    """
+
+    log_s_pos: torch.Tensor
+    log_s_neg: torch.Tensor
+    length: torch.Tensor  # T_τ, float
+    reaching: torch.Tensor
+    numerator_clipped: int
+    denominator_clipped: int
+    abs_log_base_sum: float
+    gated_sum: float
+    tokens: int
+
+
+def tally_of_parts(parts: FiberPOParts, *, eps) -> GateTally:
+    """The tally read off the gate's parts: the reference for :func:`runs_tally`."""
+    size_u = parts.signed_u.abs()  # |u| = |l·u|, |v| = |l·v|
+    return GateTally(
+        parts.log_s_pos, parts.log_s_neg, parts.length, parts.traj.sum((size_u >= eps).to(parts.length.dtype)),
+        int(torch.count_nonzero(size_u > eps)), int(torch.count_nonzero(parts.signed_v.abs() > eps)),
+        float(parts.log_base_weight.double().abs().sum()), float(parts.gated_ratio.double().sum()),
+        parts.signed_u.numel(),
+    )
+
+
+def metrics_of_tally(tally: GateTally, *, c_pos, c_neg, k=None) -> dict[str, float]:
+    """The metrics dict of :func:`fiberpo_metrics` from a tally, however it was counted."""
+    pos, neg = _channel_regimes(tally.log_s_pos, tally.log_s_neg, tally.length, c_pos, c_neg, k)
+    tokens = max(tally.tokens, 1)
+    metrics = {}
+    metrics.update(_fractions(pos, REGIME_NAMES, "channel_pos"))
+    metrics.update(_fractions(neg, REGIME_NAMES, "channel_neg"))
+    metrics.update(_fractions(global_regime(pos, neg), GLOBAL_REGIMES, "global"))
+    metrics.update(_fractions(_local_label(tally.reaching, tally.length), LOCAL_REGIMES, "local"))
+    metrics["clipfrac/numerator"] = tally.numerator_clipped / tokens
+    metrics["clipfrac/denominator"] = tally.denominator_clipped / tokens
+    metrics["log_s_pos/mean"] = float(tally.log_s_pos.double().mean())
+    metrics["log_s_neg/mean"] = float(tally.log_s_neg.double().mean())
+    metrics["log_base_weight/abs_mean"] = tally.abs_log_base_sum / tokens
+    metrics["gated_ratio/mean"] = tally.gated_sum / tokens
+    return metrics
+
+
 def fiberpo_metrics(parts: FiberPOParts, *, eps, c_pos, c_neg, k=None) -> dict[str, float]:
     """A flat dict of scalars for a training logger.
 
     Channel and global regime fractions are over trajectories; clip
     fractions are over tokens (numerator clip |u| > ε, denominator clip
-    |v| > ε, as in Eq. 16).
+    |v| > ε, as in Eq. 16); the means of log s± are over trajectories, those
+    of |log w| and G over tokens.
     """
-    pos, neg = channel_regimes(parts, c_pos=c_pos, c_neg=c_neg, k=k)
-    metrics = {}
-    metrics.update(_fractions(pos, REGIME_NAMES, "channel_pos"))
-    metrics.update(_fractions(neg, REGIME_NAMES, "channel_neg"))
-    metrics.update(_fractions(global_regime(pos, neg), GLOBAL_REGIMES, "global"))
-    metrics.update(_fractions(local_regime(parts, eps=eps), LOCAL_REGIMES, "local"))
-    metrics["clipfrac/numerator"] = _share(parts.signed_u.abs() > eps)  # |u| = |l·u|, |v| = |l·v|
-    metrics["clipfrac/denominator"] = _share(parts.signed_v.abs() > eps)
-    metrics["log_s_pos/mean"] = float(parts.log_s_pos.double().mean())
-    metrics["log_s_neg/mean"] = float(parts.log_s_neg.double().mean())
-    metrics["log_base_weight/abs_mean"] = float(parts.log_base_weight.double().abs().mean())
-    metrics["gated_ratio/mean"] = float(parts.gated_ratio.double().mean())
-    return metrics
+    return metrics_of_tally(tally_of_parts(parts, eps=eps), c_pos=c_pos, c_neg=c_neg, k=k)
+
+
+def runs_tally(x: torch.Tensor, traj, log_base_fn, eps: float) -> GateTally | None:
+    """The tally of the gate of ``log_base_fn`` in one compiled token pass, or ``None`` where the loops do not run.
+
+    For contiguous trajectories on CPU (``traj.runs``): the per-trajectory
+    chain of the fused gate, then per chunk of whole trajectories the C loop
+    counts x < 0, |u| >= ε and |u| > ε per trajectory and writes the
+    exponent of G, which torch exponentiates and sums in cache.  |v| is
+    per (trajectory, sign), so its clip count is M-sized.  Nothing N-sized
+    is kept.
+    """
+    runs = traj.runs
+    if runs is None or _native.kernels_for(x) is None:
+        return None
+    lib, real, suffix = _native.loops(x.dtype)
+    with torch.no_grad():
+        chain = trajectory_chain(x, traj, runs, False, log_base_fn, eps)
+        channels = chain.channels.detach().to(x.dtype)
+        log_base = log_base_fn(channels).double()
+        same, offset = (t.detach().to(x.dtype).contiguous() for t in (chain.same, chain.offset))
+        m, size, ptr = traj.size, x.element_size(), _native.ptr
+        tallies = torch.empty(m, 3, dtype=torch.long)  # per trajectory: x < 0, |u| >= ε, |u| > ε
+        chunks = run_chunks(x.numel(), runs)
+        exponent = torch.empty(max(stop - start for _, _, start, stop in chunks), dtype=x.dtype)
+        gated_sum = 0.0
+        for first, last, start, stop in chunks:
+            tables = 2 * first * size
+            getattr(lib, f"tally_runs_{suffix}")(last - first, ptr(runs, first), ptr(x, start), ptr(same) + tables,
+                                                 ptr(offset) + tables, real(eps), ptr(exponent),
+                                                 ptr(tallies) + 3 * first * 8)
+            gated_sum += float(exponent[: stop - start].exp_().sum(dtype=torch.float64))
+        length = traj.count.to(x.dtype)
+        negative = tallies[:, 0]
+        # a token reads the opposite channel's |log s| as |v|: l = +1 tokens |log s⁻|, l = -1 tokens |log s⁺|
+        past_v = (traj.count - negative) * (channels[:, 1].abs() > eps) + negative * (channels[:, 0].abs() > eps)
+        return GateTally(
+            channels[:, 0], channels[:, 1], length, tallies[:, 1].to(x.dtype), int(tallies[:, 2].sum()),
+            int(past_v.sum()), float((log_base.abs() * traj.count).sum()), gated_sum, x.numel(),
+        )
+
+
+def fiberpo_loss_metrics(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None) -> dict[str, float]:
+    """``fiberpo_metrics(fiberpo_parts(log_ratio, traj_id, ...), ...)``, by :func:`runs_tally` where it runs.
+
+    What the registry losses log: on contiguous trajectories on CPU one
+    token pass instead of the parts' dozen N-sized tensors.
+    """
+    with torch.no_grad():
+        x, traj, eps_, log_base_fn = objectives._fiberpo_inputs(log_ratio.detach(), traj_id, eps, c_pos, c_neg, k)
+        tally = runs_tally(x, traj, log_base_fn, eps_)
+        if tally is None:
+            tally = tally_of_parts(objectives.fiberpo_parts(x, traj, eps=eps, c_pos=c_pos, c_neg=c_neg, k=k), eps=eps)
+    return metrics_of_tally(tally, c_pos=c_pos, c_neg=c_neg, k=k)
+
+
+def fiberpo_domain_loss_metrics(log_ratio, traj_id, group_id, domain_id, *, eps, c_pos, c_neg,
+                                process_group=None) -> dict[str, float]:
+    """:func:`fiberpo_loss_metrics` for FiberPO-Domain (Eq. 30-33); with a ``process_group`` by the parts."""
+    hyper = dict(eps=eps, c_pos=c_pos, c_neg=c_neg)
+    with torch.no_grad():
+        x = log_ratio.detach()
+        tally = None
+        if process_group is None:  # across ranks the base weight makes collectives: computed once, by the parts
+            x, levels, eps_, log_base_fn = objectives._domain_inputs(x, traj_id, group_id, domain_id, eps, c_pos,
+                                                                    c_neg, None)
+            tally = runs_tally(x, levels.traj, log_base_fn, eps_)
+            traj_id = levels.traj
+        if tally is None:
+            parts = objectives.fiberpo_domain_parts(x, traj_id, group_id, domain_id, process_group=process_group,
+                                                    **hyper)
+            tally = tally_of_parts(parts, eps=eps)
+    return metrics_of_tally(tally, c_pos=c_pos, c_neg=c_neg)
 
 
 def clip_fraction(ratio: torch.Tensor, gated_ratio: torch.Tensor) -> float:

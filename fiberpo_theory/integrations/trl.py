@@ -253,7 +253,7 @@ class FiberPOTrainer(GRPOTrainer):
         metrics = {"clip_fraction": diagnostics.clip_fraction(x.exp(), gated)}
         if args.fiberpo_method == "fiberpo":
             hyper = dict(eps=args.epsilon, c_pos=args.fiberpo_c_pos, c_neg=args.fiberpo_c_neg, k=args.fiberpo_k)
-            metrics.update(diagnostics.fiberpo_metrics(objectives.fiberpo_parts(x, traj, **hyper), **hyper))
+            metrics.update(diagnostics.fiberpo_loss_metrics(x, traj, **hyper))
         mode = "train" if self.model.training else "eval"
         for key, value in metrics.items():
             self._metrics[mode][f"fiberpo/{key}"].append(value)

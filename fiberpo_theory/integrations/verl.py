@@ -228,13 +228,12 @@ def _fiberpo_hyper(config) -> dict:
 
 def fiberpo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
             rollout_is_weights=None):
-    """FiberPO (Eq. 6-16), one trajectory per row: the loss by the fused gate, the metrics by the reference without a graph."""
+    """FiberPO (Eq. 6-16), one trajectory per row: the loss by the fused gate, the metrics by one counting pass."""
     batch = _Batch(old_log_prob, log_prob, advantages, response_mask)
     hyper = dict(_fiberpo_hyper(config), k=_hyper(config, "fiberpo_k", optional=True))
     traj = trajectory_segments(batch.flat)  # the non-empty rows, by their lengths: indexed once for loss and metrics
     gated = objectives.fiberpo_gated_ratio(batch.log_ratio, traj, **hyper)
-    with torch.no_grad():
-        metrics = diagnostics.fiberpo_metrics(objectives.fiberpo_parts(batch.log_ratio.detach(), traj, **hyper), **hyper)
+    metrics = diagnostics.fiberpo_loss_metrics(batch.log_ratio, traj, **hyper)
     return _finish(batch, gated, response_mask, loss_agg_mode, config, rollout_is_weights, metrics)
 
 
@@ -253,9 +252,7 @@ def fiberpo_domain(old_log_prob, log_prob, advantages, response_mask, loss_agg_m
     traj = trajectory_segments(batch.flat)
     levels = (traj, groups[batch.traj_id], domains[batch.traj_id])
     gated = objectives.fiberpo_domain_gated_ratio(batch.log_ratio, *levels, **hyper)  # the fused gate
-    with torch.no_grad():  # the metrics read the reference's intermediate quantities; no graph is kept
-        parts = objectives.fiberpo_domain_parts(batch.log_ratio.detach(), *levels, **hyper)
-        metrics = diagnostics.fiberpo_metrics(parts, **hyper)
+    metrics = diagnostics.fiberpo_domain_loss_metrics(batch.log_ratio, *levels, **hyper)
     return _finish(batch, gated, response_mask, loss_agg_mode, config, rollout_is_weights, metrics)
 
 

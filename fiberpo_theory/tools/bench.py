@@ -172,7 +172,7 @@ def _padded_cases(b: Batch) -> list[Case]:
              fiberpo),
         Case("fiberpo_domain/padded", "as fiberpo/padded plus row group/domain ids per token", b.padded_log_prob,
              fiberpo_domain),
-        Case("fiberpo_loss/padded", "package registry FiberPO: Eq. 2 in the fused gate's pass, metrics by the reference without a graph",
+        Case("fiberpo_loss/padded", "package registry FiberPO: Eq. 2 in the fused gate's pass, metrics by one counting pass",
              b.padded_log_prob, registry("fiberpo", **FIBER)),
     ]
     verl = verl_loss()
@@ -534,7 +534,8 @@ What each baseline includes:
   positions and row lengths found in one pass; the bench's rows are right-padded blocks, so values are
   selected and gradients written back by block copies: no boolean indexing), the rows as trajectories by
   their lengths (no sort), the fused gate, μ and Eq. 2.  `fiberpo_loss/padded` is the registry loss: `fiberpo_objective` for the loss, its
-  metrics from the autograd reference run without a graph.
+  metrics (regime shares, clip fractions, means) from one compiled counting pass over the tokens
+  (`diagnostics.fiberpo_loss_metrics`), and the mean raw ratio.
 * `fiberpo_objective/sorted`: `fiberpo_objective`, the same J (Eq. 2 with FiberPO's gate and μ) taken in
   the gate's own pass: per trajectory and sign the forward sums Â·G and Â·G on the open clip, so G, μ and
   their product are never written and the backward is the per-trajectory chain plus one token pass.

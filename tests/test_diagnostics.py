@@ -1,0 +1,100 @@
+"""The training metrics: the compiled counting pass against the tally read off the gate's parts."""
+
+import shutil
+
+import pytest
+import torch
+
+import fiberpo_theory.core.native as native
+from fiberpo_theory.core import diagnostics, gates, objectives as obj
+from fiberpo_theory.core.segments import Segments
+
+HAS_CC = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
+needs_cc = pytest.mark.skipif(not HAS_CC, reason="no C compiler: the parts are the only tally here")
+EDGES = dict(eps=0.125, c_pos=0.125, c_neg=0.25)
+EDGE_VALUES = [0.125, 0.14, 0.15625, 0.3, -0.25, -0.28, -0.3125, -0.5, 0.0, -0.125, 0.05]
+
+
+def _edge_batch(dtype):
+    """Trajectories of 4 tokens on the kinks (channel means on ε and on the budgets, |u| = ε), plus ragged random
+    trajectories at scales from well inside the budgets to far past them: every regime of every label."""
+    gen = torch.Generator().manual_seed(11)
+    pairs = [(a, b) for a in EDGE_VALUES for b in [a, *EDGE_VALUES[::3]]]
+    pairs += [(0.25, 0.0), (-0.25, 0.0)]  # u = ±ε exactly: log s = ±a/2 with a zero in the same channel
+    x = [v for a, b in pairs for v in (a, a, b, b)]
+    lengths = [4] * len(pairs)
+    for scale in (0.01, 0.05, 0.12, 0.4):
+        for length in torch.randint(1, 30, (12,), generator=gen).tolist():
+            x += (torch.randn(length, generator=gen, dtype=torch.float64) * scale).tolist()
+            lengths.append(length)
+    ids = torch.arange(len(lengths)).repeat_interleave(torch.tensor(lengths)) * 3 + 1
+    return torch.tensor(x, dtype=dtype), ids
+
+
+def _assert_tallies_equal(got, want, dtype):
+    close = dict(rel=1e-12 if dtype == torch.float64 else 1e-5, abs=1e-12)
+    for field in ("log_s_pos", "log_s_neg", "length", "reaching"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    for field in ("numerator_clipped", "denominator_clipped", "tokens"):
+        assert getattr(got, field) == getattr(want, field), field
+    for field in ("abs_log_base_sum", "gated_sum"):
+        assert getattr(got, field) == pytest.approx(getattr(want, field), **close), field
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("method", ["fiberpo", "fiberpo_domain"])
+def test_the_counting_pass_gives_the_parts_tally_in_every_regime(method, dtype):
+    x, ids = _edge_batch(dtype)
+    traj = Segments.from_ids(ids)
+    if method == "fiberpo":
+        parts = obj.fiberpo_parts(x, traj, **EDGES)
+        _, _, eps, log_base_fn = obj._fiberpo_inputs(x, traj, EDGES["eps"], EDGES["c_pos"], EDGES["c_neg"], None)
+    else:
+        group, domain = traj.index // 4, traj.index // 16
+        parts = obj.fiberpo_domain_parts(x, traj, group, domain, **EDGES)
+        _, levels, eps, log_base_fn = obj._domain_inputs(x, traj, group, domain, EDGES["eps"], EDGES["c_pos"],
+                                                         EDGES["c_neg"], None)
+    got = diagnostics.runs_tally(x, traj, log_base_fn, eps)
+    assert got is not None, "the compiled pass did not run"
+    want = diagnostics.tally_of_parts(parts, eps=EDGES["eps"])
+    _assert_tallies_equal(got, want, dtype)
+    # what the data reaches, so that equal tallies mean something
+    size_u = parts.signed_u.abs()
+    assert bool((size_u == EDGES["eps"]).any()) and bool((size_u > EDGES["eps"]).any())
+    assert 0 < want.denominator_clipped < want.tokens
+    pos, neg = diagnostics.channel_regimes(parts, c_pos=EDGES["c_pos"], c_neg=EDGES["c_neg"])
+    assert set(pos.tolist()) == set(neg.tolist()) == {gates.PASS, gates.ROLLBACK, gates.ZEROED}
+    assert set(diagnostics.local_regime(parts, eps=EDGES["eps"]).tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("path", ["compiled", "torch", "shuffled"])
+@pytest.mark.parametrize("method", ["fiberpo", "fiberpo_domain"])
+def test_loss_metrics_equal_the_metrics_of_the_parts(method, path, monkeypatch):
+    """Whichever tally runs (the C pass; no library; ids out of order, so no runs), the metrics are the parts'."""
+    if path == "compiled" and not HAS_CC:
+        pytest.skip("no C compiler")
+    if path == "torch":
+        monkeypatch.setattr(native, "library", lambda: None)
+    x, ids = _edge_batch(torch.float64)
+    if path == "shuffled":
+        perm = torch.randperm(x.numel(), generator=torch.Generator().manual_seed(2))
+        x, ids = x[perm], ids[perm]
+    leaf = x.clone().requires_grad_(True)  # the metrics take no graph whatever they are given
+    if method == "fiberpo":
+        got = diagnostics.fiberpo_loss_metrics(leaf, ids, **EDGES)
+        want = diagnostics.fiberpo_metrics(obj.fiberpo_parts(x, ids, **EDGES), **EDGES)
+    else:
+        group, domain = ids // 12, ids // 48
+        got = diagnostics.fiberpo_domain_loss_metrics(leaf, ids, group, domain, **EDGES)
+        want = diagnostics.fiberpo_metrics(obj.fiberpo_domain_parts(x, ids, group, domain, **EDGES), **EDGES)
+    assert got.keys() == want.keys()
+    assert all(got[k] == pytest.approx(v, rel=1e-12, abs=1e-15) for k, v in want.items())
+    assert leaf.grad is None and 0 < got["local/L-II"] < 1
+
+
+def test_the_counting_pass_stays_out_of_the_way_where_it_cannot_run(monkeypatch):
+    x, ids = _edge_batch(torch.float64)
+    _, traj, eps, log_base_fn = obj._fiberpo_inputs(x, ids, EDGES["eps"], EDGES["c_pos"], EDGES["c_neg"], None)
+    monkeypatch.setattr(native, "library", lambda: None)
+    assert diagnostics.runs_tally(x, traj, log_base_fn, eps) is None
