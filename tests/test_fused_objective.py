@@ -136,6 +136,28 @@ def test_bad_advantages_are_named(advantages, message):
         obj.fiberpo_objective(x, traj, advantages, **HYPER)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", [0, 3, 5])  # a trajectory's first token, a lone token, the last one
+def test_a_non_finite_log_ratio_is_named_by_every_objective(dtype, bad, where):
+    # the fused pass skips the finiteness scan: its J must come out non-finite so the checked path names x_i,
+    # also where that token's advantage is 0 and for a given k and for FiberPO-Domain
+    traj = torch.tensor([0, 0, 0, 1, 2, 2])
+    x = torch.tensor([0.1, -0.2, 0.3, 0.05, -0.1, 0.2], dtype=dtype)
+    x[where] = bad
+    adv = torch.ones(6, dtype=dtype)
+    adv[where] = 0.0
+    group, domain = torch.tensor([0, 0, 0, 0, 1, 1]), torch.tensor([0, 0, 0, 0, 0, 0])
+    calls = [
+        lambda: obj.fiberpo_objective(x, traj, adv, **HYPER),
+        lambda: obj.fiberpo_objective(x, traj, adv, k=2.0, weights="token", **HYPER),
+        lambda: obj.fiberpo_domain_objective(x, traj, group, domain, adv, **HYPER),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=f"log_ratio has a non-finite value at index {where}"):
+            call()
+
+
 def test_an_unknown_weighting_is_named():
     with pytest.raises(ValueError, match="weights must be"):
         obj.fiberpo_objective(torch.tensor([0.1, 0.2]), torch.tensor([0, 0]), torch.ones(2), weights="seq", **HYPER)

@@ -30,13 +30,22 @@ def _all_finite(value: torch.Tensor) -> bool:
     return math.isfinite(value.detach().sum()) or bool(torch.isfinite(value).all())  # no 0-d isfinite ops, no graph
 
 
-def flat_values(name: str, value: torch.Tensor, *, allow_empty: bool = False) -> torch.Tensor:
-    """A finite, one-dimensional float tensor."""
+def flat_values(name: str, value: torch.Tensor, *, allow_empty: bool = False, finite: bool = True) -> torch.Tensor:
+    """A finite, one-dimensional float tensor.
+
+    ``finite=False`` leaves the finiteness pass to a caller whose result is
+    non-finite whenever an input is (it then calls :func:`finite_values`).
+    """
     value = as_float(name, value)
     if value.dim() != 1:
         raise ValueError(f"{name} must be 1-D (flat token layout), got shape {tuple(value.shape)}")
     if value.numel() == 0 and not allow_empty:
         raise ValueError(f"{name} is empty: at least one token is needed")
+    return finite_values(name, value) if finite else value
+
+
+def finite_values(name: str, value: torch.Tensor) -> torch.Tensor:
+    """``value`` if every entry is finite, else ``ValueError`` naming ``name`` and the first bad index."""
     if not _all_finite(value):
         bad = int((~torch.isfinite(value)).nonzero()[0, 0])
         raise ValueError(f"{name} has a non-finite value at index {bad}: {value[bad].item()}")

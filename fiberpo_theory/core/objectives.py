@@ -165,8 +165,8 @@ class _FiberPOLogBase:
         return slopes
 
 
-def _fiberpo_inputs(log_ratio, traj_id, eps, c_pos, c_neg, k):
-    x = _validate.flat_values("log_ratio", log_ratio)
+def _fiberpo_inputs(log_ratio, traj_id, eps, c_pos, c_neg, k, *, finite=True):
+    x = _validate.flat_values("log_ratio", log_ratio, finite=finite)
     eps, c_pos, c_neg = _check_budgets(eps, c_pos, c_neg)
     traj = segments_for("traj_id", traj_id, x)
     if k is None:
@@ -283,8 +283,8 @@ def fiberpo_domain_parts(
     return _assemble(lv.traj, sign, channels, log_base_fn(channels), x, eps)
 
 
-def _domain_inputs(log_ratio, traj_id, group_id, domain_id, eps, c_pos, c_neg, process_group):
-    x = _validate.flat_values("log_ratio", log_ratio)
+def _domain_inputs(log_ratio, traj_id, group_id, domain_id, eps, c_pos, c_neg, process_group, *, finite=True):
+    x = _validate.flat_values("log_ratio", log_ratio, finite=finite)
     eps, c_pos, c_neg = _check_budgets(eps, c_pos, c_neg)
     lv = _domain_levels(x, traj_id, group_id, domain_id)
     if process_group is None:  # one process: the base weight's chain rule in closed form
@@ -409,7 +409,7 @@ def fiberpo_objective(log_ratio, traj_id, advantages, *, eps, c_pos, c_neg, k=No
         advantages: ``(N,)`` Â_i, finite; a gradient through them takes the composed path.
         weights: ``"trajectory"`` for μ_i = 1/(|Tj| T_τ) (FiberPO's, Eq. 2) or ``"token"`` for 1/N.
     """
-    x, traj, eps, log_base_fn = _fiberpo_inputs(log_ratio, traj_id, eps, c_pos, c_neg, k)
+    x, traj, eps, log_base_fn = _fiberpo_inputs(log_ratio, traj_id, eps, c_pos, c_neg, k, finite=False)
     return _gate_objective(x, traj, log_base_fn, eps, advantages, weights)
 
 
@@ -421,16 +421,25 @@ def fiberpo_domain_objective(
 
     Ids and ``process_group`` as in :func:`fiberpo_domain_gated_ratio`; μ stays per process.
     """
-    x, lv, eps, log_base_fn = _domain_inputs(log_ratio, traj_id, group_id, domain_id, eps, c_pos, c_neg, process_group)
+    x, lv, eps, log_base_fn = _domain_inputs(log_ratio, traj_id, group_id, domain_id, eps, c_pos, c_neg, process_group,
+                                             finite=process_group is not None)  # ranks check before collectives
     return _gate_objective(x, lv.traj, log_base_fn, eps, advantages, weights)
 
 
 def _gate_objective(x, traj: Segments, log_base_fn, eps, advantages, weights: str) -> torch.Tensor:
+    """The fused J where it applies and comes out finite, else the composed one.
+
+    ``x`` arrives unchecked for finiteness: a non-finite x_i makes its own
+    token's residual NaN in the fused pass (its channel sum, hence S, is
+    non-finite too), so J is NaN and the composed path, which checks x
+    first, names it.
+    """
     adv = _validate.same_shape("advantages", advantages, x, finite=False)
     per_trajectory = _per_trajectory_weights(weights, traj, x)
     objective = fiber_objective(x, traj, log_base_fn, eps, adv, per_trajectory)
     if objective is not None:
         return objective
+    _validate.finite_values("log_ratio", x)
     return rgf_objective(fiber_gated_ratio(x, traj, log_base_fn, eps), adv, traj.gather(per_trajectory))
 
 
