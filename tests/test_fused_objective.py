@@ -11,11 +11,11 @@ HYPER = dict(eps=0.1, c_pos=0.12, c_neg=0.2)
 needs_loops = pytest.mark.skipif(native.library() is None, reason="the compiled loops are off on this machine")
 
 
-def _batches(n_batches, seed, zeros=False):
+def _batches(n_batches, seed, zeros=False, longest=6):
     """Sorted trajectory ids (contiguous, increasing) with log-ratios at scales from pass to zeroed."""
     gen = torch.Generator().manual_seed(seed)
     for _ in range(n_batches):
-        lengths = torch.randint(1, 7, (int(torch.randint(1, 6, (1,), generator=gen)),), generator=gen)
+        lengths = torch.randint(1, longest + 1, (int(torch.randint(1, 6, (1,), generator=gen)),), generator=gen)
         traj = torch.repeat_interleave(torch.arange(lengths.numel()) * 3 + 1, lengths)
         scale = float(torch.empty(1).uniform_(0.02, 0.6, generator=gen))
         x = torch.randn(traj.numel(), generator=gen, dtype=torch.float64) * scale
@@ -59,6 +59,21 @@ def test_fused_objective_equals_the_gate_composed_with_eq2_in_every_regime(k, we
         reached |= {"u-clipped"} if bool((parts.u.abs() > HYPER["eps"]).any()) else set()
         reached |= {"v-clipped"} if bool((parts.v.abs() > HYPER["eps"]).any()) else set()
     assert reached >= {(c, r) for c in "+-" for r in range(3)} | {"u-clipped", "v-clipped"}, reached
+
+
+@needs_loops
+@pytest.mark.parametrize("weights", ["trajectory", "token"])
+def test_runs_longer_than_the_pass_lanes_sum_to_the_composed_objective(weights):
+    # the objective's pass sums each run in 16 lanes plus a tail: lengths around and past multiples of 16
+    lengths_seen = set()
+    for x, traj, adv in _batches(60, seed=11, zeros=True, longest=70):
+        lengths_seen |= set(Segments.from_ids(traj).count.tolist())
+        value, grad, node = _value_and_grad(lambda z: obj.fiberpo_objective(z, traj, adv, weights=weights, **HYPER), x)
+        expected, expected_grad, _ = _value_and_grad(lambda z: _composed(z, traj, adv, weights), x)
+        assert node == "FiberObjectiveBackward"
+        assert abs(float(value.detach() - expected.detach())) <= 1e-12 * max(1.0, abs(float(expected)))
+        assert (grad - expected_grad).abs().max() <= 1e-10
+    assert {n for n in lengths_seen if n > 32 and n % 16} and {n for n in lengths_seen if n < 16}
 
 
 @needs_loops

@@ -18,7 +18,8 @@
  *   carried_runs   the id a coarser column holds on each run, or "does not nest"
  *   *_runs         the gate's passes walked by trajectory lengths (contiguous layouts), and gather_runs
  *   weigh_runs     the objective's pass (Eq. 2, weights per trajectory): q = adv * G in place of G, and per
- *                  run and sign w * sum q and -(w * sum q [inside]) (dJ/dA, dJ/dS); total += w * sum q
+ *                  run and sign w * sum q and -(w * sum q [inside]) (dJ/dA, dJ/dS); total += w * sum q.
+ *                  Its sums, which no torch op mirrors, are taken in LANES partial sums (see WEIGH_TOKEN)
  *   objective_grad_runs  grad = scale * (w * q [inside] + per_channel[run, sign])
  *   tally_runs     the training metrics' pass (diagnostics.py): per run the tokens with x < 0, with |u| >= eps
  *                  and with |u| > eps (u = r as gate_runs takes it), and gate_runs' exponent
@@ -70,6 +71,18 @@
         const T b_ = a_ * (T)(inside);                                                               \
         SIGN_SUMS(T, U, negative, a_, b_, o0, o1, d0, d1);                                           \
         grad_x[i] = b_;                                                                              \
+    } while (0)
+
+/* One token of the objective's pass: q = adv * G in place, its sums into lane j of the run's per-sign
+ * partial sums l0/l1 (dJ/dA) and e0/e1 (dJ/dS).  The run's sums are LANES partial sums, added up in lane
+ * order at its end: one running sum costs an add's latency per token, lanes let the loop vectorise.  The
+ * order is fixed by each token's place in its run, so the bits do not depend on chunking or layout. */
+#define LANES 16
+#define WEIGH_TOKEN(T, U, i, j)                                                                      \
+    do {                                                                                             \
+        const T v_ = adv[i] * q[i];                                                                  \
+        SIGN_SUMS(T, U, flags[i] >> 1, v_, SELECT(T, U, flags[i] & 1, v_), l0[j], l1[j], e0[j], e1[j]); \
+        q[i] = v_;                                                                                   \
     } while (0)
 
 #define FIBER_KERNELS(T, U, SUF)                                                                     \
@@ -203,12 +216,13 @@
         T sum = *total;                                                                              \
         for (int64_t r = 0; r < runs; ++r) {                                                         \
             const int64_t length = count[r]; /* a local: flags (uint8_t) could alias it */           \
+            T l0[LANES] = {0}, l1[LANES] = {0}, e0[LANES] = {0}, e1[LANES] = {0};                    \
+            int64_t i = 0;                                                                           \
+            for (; i + LANES <= length; i += LANES)                                                  \
+                for (int j = 0; j < LANES; ++j) WEIGH_TOKEN(T, U, i + j, j);                         \
+            for (int j = 0; i < length; ++i, ++j) WEIGH_TOKEN(T, U, i, j);                           \
             T o0 = 0, o1 = 0, d0 = 0, d1 = 0;                                                        \
-            for (int64_t i = 0; i < length; ++i) {                                                   \
-                const T v = adv[i] * q[i];                                                           \
-                SIGN_SUMS(T, U, flags[i] >> 1, v, SELECT(T, U, flags[i] & 1, v), o0, o1, d0, d1);    \
-                q[i] = v;                                                                            \
-            }                                                                                        \
+            for (int j = 0; j < LANES; ++j) o0 = o0 + l0[j], o1 = o1 + l1[j], d0 = d0 + e0[j], d1 = d1 + e1[j]; \
             const T weight = weights[r];                                                             \
             grad_offset[2 * r] = weight * o0, grad_offset[2 * r + 1] = weight * o1;                  \
             grad_same[2 * r] = -(weight * d0), grad_same[2 * r + 1] = -(weight * d1);                \
