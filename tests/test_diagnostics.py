@@ -98,3 +98,27 @@ def test_the_counting_pass_stays_out_of_the_way_where_it_cannot_run(monkeypatch)
     _, traj, eps, log_base_fn = obj._fiberpo_inputs(x, ids, EDGES["eps"], EDGES["c_pos"], EDGES["c_neg"], None)
     monkeypatch.setattr(native, "library", lambda: None)
     assert diagnostics.runs_tally(x, traj, log_base_fn, eps) is None
+
+
+def test_every_metric_fraction_is_its_labels_share_of_the_trajectories():
+    # counted here label by label with Python's Counter, against the one offset bincount of metrics_of_tally
+    from collections import Counter
+
+    x, ids = _edge_batch(torch.float64)
+    parts = obj.fiberpo_parts(x, ids, **EDGES)
+    got = diagnostics.fiberpo_metrics(parts, **EDGES)
+    pos, neg = diagnostics.channel_regimes(parts, c_pos=EDGES["c_pos"], c_neg=EDGES["c_neg"])
+    labels = {
+        "channel_pos": (pos, gates.REGIME_NAMES), "channel_neg": (neg, gates.REGIME_NAMES),
+        "global": (diagnostics.global_regime(pos, neg), diagnostics.GLOBAL_REGIMES),
+        "local": (diagnostics.local_regime(parts, eps=EDGES["eps"]), diagnostics.LOCAL_REGIMES),
+    }
+    seen = set()
+    for prefix, (label, names) in labels.items():
+        counts = Counter(label.tolist())
+        seen |= {(prefix, v) for v in counts}
+        for index, name in enumerate(names):
+            assert got[f"{prefix}/{name}"] == counts[index] / label.numel(), (prefix, name)
+    assert len({prefix for prefix, _ in seen}) == 4 and len(seen) >= 10  # most labels present, so shares differ
+    assert got["log_s_pos/mean"] == pytest.approx(float(parts.log_s_pos.mean()), rel=1e-15)
+    assert got["log_s_neg/mean"] == pytest.approx(float(parts.log_s_neg.mean()), rel=1e-15)

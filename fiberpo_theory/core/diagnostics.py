@@ -71,11 +71,6 @@ def _share(mask: torch.Tensor) -> float:
     return int(torch.count_nonzero(mask)) / max(mask.numel(), 1)
 
 
-def _fractions(labels: torch.Tensor, names: tuple[str, ...], prefix: str) -> dict[str, float]:
-    counts = torch.bincount(labels, minlength=len(names)).double() / max(labels.numel(), 1)
-    return {f"{prefix}/{name}": float(c) for name, c in zip(names, counts)}
-
-
 class GateTally(NamedTuple):
     """What :func:`fiberpo_metrics` is made of: per-trajectory tables ``(M,)`` and token totals.
 
@@ -111,15 +106,22 @@ def metrics_of_tally(tally: GateTally, *, c_pos, c_neg, k=None) -> dict[str, flo
     """The metrics dict of :func:`fiberpo_metrics` from a tally, however it was counted."""
     pos, neg = _channel_regimes(tally.log_s_pos, tally.log_s_neg, tally.length, c_pos, c_neg, k)
     tokens = max(tally.tokens, 1)
-    metrics = {}
-    metrics.update(_fractions(pos, REGIME_NAMES, "channel_pos"))
-    metrics.update(_fractions(neg, REGIME_NAMES, "channel_neg"))
-    metrics.update(_fractions(global_regime(pos, neg), GLOBAL_REGIMES, "global"))
-    metrics.update(_fractions(_local_label(tally.reaching, tally.length), LOCAL_REGIMES, "local"))
+    labels = [pos, neg, global_regime(pos, neg), _local_label(tally.reaching, tally.length)]
+    sections = [("channel_pos", REGIME_NAMES), ("channel_neg", REGIME_NAMES), ("global", GLOBAL_REGIMES),
+                ("local", LOCAL_REGIMES)]
+    # every label set counts the same M trajectories: one bincount over offset labels, one copy to Python
+    sizes = [len(names) for _, names in sections]
+    starts = torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.long, device=pos.device)
+    offset = torch.stack(labels).add_(starts.unsqueeze(1)).reshape(-1)
+    bins = sum(sizes)
+    shares = torch.bincount(offset, minlength=bins).double() / max(pos.numel(), 1)
+    means = torch.stack([tally.log_s_pos.double().mean(), tally.log_s_neg.double().mean()])
+    values = torch.cat([shares, means.to(shares.device)]).tolist()
+    names = [f"{prefix}/{name}" for prefix, names in sections for name in names]
+    metrics = dict(zip(names, values))
     metrics["clipfrac/numerator"] = tally.numerator_clipped / tokens
     metrics["clipfrac/denominator"] = tally.denominator_clipped / tokens
-    metrics["log_s_pos/mean"] = float(tally.log_s_pos.double().mean())
-    metrics["log_s_neg/mean"] = float(tally.log_s_neg.double().mean())
+    metrics["log_s_pos/mean"], metrics["log_s_neg/mean"] = values[bins:]
     metrics["log_base_weight/abs_mean"] = tally.abs_log_base_sum / tokens
     metrics["gated_ratio/mean"] = tally.gated_sum / tokens
     return metrics
