@@ -107,16 +107,18 @@ def test_trains_three_steps(tmp_path, method):
     [
         ("fiberpo", "grpo", False), ("fiberpo_domain", "grpo", False), ("fiberpo", "bnpo", False),
         ("apc_obj", "bnpo", False), ("fiberpo", "grpo", True), ("fiberpo_domain", "bnpo", True),
+        ("fiberpo", "dr_grpo", False), ("fiberpo_domain", "dr_grpo", True), ("fiberpo", "dapo", False),
+        ("fiberpo", "dapo", True), ("apc_obj", "dapo", False),
     ],
 )
-def test_on_policy_gradient_equals_trl_grpo(tmp_path, method, loss_type, truncated):
+def test_on_policy_gradient_equals_trl_grpo(tmp_path, method, loss_type, truncated, accumulation=1):
     """First-order agreement (r = 1) measured on the real trainer: our loss vs TRL's own loss of the same μ.
 
     ``truncated``: TRL masks truncated completions out entirely, leaving rows without tokens.
     """
     trainer = make_trainer(
         tmp_path, method, loss_type=loss_type, apc_delta=0.2, fiberpo_domain_column="data_source",
-        mask_truncated_completions=truncated,
+        mask_truncated_completions=truncated, gradient_accumulation_steps=accumulation,
     )
     inputs = first_batch(trainer)
     assert inputs.get("old_per_token_logps") is None  # on-policy: TRL uses log π_θ detached as π_old
@@ -130,6 +132,12 @@ def test_on_policy_gradient_equals_trl_grpo(tmp_path, method, loss_type, truncat
     assert grad_trl.norm() > 0
     assert relative <= 1e-6
     assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_on_policy_gradient_equals_trl_grpo_under_accumulation(tmp_path, loss_type):
+    # two accumulation steps: "dapo" counts the window's tokens instead of dividing by the steps
+    test_on_policy_gradient_equals_trl_grpo(tmp_path, "fiberpo", loss_type, False, accumulation=2)
 
 
 def test_off_policy_gradient_differs_from_trl_grpo(tmp_path):
@@ -233,7 +241,7 @@ def test_trainer_needs_fiberpo_config(tmp_path):
         ("epsilon", -0.1),
         ("epsilon_high", 0.28),
         ("apc_delta", None),
-        ("loss_type", "dapo"),
+        ("loss_type", "cispo"),
         ("beta", 0.04),
         ("importance_sampling_level", "sequence"),
         ("steps_per_generation", 2),

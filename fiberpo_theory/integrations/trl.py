@@ -13,7 +13,11 @@ The loss is ``-J`` with ``J = Σ_i μ_i G(r)_i Â_i`` (paper Eq. 2), the gated
 ratio ``G`` from :mod:`fiberpo_theory.core.objectives` and μ from
 :func:`~fiberpo_theory.core.objectives.aggregation_weights`: TRL's ``loss_type="grpo"``
 is the trajectory μ = 1/(|Tj| T_τ) and ``"bnpo"`` the token μ = 1/N, each over
-one micro-batch, divided by the gradient-accumulation steps as TRL does.
+one micro-batch, divided by the gradient-accumulation steps as TRL does;
+``"dr_grpo"`` is the constant μ = 1/(B · max_completion_length) over the B rows
+of the micro-batch (also divided by the accumulation steps), and ``"dapo"`` (TRL's
+default) the constant μ = 1/(tokens of the whole accumulation window), TRL's
+``num_items_in_batch`` spread over the processes and steps.
 
 Ids, from what TRL has:
 
@@ -54,8 +58,9 @@ __all__ = ["FiberPOConfig", "FiberPOTrainer", "prefix_state_ids", "METHODS"]
 
 METHODS = ("fiberpo", "fiberpo_domain", "apc_obj")
 COUPLED_METHODS = ("fiberpo_domain", "apc_obj")  # their gates couple the completions of one prompt
-# TRL loss_type -> the μ of Eq. 2 it aggregates with (per micro-batch)
-_AGGREGATION = {"grpo": "trajectory", "bnpo": "token"}
+# TRL loss_type -> the μ of Eq. 2 it aggregates with, before the constant factor _mu_scale applies
+_AGGREGATION = {"grpo": "trajectory", "bnpo": "token", "dr_grpo": "token", "dapo": "token"}
+_WINDOW_NORMALISED = ("dapo",)  # μ already counts the accumulation window: no division by its steps
 # model inputs TRL forwards for multimodal batches; passed through unchanged
 _FORWARD_KEYS = (
     "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
@@ -78,7 +83,9 @@ class FiberPOConfig(GRPOConfig):
     symmetric in log space, so ``epsilon_high`` must be unset or equal to
     ``epsilon``.  ``loss_type`` picks μ: ``None`` (default) is the method's own
     (trajectory μ for FiberPO / FiberPO-Domain, token μ for APC-Obj), ``"grpo"``
-    the trajectory μ, ``"bnpo"`` the token μ.  TRL features that change the loss
+    the trajectory μ, ``"bnpo"`` the token μ, ``"dr_grpo"`` 1/(rows ·
+    max_completion_length) and ``"dapo"`` 1/(tokens of the accumulation window),
+    as TRL normalises those.  TRL features that change the loss
     outside the gated ratio (``beta``, ``delta``, entropy bonus or mask,
     off-policy mask, vLLM importance correction, sequence-level sampling) raise
     ``ValueError`` rather than being dropped silently.
@@ -105,7 +112,8 @@ class FiberPOConfig(GRPOConfig):
     )
     loss_type: str | None = field(
         default=None,
-        metadata={"help": "μ of Eq. 2: None = the method's own, 'grpo' = 1/(|Tj| T_τ), 'bnpo' = 1/N."},
+        metadata={"help": "μ of Eq. 2: None = the method's own, 'grpo' = 1/(|Tj| T_τ), 'bnpo' = 1/N, "
+                          "'dr_grpo' = 1/(rows · max_completion_length), 'dapo' = 1/(tokens of the window)."},
     )
 
     def __post_init__(self):
@@ -114,7 +122,8 @@ class FiberPOConfig(GRPOConfig):
         if self.loss_type is None:
             self.loss_type = "bnpo" if self.fiberpo_method == "apc_obj" else "grpo"
         if self.loss_type not in _AGGREGATION:
-            raise ValueError(f"loss_type must be None, 'grpo' or 'bnpo' with FiberPO, got {self.loss_type!r}")
+            raise ValueError(f"loss_type must be None or one of {tuple(_AGGREGATION)} with FiberPO (the others "
+                             f"change the per-token loss, not μ), got {self.loss_type!r}")
         super().__post_init__()
         _positive("epsilon", self.epsilon)
         if self.epsilon_high is not None and self.epsilon_high != self.epsilon:
@@ -221,8 +230,8 @@ class FiberPOTrainer(GRPOTrainer):
 
         loss = self._fiberpo_loss(log_ratio, inputs, mask)
         mode = "train" if self.model.training else "eval"
-        if mode == "train":  # TRL turns off HF's accumulation scaling and scales itself
-            loss = loss / self.current_gradient_accumulation_steps
+        if mode == "train" and self.args.loss_type not in _WINDOW_NORMALISED:
+            loss = loss / self.current_gradient_accumulation_steps  # TRL turns off HF's accumulation scaling
         return loss
 
     def _fiberpo_loss(self, log_ratio, inputs, mask) -> torch.Tensor:
@@ -242,9 +251,21 @@ class FiberPOTrainer(GRPOTrainer):
         gated = self._gated_ratio(x, batch, traj, inputs, keep)
         self._log_gate(x.detach(), gated.detach(), traj)
         weights = objectives.aggregation_weights(_AGGREGATION[args.loss_type], x, traj)
-        # TRL's "grpo" / "bnpo" divide by all rows / tokens of the micro-batch; empty rows add zero
-        share = keep.sum() / keep.numel() if args.loss_type == "grpo" else 1.0
-        return -objectives.rgf_objective(gated, advantages, weights) * share
+        return -objectives.rgf_objective(gated, advantages, weights) * self._mu_scale(keep, x.numel(), inputs)
+
+    def _mu_scale(self, keep, tokens: int, inputs):
+        """The constant that turns the kept rows' μ into TRL's normaliser of ``loss_type`` (empty rows add zero)."""
+        loss_type = self.args.loss_type
+        if loss_type == "grpo":  # a mean over all rows of the micro-batch
+            return keep.sum() / keep.numel()
+        if loss_type == "dr_grpo":  # 1/N -> 1/(B · max_completion_length)
+            return tokens / (keep.numel() * self.args.max_completion_length)
+        if loss_type == "dapo":  # 1/N -> 1/(the window's tokens), num_items_in_batch spanning the generation batch
+            window = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if self.model.training:
+                window = window * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            return tokens / window
+        return 1.0
 
     @torch.no_grad()
     def _log_gate(self, x, gated, traj):
