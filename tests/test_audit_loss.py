@@ -11,6 +11,7 @@ pytest.importorskip("verl.trainer.ppo.core_algos")
 from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, agg_loss, compute_policy_loss_vanilla  # noqa: E402
 
 from fiberpo_theory.tools.audit_loss import (  # noqa: E402
+    AGG_MODES,
     LOSS_PROPERTY_IDS,
     audit_loss,
     audit_verl_registry,
@@ -28,10 +29,27 @@ def registry_reports():
 
 
 def surrogate_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None):
-    """The plain policy-gradient surrogate -agg(A r), aggregated by verl's own agg_loss; padded slots zeroed first."""
+    """The plain policy-gradient surrogate -agg(ρ A r), aggregated by verl's own agg_loss; padded slots zeroed first."""
     keep = response_mask.bool()
     ratio = torch.exp(torch.where(keep, log_prob - old_log_prob, 0.0))
+    if rollout_is_weights is not None:
+        ratio = ratio * torch.where(keep, rollout_is_weights, 0.0)
     return agg_loss(loss_mat=-torch.where(keep, advantages, 0.0) * ratio, loss_mask=response_mask, loss_agg_mode=loss_agg_mode), {}
+
+
+def drops_the_weights(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None):
+    """Planted defect: the plain surrogate that never reads rollout_is_weights."""
+    return surrogate_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode)
+
+
+def row_mean_weights(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None):
+    """Sequence-level weighting: every token of a row carries the row's mean ρ (right only for row-constant ρ)."""
+    if rollout_is_weights is None:
+        return surrogate_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode)
+    keep = response_mask.bool()
+    rho = torch.where(keep, rollout_is_weights, 0.0)
+    row = (rho.sum(1, keepdim=True) / keep.sum(1, keepdim=True)).expand_as(rho)
+    return surrogate_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, rollout_is_weights=row)
 
 
 def naive_surrogate(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None):
@@ -116,6 +134,37 @@ def test_a_loss_that_needs_a_config_key_is_an_error_with_the_reason():
 def test_the_plain_surrogate_passes():
     report = audit_loss(surrogate_loss, max_examples=6)
     assert report.passed, report
+
+
+def test_a_loss_that_drops_rollout_is_weights_fails_importance_weights_only():
+    report = audit_loss(drops_the_weights, max_examples=6)
+    assert [p.id for p in report.failures] == ["importance-weights"], report
+    witness = report["importance-weights"].witness
+    assert witness["weights"] in ("per-token", "row-constant") and witness["rho"] != 1.0
+    assert witness["failing_modes"] == {"per-token": list(AGG_MODES), "row-constant": list(AGG_MODES)}
+
+
+def test_sequence_level_weights_hold_for_row_constant_weights_only():
+    result = audit_loss(row_mean_weights, max_examples=6)["importance-weights"]
+    assert result.verdict == "fails" and result.witness["weights"] == "per-token"
+    assert list(result.witness["failing_modes"]) == ["per-token"]  # row-constant ρ: the row mean is ρ itself
+
+
+def test_verl_geo_mean_weights_whole_sequences_and_bypass_mode_ignores_the_weights(registry_reports):
+    geo = registry_reports["geo_mean"]["importance-weights"]
+    assert geo.verdict == "fails" and list(geo.witness["failing_modes"]) == ["per-token"]  # a row's geometric mean of ρ
+    bypass = registry_reports["bypass_mode"]["importance-weights"]
+    assert bypass.verdict == "fails" and list(bypass.witness["failing_modes"]) == ["per-token", "row-constant"]
+    assert registry_reports["vanilla"]["importance-weights"].passed and registry_reports["gspo"]["importance-weights"].passed
+
+
+def test_the_packages_verl_losses_apply_rollout_is_weights_per_token():
+    from fiberpo_theory.integrations import verl as ours
+
+    config = {"clip_ratio": 0.2, "policy_loss": {"fiberpo_eps": 0.04, "fiberpo_c_pos": 0.12, "fiberpo_c_neg": 0.05}}
+    for fn in (ours.fiberpo, ours.rgf_vanilla):
+        result = audit_loss(fn, config=config, max_examples=4)["importance-weights"]
+        assert result.verdict == "holds", (fn.__name__, result)
 
 
 def test_detaching_tokens_at_r1_fails_on_policy_gradient_with_the_token():
@@ -269,7 +318,7 @@ def test_coupling_through_the_gated_ratio_alone_fails_row_block():
 def runs_only_token_mean(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None):
     if loss_agg_mode != "token-mean":
         raise NotImplementedError(f"{loss_agg_mode} is not supported")
-    return surrogate_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode)
+    return surrogate_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, rollout_is_weights=rollout_is_weights)
 
 
 def test_a_loss_that_supports_some_modes_is_an_error_naming_them_and_passes_on_those():

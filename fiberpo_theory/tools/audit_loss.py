@@ -5,12 +5,12 @@ The loss under audit is called exactly as verl's actor calls a registered policy
     pg_loss, metrics = fn(old_log_prob=..., log_prob=..., advantages=..., response_mask=...,
                           loss_agg_mode=mode, config=config, rollout_is_weights=None)
 
-with padded ``(B, L)`` float64 tensors, a 0/1 ``response_mask`` (each row a non-empty prefix of 1s) and, unless
+(``rollout_is_weights`` is given only by ``importance-weights``) with padded ``(B, L)`` float64 tensors, a 0/1 ``response_mask`` (each row a non-empty prefix of 1s) and, unless
 one is given, a default ``verl.workers.config.ActorConfig``.  Every claim is read off autograd, so the loss is
 treated as a black box.  Write ``agg`` for verl's ``agg_loss`` in the chosen ``loss_agg_mode`` (linear in the
 loss matrix: ``agg(M) = Σ w ⊙ M`` with weights ``w`` that autograd reads off it) and ``r = exp(log_prob -
 old_log_prob)``.  The policy-gradient surrogate of that mode is ``-agg(A ⊙ r)`` (the paper's Eq. 2 with the
-plain ratio), and seven properties are checked, each ``holds``, ``fails`` (with a witness) or ``error``:
+plain ratio), and eight properties are checked, each ``holds``, ``fails`` (with a witness) or ``error``:
 
 ``on-policy-value``     at ``log_prob == old_log_prob`` the loss equals ``-agg(A)``, in every mode, for per-token
                         advantages and for row-constant ones (outcome rewards, as in GRPO) alike.
@@ -28,6 +28,12 @@ plain ratio), and seven properties are checked, each ``holds``, ``fails`` (with 
                         finite and the loss equals ``-agg(A ⊙ G)`` off-policy, i.e. the loss *is* a gated-ratio
                         surrogate.  The report tabulates G along a uniform drift of the log-ratio, for A > 0
                         and A < 0.
+``importance-weights``  with ``rollout_is_weights = ρ`` (positive, per token, as verl's rollout correction
+                        passes them) ``∂loss/∂A`` (each token's term ``-w ⊙ G``) is ρ times what it is without
+                        them, at r = 1 and off-policy: each token's term is scaled by its own weight, whatever
+                        the gate.  Checked with weights that vary within a row and with row-constant ones (a loss
+                        that weights whole sequences by a mean of ρ over the row holds only for the latter); a
+                        loss that drops the argument fails.
 
 A loss that raises on the first, ordinary batch (for instance because the default config lacks a key it needs)
 gets ``error`` on every property with the exception as the reason: nothing is skipped silently.
@@ -47,7 +53,7 @@ import torch
 from .audit import AuditReport, PropertyResult, _BadOutput, _deviation, _random_mask, _size, load_target, single_thread
 
 LOSS_PROPERTY_IDS = ("on-policy-value", "on-policy-gradient", "row-block", "finite-extremes", "padding-ignored", "nan-padding-ignored",
-                     "implied-gating")
+                     "implied-gating", "importance-weights")
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 GATING_LOG_RATIOS = (-1.0, -0.3, -0.1, 0.0, 0.1, 0.3, 1.0)
 TOLERANCE = 1e-6  # relative to max(1, |expected|); float64, but verl adds 1e-8 to denominators (a 1e-9 relative effect)
@@ -148,21 +154,21 @@ class _Loss:
     def __init__(self, fn, config, seed):
         self.fn, self.config, self.seed = fn, config, seed
 
-    def __call__(self, old, log_prob, adv, mask, mode) -> torch.Tensor:
+    def __call__(self, old, log_prob, adv, mask, mode, weights=None) -> torch.Tensor:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             out = self.fn(old_log_prob=old, log_prob=log_prob, advantages=adv, response_mask=mask,
-                          loss_agg_mode=mode, config=self.config, rollout_is_weights=None)
+                          loss_agg_mode=mode, config=self.config, rollout_is_weights=weights)
         loss = out[0] if isinstance(out, tuple) else out
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise _BadOutput(f"expected (pg_loss, metrics) with a scalar pg_loss, got {type(out).__name__}")
         return loss.reshape(())
 
-    def grads(self, old, log_prob, adv, mask, mode, wrt=("log_prob",)):
+    def grads(self, old, log_prob, adv, mask, mode, wrt=("log_prob",), weights=None):
         """The loss and its gradients with respect to the inputs named in ``wrt`` (None where it does not depend)."""
         inputs = {"old": old.clone(), "log_prob": log_prob.clone(), "adv": adv.clone()}
         leaves = [inputs[name].requires_grad_(True) for name in wrt]
-        loss = self(inputs["old"], inputs["log_prob"], inputs["adv"], mask, mode)
+        loss = self(inputs["old"], inputs["log_prob"], inputs["adv"], mask, mode, weights)
         if not loss.requires_grad:
             return loss.detach(), [None] * len(leaves)
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
@@ -195,29 +201,32 @@ def _relative(value: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------
-# The seven properties
+# The eight properties
 # ---------------------------------------------------------------------------
 
 
 ADVANTAGE_KINDS = ("per-token", "row-constant")
 
 
-def _by_kind(property_id, worst, bad, modes, failure_text, holds_text) -> PropertyResult:
-    """One verdict from the worst case per advantage kind; the details say which kinds and modes fail.
+def _by_kind(property_id, worst, bad, modes, failure_text, holds_text, noun="advantages") -> PropertyResult:
+    """One verdict from the worst case per input kind (``noun``: advantages or weights); the details say which kinds
+    and modes fail.
 
-    ``bad`` maps each advantage kind to the modes in which some batch exceeded the tolerance.
+    ``worst`` and ``bad`` are keyed by kind; ``bad`` maps each kind to the modes in which some batch exceeded the
+    tolerance.
     """
-    failing = [kind for kind in ADVANTAGE_KINDS if worst[kind][0] > TOLERANCE]
+    kinds = list(worst)
+    failing = [kind for kind in kinds if worst[kind][0] > TOLERANCE]
     if not failing:
-        gap = max(worst[kind][0] for kind in ADVANTAGE_KINDS)
+        gap = max(worst[kind][0] for kind in kinds)
         return PropertyResult(property_id, "holds", None, f"{holds_text} (max relative gap {gap:.1e})")
     kind = max(failing, key=lambda k: worst[k][0])
-    w = {"advantages": kind, **worst[kind][1]}
+    w = {noun: kind, **worst[kind][1]}
 
     def where(kind):
         return "every mode" if bad[kind] == set(modes) else ", ".join(m for m in modes if m in bad[kind])
 
-    which = "; ".join(f"{k} advantages fail in {where(k)}" for k in failing)
+    which = "; ".join(f"{k} {noun} fail in {where(k)}" for k in failing)
     return PropertyResult(property_id, "fails", {**w, "failing_modes": {k: [m for m in modes if m in bad[k]] for k in failing}},
                           f"{failure_text(w, _size(worst[kind][0]))}; {which}")
 
@@ -437,6 +446,44 @@ def _implied_gating(loss, gen, dtype, n, modes):
     return PropertyResult("implied-gating", "holds", {"gating": table}, f"loss = -agg(A * G) with G = -(dloss/dA)/w on {n} batches x {len(modes)} modes; {text}")
 
 
+WEIGHT_KINDS = ("per-token", "row-constant")
+
+
+def _importance_weights(loss, gen, dtype, n, modes):
+    """With rollout IS weights ρ in (0.2, 2): dloss/dA equals ρ ⊙ (dloss/dA without them), at r = 1 and off-policy.
+
+    dloss/dA is -w ⊙ G, each token's term of the surrogate, so the property says that ρ multiplies each term
+    (as ``loss_mat * rollout_is_weights`` does) whatever the gate, coupled ones included.
+    """
+    worst = {kind: (-1.0, None) for kind in WEIGHT_KINDS}
+    bad = {kind: set() for kind in WEIGHT_KINDS}
+    for k in range(n):
+        kind, scale = WEIGHT_KINDS[k % 2], (0.0, 0.3, 1.0)[(k // 2) % 3]
+        old, log_prob, adv, mask = _random_inputs(gen, dtype, scale)
+        rho = 0.2 + 1.8 * torch.rand(old.shape, generator=gen, dtype=dtype)
+        if kind == "row-constant":
+            rho = rho[:, :1].expand_as(rho).clone()
+        for mode in modes:
+            (_, (plain,)), (_, (weighted,)) = (loss.grads(old, log_prob, adv, mask, mode, wrt=("adv",), weights=w)
+                                               for w in (None, rho))
+            if plain is None:
+                raise LossSetupError("the loss does not depend on advantages through autograd, so its terms cannot be read off")
+            weighted = torch.zeros_like(plain) if weighted is None else weighted
+            gap = _relative(weighted, rho * plain)
+            if float(gap.max()) > TOLERANCE:
+                bad[kind].add(mode)
+            if float(gap.max()) > worst[kind][0]:
+                b, t = [int(v) for v in torch.unravel_index(gap.argmax(), gap.shape)]
+                worst[kind] = (float(gap.max()), {"loss_agg_mode": mode, **_describe(mask), "log_ratio_scale": scale,
+                                                  "position": [b, t], "rho": float(rho[b, t]), "dloss/dA": float(weighted[b, t]),
+                                                  "rho*dloss/dA_unweighted": float(rho[b, t] * plain[b, t])})
+    return _by_kind("importance-weights", worst, bad, modes,
+                    lambda w, gap: (f"with rollout_is_weights, dloss/dA{w['position']} = {w['dloss/dA']:.6g} but rho times the "
+                                    f"unweighted one is {w['rho*dloss/dA_unweighted']:.6g} ({w['loss_agg_mode']}; relative gap {gap})"),
+                    f"dloss/dA = rho * (dloss/dA unweighted) on {n} batches x {len(modes)} modes, |log r| up to 1, "
+                    "weights per token and per row", noun="weights")
+
+
 def _short(values) -> str:
     return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
 
@@ -449,6 +496,7 @@ _PROPERTIES: dict[str, Callable] = {
     "padding-ignored": _padding_check("finite"),
     "nan-padding-ignored": _padding_check("nan"),
     "implied-gating": _implied_gating,
+    "importance-weights": _importance_weights,
 }
 
 
@@ -466,7 +514,7 @@ def audit_loss(
     max_examples: int = 12,
     name: str | None = None,
 ) -> AuditReport:
-    """Check a verl-signature policy loss for the seven properties; ``config`` defaults to verl's ActorConfig.
+    """Check a verl-signature policy loss for the eight properties; ``config`` defaults to verl's ActorConfig.
 
     ``max_examples`` random batches per property (a third of them for ``row-block``), drawn from ``seed``;
     each batch is tried in every mode of ``loss_agg_modes``.
@@ -563,6 +611,10 @@ def registry_markdown(reports: dict[str, AuditReport], *, command: str) -> str:
         "  when the loss is exactly −agg(A ⊙ G) (a gated-ratio surrogate, nothing added). G is tabulated in the",
         "  details: the mean over a 4-token row with old_log_prob = −1 and every log-ratio equal to x. A loss that",
         "  multiplies A by log_prob instead of by a ratio has that log-prob as its G (hence G = −1 at r = 1 there).",
+        "* `importance-weights`: with positive `rollout_is_weights` ρ (verl's rollout correction), ∂loss/∂A (each",
+        "  token's term −w ⊙ G) is ρ times what it is without them, at r = 1 and off-policy: each token's term carries",
+        "  its own weight. Checked with weights that vary within a row and with row-constant ones; the details say",
+        "  which kind fails.",
         "",
         "A verdict of `fails` is a property the loss does not have, not necessarily a bug: several losses are",
         "designed to differ from the plain surrogate. `error` means the loss could not run with the default config;",
