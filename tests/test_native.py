@@ -391,3 +391,73 @@ def test_under_torch_func_transforms_the_loops_step_aside():
     traj = torch.arange(6).repeat_interleave(5)
     f = lambda z: obj.fiberpo_domain_parts(z, traj, traj // 2, traj // 4, **HYPER).gated_ratio  # noqa: E731
     assert torch.allclose(torch.func.jacrev(f)(x), torch.autograd.functional.jacobian(f, x), rtol=0, atol=1e-14)
+
+
+def _domain_batch(scale, dtype, seed):
+    """Random nested trajectories (groups of 1-3, 3 domains) at ``scale``, plus hand-made domains of 4-token
+    trajectories of one value each, whose domain and group means sit inside g_agg's narrow rollback bands
+    (C, (1 + 1/T)C) and past its zero on either channel (dyadic values: the means are exact)."""
+    gen = torch.Generator().manual_seed(seed)
+    values, traj, group, domain = [], [], [], []
+    t = g = 0
+    while t < 30:
+        for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
+            length = int(torch.randint(1, 7, (1,), generator=gen))
+            values += (torch.randn(length, generator=gen, dtype=torch.float64) * scale).tolist()
+            traj += [t] * length
+            group += [g] * length
+            domain += [g % 3] * length
+            t += 1
+        g += 1
+    # T_D = 8: bands (0.125, 0.140625) and (0.25, 0.28125); the last domain's two groups (T_g = 8) deviate from
+    # its mean by ±0.1328125, inside the group level's band
+    for d, group_values in enumerate(((0.1328125,), (-0.265625,), (0.5,), (-1.0,), (0.328125, 0.0625))):
+        for v in group_values:
+            for _ in range(2):
+                values += [v] * 4
+                traj += [t] * 4
+                group += [g] * 4
+                domain += [3 + d] * 4
+                t += 1
+            g += 1
+    as_ids = lambda column: torch.tensor(column)  # noqa: E731
+    return torch.tensor(values, dtype=dtype), as_ids(traj), as_ids(group), as_ids(domain)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("layout", ["sorted", "shuffled"])
+def test_compiled_domain_chain_gives_the_torch_bits_in_every_regime_of_every_level(layout, dtype, monkeypatch):
+    """The C chain of Eq. 30-33 (group and domain means, g_agg at three levels) and its backward against the torch
+    ops: the gated ratio and its gradient bit for bit, sign bits included."""
+    reached = set()
+    for seed, scale in enumerate((0.02, 0.1, 0.3, 1.0)):
+        x, traj, group, domain = _domain_batch(scale, dtype, seed)
+        if layout == "shuffled":
+            perm = torch.randperm(x.numel(), generator=torch.Generator().manual_seed(seed))
+            x, traj, group, domain = x[perm], traj[perm], group[perm], domain[perm]
+        weight = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+        def run():
+            leaf = x.clone().requires_grad_(True)
+            gated = obj.fiberpo_domain_gated_ratio(leaf, traj, group, domain, **EDGES)
+            (gated * weight).sum().backward()
+            return gated.detach(), leaf.grad
+
+        calls = []
+        real = fused._compiled_domain_chain
+        with monkeypatch.context() as patch:
+            patch.setattr(fused, "_compiled_domain_chain", lambda *a: calls.append(1) or real(*a))
+            compiled = run()
+            patch.setattr(native, "library", lambda: None)
+            reference = run()
+        assert calls, "the compiled chain did not run"
+        for got, expected in zip(compiled, reference):
+            assert torch.equal(got, expected) and torch.equal(got.signbit(), expected.signbit())
+        parts = obj.fiberpo_domain_parts(x.double(), traj, group, domain, **EDGES)
+        lv = obj._domain_levels(x.double(), traj, group, domain)
+        channels = torch.stack([parts.log_s_pos, parts.log_s_neg], dim=1)
+        args, budget, ks, _ = obj._domain_terms(channels, lv, EDGES["c_pos"], EDGES["c_neg"], None)
+        for level, (arg, k) in enumerate(zip(args, ks)):
+            reached |= {(level, int(r)) for r in gates.g_agg_regime(arg, budget, k).unique()}
+    assert reached == {(level, r) for level in range(3) for r in (gates.PASS, gates.ROLLBACK, gates.ZEROED)}, reached

@@ -26,6 +26,8 @@
  *   mask_positions the row-major positions (int32) and row lengths of a (B, L) 0/1 mask, in one pass
  *   fiber_chain    channel sums -> means (Eq. 9), log w by g_agg with k = T (Eq. 8, 10), its slopes (γ of
  *                  Eq. 20), the tables S and A (Eq. 14-16); fiber_chain_grad: the backward of that chain
+ *   domain_chain   the same for FiberPO-Domain on one process: group and domain means, log w of Eq. 31-33 with
+ *                  the three levels' slopes; domain_chain_grad: its backward
  *
  * The sums run in registers along each run of one trajectory and meet memory
  * only where the trajectory changes.  Every accumulator sees every token of its
@@ -334,8 +336,115 @@
         }                                                                                            \
     }
 
+/* FiberPO-Domain's per-trajectory chain on one process (objectives.py: _means_of_sums, _domain_terms,
+ * _weighted_g_agg and _DomainLogBase.with_vjp, fused.py: _sign_tables), each step the IEEE operation of the torch
+ * op it mirrors, in its order: the channel means; the group sums of the channels in trajectory order and the
+ * domain sums of the group sums in group order (index_add into +0), then their means; per channel l, g_agg and
+ * its slope at the domain mean (k = T_D), the group mean's deviation from it (k = T_g) and the channel's
+ * deviation from the group mean (k = T_τ); log w = (+0 + G⁺·1) + G⁻·-1 (a sum over the two channels starts at
+ * +0); the tables S and A.  levels: traj_group, traj_domain (m each), group_domain, group_count, group_tokens
+ * (one per group), domain_count, domain_tokens (one per domain); work: 2 (groups + domains) values; gamma: the
+ * three levels' slopes, (m, 2) each.  domain_chain_grad: the backward of that chain (_channel_grad with
+ * _DomainLogBase._vjp, then chain_grad's division by T_τ), one trajectory pass, the group and domain means of
+ * the vjp's shares, and a second pass. */
+#define DOMAIN_KERNELS(T, SUF)                                                                       \
+    void domain_chain_##SUF(int64_t m, int64_t groups, int64_t domains, const int64_t *restrict count,  \
+                            const int64_t *restrict levels, const T *restrict positive,               \
+                            const T *restrict nonpositive, T c_pos, T c_neg, T eps, T *restrict work, \
+                            T *restrict channels, T *restrict same, T *restrict offset,               \
+                            T *restrict gamma) {                                                      \
+        const int64_t *traj_group = levels, *traj_domain = levels + m, *group_domain = levels + 2 * m; \
+        const int64_t *group_count = group_domain + groups, *group_tokens = group_count + groups;    \
+        const int64_t *domain_count = group_tokens + groups, *domain_tokens = domain_count + domains; \
+        T *group_mean = work, *domain_mean = work + 2 * groups;                                      \
+        for (int64_t i = 0; i < 2 * (groups + domains); ++i) work[i] = (T)0;                          \
+        for (int64_t t = 0; t < m; ++t) {                                                            \
+            const T length = (T)count[t];                                                            \
+            const T p = positive[t] / length, q = ((T)0 - nonpositive[t]) / length;                  \
+            const int64_t g = traj_group[t];                                                         \
+            channels[2 * t] = p, channels[2 * t + 1] = q;                                            \
+            group_mean[2 * g] = group_mean[2 * g] + p, group_mean[2 * g + 1] = group_mean[2 * g + 1] + q; \
+        }                                                                                            \
+        for (int64_t g = 0; g < groups; ++g) {                                                       \
+            const int64_t d = group_domain[g];                                                       \
+            domain_mean[2 * d] = domain_mean[2 * d] + group_mean[2 * g];                             \
+            domain_mean[2 * d + 1] = domain_mean[2 * d + 1] + group_mean[2 * g + 1];                 \
+        }                                                                                            \
+        for (int64_t g = 0; g < groups; ++g) {                                                       \
+            const T n = (T)group_count[g];                                                           \
+            group_mean[2 * g] = group_mean[2 * g] / n, group_mean[2 * g + 1] = group_mean[2 * g + 1] / n; \
+        }                                                                                            \
+        for (int64_t d = 0; d < domains; ++d) {                                                      \
+            const T n = (T)domain_count[d];                                                          \
+            domain_mean[2 * d] = domain_mean[2 * d] / n, domain_mean[2 * d + 1] = domain_mean[2 * d + 1] / n; \
+        }                                                                                            \
+        for (int64_t t = 0; t < m; ++t) {                                                            \
+            const int64_t g = traj_group[t], d = traj_domain[t];                                     \
+            const T k_domain = (T)domain_tokens[d], k_group = (T)group_tokens[g], k_traj = (T)count[t]; \
+            T gated[2];                                                                              \
+            for (int l = 0; l < 2; ++l) {                                                            \
+                const T c = l ? c_neg : c_pos, dm = domain_mean[2 * d + l], gm = group_mean[2 * g + l]; \
+                T v0, v1, v2;                                                                        \
+                g_agg_both_##SUF(dm, c, k_domain, &v0, &gamma[2 * t + l]);                            \
+                g_agg_both_##SUF(gm - dm, c, k_group, &v1, &gamma[2 * (m + t) + l]);                  \
+                g_agg_both_##SUF(channels[2 * t + l] - gm, c, k_traj, &v2, &gamma[2 * (2 * m + t) + l]); \
+                gated[l] = v0 + v1 + v2;                                                             \
+            }                                                                                        \
+            const T log_base = ((T)0 + gated[0] * (T)1) + gated[1] * (T)-1;                          \
+            const T p = channels[2 * t], q = channels[2 * t + 1];                                    \
+            same[2 * t] = p, same[2 * t + 1] = -q;                                                   \
+            offset[2 * t] = log_base - CLIP(-q, eps), offset[2 * t + 1] = log_base - CLIP(p, eps);   \
+        }                                                                                            \
+    }                                                                                                \
+                                                                                                     \
+    void domain_chain_grad_##SUF(int64_t m, int64_t groups, int64_t domains,                         \
+                                 const int64_t *restrict count, const int64_t *restrict levels,      \
+                                 const T *restrict channels, const T *restrict gamma,                \
+                                 const T *restrict grad_offset, const T *restrict grad_same, T eps,  \
+                                 T *restrict work, T *restrict per_channel) {                        \
+        const int64_t *traj_group = levels, *traj_domain = levels + m, *group_domain = levels + 2 * m; \
+        const int64_t *group_count = group_domain + groups, *domain_count = group_count + 2 * groups; \
+        T *group_mean = work, *domain_mean = work + 2 * groups;                                      \
+        for (int64_t i = 0; i < 2 * (groups + domains); ++i) work[i] = (T)0;                          \
+        for (int64_t t = 0; t < m; ++t) {                                                            \
+            const int64_t g = traj_group[t], d = traj_domain[t];                                     \
+            const T base = grad_offset[2 * t] + grad_offset[2 * t + 1];                              \
+            for (int l = 0; l < 2; ++l) {                                                            \
+                const T v = base * (l ? (T)-1 : (T)1);                                               \
+                const T g1 = gamma[2 * t + l], g2 = gamma[2 * (m + t) + l], g3 = gamma[2 * (2 * m + t) + l]; \
+                group_mean[2 * g + l] = group_mean[2 * g + l] + v * (g2 - g3);                       \
+                domain_mean[2 * d + l] = domain_mean[2 * d + l] + v * (g1 - g2);                     \
+            }                                                                                        \
+        }                                                                                            \
+        for (int64_t g = 0; g < groups; ++g) {                                                       \
+            const T n = (T)group_count[g];                                                           \
+            group_mean[2 * g] = group_mean[2 * g] / n, group_mean[2 * g + 1] = group_mean[2 * g + 1] / n; \
+        }                                                                                            \
+        for (int64_t d = 0; d < domains; ++d) {                                                      \
+            const T n = (T)domain_count[d];                                                          \
+            domain_mean[2 * d] = domain_mean[2 * d] / n, domain_mean[2 * d + 1] = domain_mean[2 * d + 1] / n; \
+        }                                                                                            \
+        for (int64_t t = 0; t < m; ++t) {                                                            \
+            const int64_t g = traj_group[t], d = traj_domain[t];                                     \
+            const T length = (T)count[t];                                                            \
+            const T base = grad_offset[2 * t] + grad_offset[2 * t + 1];                              \
+            T result[2];                                                                             \
+            for (int l = 0; l < 2; ++l) {                                                            \
+                const T sign = l ? (T)-1 : (T)1;                                                     \
+                const T v = base * sign;                                                             \
+                const T vjp = v * gamma[2 * (2 * m + t) + l] + group_mean[2 * g + l] + domain_mean[2 * d + l]; \
+                const T inside = (T)(ABS(channels[2 * t + l]) <= eps);                               \
+                const T crossed = grad_offset[2 * t + 1 - l] * inside * sign;                        \
+                result[l] = grad_same[2 * t + l] * sign + vjp - crossed;                             \
+            }                                                                                        \
+            per_channel[2 * t] = result[0] / length, per_channel[2 * t + 1] = -(result[1] / length); \
+        }                                                                                            \
+    }
+
 CHAIN_KERNELS(float, f32)
 CHAIN_KERNELS(double, f64)
+DOMAIN_KERNELS(float, f32)
+DOMAIN_KERNELS(double, f64)
 
 FIBER_KERNELS(float, uint32_t, f32)
 FIBER_KERNELS(double, uint64_t, f64)

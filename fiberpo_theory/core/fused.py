@@ -202,6 +202,7 @@ class Chain(NamedTuple):
     slopes: torch.Tensor | None
     vjp: Callable | None
     compiled: bool
+    grad: Callable | None = None  # the compiled backward of a compiled chain other than FiberPO's
 
 
 def trajectory_chain(x, traj: Segments, runs, indexed: bool, log_base_fn, eps) -> Chain:
@@ -221,7 +222,7 @@ def trajectory_chain(x, traj: Segments, runs, indexed: bool, log_base_fn, eps) -
         else:
             means = channel_means(x.detach(), traj)
         if compiled is not None:
-            return Chain(*compiled, vjp=None, compiled=True)
+            return compiled
         channels = means.requires_grad_(not closed_form)
         if hasattr(log_base_fn, "with_vjp"):
             log_base, vjp = log_base_fn.with_vjp(channels)
@@ -240,6 +241,8 @@ def chain_grad(chain: Chain, traj: Segments, eps, grad_same, grad_offset, *, com
     read (then a chain the C loop made is differentiated by its C loop).
     """
     if compiled and chain.compiled and grad_offset.dtype == chain.channels.dtype:
+        if chain.grad is not None:
+            return chain.grad(grad_same, grad_offset)
         return _compiled_chain_grad(chain.channels, chain.slopes, grad_same, grad_offset, traj, eps)
     channels = chain.channels
     if chain.slopes is not None:
@@ -256,19 +259,23 @@ def chain_grad(chain: Chain, traj: Segments, eps, grad_same, grad_offset, *, com
     return per_channel.reshape(-1)
 
 
-def _compiled_chain(sums, traj: Segments, log_base_fn, eps):
-    """FiberPO's M-sized forward chain by one C loop, or ``None`` where it does not apply.
+def _compiled_chain(sums, traj: Segments, log_base_fn, eps) -> Chain | None:
+    """The M-sized forward chain by one C loop, or ``None`` where it does not apply.
 
-    It applies to the base weight of Eq. 8 with k = T_τ (``length_budgets``
-    set) on CPU: the loop does, trajectory by trajectory, the operations of
-    :func:`_means_of_sums`, the base weight's ``__call__`` and ``slopes``
+    It applies on CPU to FiberPO's base weight of Eq. 8 with k = T_τ
+    (``length_budgets`` set) and to FiberPO-Domain's on one process
+    (``packed_levels``): the loop does, trajectory by trajectory, the
+    operations of :func:`_means_of_sums`, the base weight's value and slopes
     (g_agg and γ of Eq. 10, 20) and :func:`_sign_tables`, in their order, so
-    the tables, channels and slopes are those bits.  Returns
-    ``(channels (M, 2), S (2M,), A (2M,), slopes (M, 2))``.
+    the tables, channels and slopes are those bits; its backward is a C loop too.
     """
-    budgets = getattr(log_base_fn, "length_budgets", None)
     count = traj.count
-    if budgets is None or count.dtype != torch.long or not (_native.plain_cpu(count) and count.is_contiguous()):
+    if count.dtype != torch.long or not (_native.plain_cpu(count) and count.is_contiguous()):
+        return None
+    if hasattr(log_base_fn, "packed_levels"):
+        return _compiled_domain_chain(sums, traj, log_base_fn, eps)
+    budgets = getattr(log_base_fn, "length_budgets", None)
+    if budgets is None:
         return None
     lib, real, suffix = _native.loops(sums.dtype)
     m = traj.size
@@ -278,7 +285,33 @@ def _compiled_chain(sums, traj: Segments, log_base_fn, eps):
     getattr(lib, f"fiber_chain_{suffix}")(m, ptr(traj.count), ptr(sums[0]), ptr(sums[1]), real(budgets[0]),
                                           real(budgets[1]), real(eps), ptr(channels), ptr(same), ptr(offset),
                                           ptr(slopes))
-    return channels, same, offset, slopes
+    return Chain(channels, same, offset, slopes, vjp=None, compiled=True)
+
+
+def _compiled_domain_chain(sums, traj: Segments, log_base_fn, eps) -> Chain:
+    """FiberPO-Domain's chain (Eq. 30-33) by ``domain_chain``; the slopes it writes serve both backwards.
+
+    ``vjp`` is the torch vector-Jacobian product on those slopes (batched cotangents); ``grad`` the C one.
+    """
+    levels, groups, domains = log_base_fn.packed_levels()
+    c_pos, c_neg = log_base_fn.budgets
+    lib, real, suffix = _native.loops(sums.dtype)
+    m, dtype, ptr = traj.size, sums.dtype, _native.ptr
+    channels, gamma = torch.empty(m, 2, dtype=dtype), torch.empty(3, m, 2, dtype=dtype)
+    same, offset = (torch.empty(2 * m, dtype=dtype) for _ in range(2))
+    work = torch.empty(2 * (groups + domains), dtype=dtype)
+    getattr(lib, f"domain_chain_{suffix}")(m, groups, domains, ptr(traj.count), ptr(levels), ptr(sums[0]),
+                                           ptr(sums[1]), real(c_pos), real(c_neg), real(eps), ptr(work),
+                                           ptr(channels), ptr(same), ptr(offset), ptr(gamma))
+
+    def grad(grad_same, grad_offset):
+        per_channel = torch.empty(2 * m, dtype=dtype)
+        getattr(lib, f"domain_chain_grad_{suffix}")(m, groups, domains, ptr(traj.count), ptr(levels), ptr(channels),
+                                                    ptr(gamma), ptr(grad_offset.contiguous()),
+                                                    ptr(grad_same.contiguous()), real(eps), ptr(work), ptr(per_channel))
+        return per_channel
+
+    return Chain(channels, same, offset, None, log_base_fn.vjp_of(list(gamma)), compiled=True, grad=grad)
 
 
 def _compiled_chain_grad(channels, slopes, grad_same, grad_offset, traj: Segments, eps):

@@ -310,6 +310,20 @@ class _DomainLogBase:
 
     def __init__(self, lv: _Levels, c_pos, c_neg):
         self.lv, self.c_pos, self.c_neg = lv, c_pos, c_neg
+        self.budgets = (c_pos, c_neg)
+
+    def packed_levels(self) -> tuple[torch.Tensor, int, int]:
+        """``(levels, groups, domains)`` for the compiled chain: traj_group, traj_domain, group_domain,
+        group_count, group_tokens, domain_count, domain_tokens as one int64 buffer."""
+        lv = self.lv
+        parts = (lv.traj_group, lv.traj_domain, lv.group_domain, lv.group_count, lv.group_tokens, lv.domain_count,
+                 lv.domain_tokens)
+        return torch.cat([part.long() for part in parts]), lv.group_count.numel(), lv.domain_count.numel()
+
+    def vjp_of(self, gamma: list[torch.Tensor]):
+        """The closed-form vector-Jacobian product at slopes ``gamma`` (domain, group, trajectory level)."""
+        sign_of_channel = torch.tensor([1.0, -1.0], dtype=gamma[0].dtype, device=gamma[0].device)
+        return lambda grad_log_base: self._vjp(gamma, sign_of_channel, grad_log_base)
 
     def __call__(self, channels: torch.Tensor) -> torch.Tensor:
         return _weighted_g_agg(*_domain_terms(channels, self.lv, self.c_pos, self.c_neg, None))
@@ -320,9 +334,9 @@ class _DomainLogBase:
         The slopes are taken here, with the values (as FiberPO's are), so the
         backward differentiates the base weight this call evaluated.
         """
-        args, budget, ks, sign_of_channel = terms = _domain_terms(channels, self.lv, self.c_pos, self.c_neg, None)
+        args, budget, ks, _ = terms = _domain_terms(channels, self.lv, self.c_pos, self.c_neg, None)
         gamma = [g_agg_slope(arg, budget, k) for arg, k in zip(args, ks)]  # domain, group, trajectory level
-        return _weighted_g_agg(*terms), lambda grad_log_base: self._vjp(gamma, sign_of_channel, grad_log_base)
+        return _weighted_g_agg(*terms), self.vjp_of(gamma)
 
     def _vjp(self, gamma, sign_of_channel, grad_log_base: torch.Tensor) -> torch.Tensor:
         lv = self.lv
