@@ -91,6 +91,18 @@ def test_fused_domain_equals_autograd_reference():
         assert (fused_leaf.grad - ref_leaf.grad).abs().max() <= 1e-10
 
 
+def test_domain_jacobian_by_batched_cotangents_equals_the_autograd_reference():
+    # jacobian(vectorize=True) batches the cotangent: the backward then takes the torch vjp on the slopes the
+    # forward chain wrote (in C where the loops run)
+    for x, traj in _batches(8, seed=12, zeros=True):
+        group, domain = _groups(traj)
+        got = torch.autograd.functional.jacobian(
+            lambda z: obj.fiberpo_domain_gated_ratio(z, traj, group, domain, **HYPER), x, vectorize=True)
+        expected = torch.autograd.functional.jacobian(
+            lambda z: obj.fiberpo_domain_parts(z, traj, group, domain, **HYPER).gated_ratio, x)
+        assert (got - expected).abs().max() <= 1e-10
+
+
 def test_the_public_gated_ratios_run_the_fused_backward():
     x = torch.tensor([0.1, -0.2, 0.3], requires_grad=True)
     traj = torch.tensor([0, 0, 1])
