@@ -122,3 +122,32 @@ def test_every_metric_fraction_is_its_labels_share_of_the_trajectories():
     assert len({prefix for prefix, _ in seen}) == 4 and len(seen) >= 10  # most labels present, so shares differ
     assert got["log_s_pos/mean"] == pytest.approx(float(parts.log_s_pos.mean()), rel=1e-15)
     assert got["log_s_neg/mean"] == pytest.approx(float(parts.log_s_neg.mean()), rel=1e-15)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("k", [None, 3.0, 0.7])
+@pytest.mark.parametrize("budgets", [(0.125, 0.25), (0.12, 0.05)], ids=["dyadic", "decimal"])
+def test_the_compiled_label_count_equals_the_labels_counted_by_torch(dtype, k, budgets):
+    # channel means on C and on (1 + 1/k)C as the tensor's dtype rounds them, on both sides, and at random;
+    # reaching counts of 0, all and some of each trajectory's tokens; strided channels as runs_tally hands them
+    c_pos, c_neg = budgets
+    gen = torch.Generator().manual_seed(3)
+    m = 400
+    length = torch.randint(1, 9, (m,), generator=gen).to(dtype)
+    k_traj = length if k is None else torch.full_like(length, k)
+    edges = []
+    for c in budgets:
+        zero_at = ((1 + 1 / k_traj) * c) if k is None else torch.full_like(length, (1 + 1 / k) * c)
+        edges += [torch.full_like(length, c), zero_at, torch.nextafter(zero_at, torch.zeros_like(zero_at))]
+    pick = torch.randint(0, len(edges) + 1, (m, 2), generator=gen)
+    channels = torch.rand(m, 2, generator=gen, dtype=torch.float64).to(dtype) * 0.6
+    for j in range(len(edges)):
+        channels = torch.where(pick == j, edges[j].unsqueeze(1), channels)
+    reaching = torch.minimum((torch.rand(m, generator=gen) * 1.5 * length.double()).floor().to(dtype), length)
+    tally = diagnostics.GateTally(channels[:, 0], channels[:, 1], length, reaching, 0, 0, 0.0, 0.0, int(length.sum()))
+    got = diagnostics._native_label_counts(tally, c_pos, c_neg, k)
+    assert got is not None, "the compiled count did not run"
+    want = diagnostics.label_counts(tally, c_pos=c_pos, c_neg=c_neg, k=k)
+    assert torch.equal(got, want), (got, want)
+    assert bool((want > 0).all()), want  # every label of every set present, so a swapped bin would show

@@ -23,6 +23,7 @@
  *   objective_grad_runs  grad = scale * (w * q [inside] + per_channel[run, sign])
  *   tally_runs     the training metrics' pass (diagnostics.py): per run the tokens with x < 0, with |u| >= eps
  *                  and with |u| > eps (u = r as gate_runs takes it), and gate_runs' exponent
+ *   label_counts   the training metrics' regime labels (channel, global, local) counted over the trajectories
  *   mask_positions the row-major positions (int32) and row lengths of a (B, L) 0/1 mask, in one pass
  *   fiber_chain    channel sums -> means (Eq. 9), log w by g_agg with k = T (Eq. 8, 10), its slopes (γ of
  *                  Eq. 20), the tables S and A (Eq. 14-16); fiber_chain_grad: the backward of that chain
@@ -441,8 +442,39 @@
         }                                                                                            \
     }
 
+/* The label counts of the training metrics (diagnostics.py: g_agg_regime on both channels, global_regime,
+ * _local_label, and the bincount of the four label sets over the trajectories) in one pass.  Per channel the
+ * regime is P (0) where |x| <= C, R (1) where |x| < (1 + 1/k)C, else Z (2), compared in T as torch compares a
+ * T tensor with a Python number (C and, for a given k, (1 + 1/k)C, rounded to T); k <= 0 means k = T_τ, whose
+ * (1 + 1/k)C torch takes in T.  counts: 3 + 3 + 5 + 3 bins (channel +, channel -, global, local). */
+#define LABEL_KERNELS(T, SUF)                                                                        \
+    void label_counts_##SUF(int64_t m, const T *restrict pos, int64_t pos_stride, const T *restrict neg, \
+                            int64_t neg_stride, const T *restrict length, const T *restrict reaching,  \
+                            double c_pos, double c_neg, double k, int64_t *restrict counts) {         \
+        const T cp = (T)c_pos, cn = (T)c_neg;                                                        \
+        const T fixed_pos = (T)((1.0 + 1.0 / k) * c_pos), fixed_neg = (T)((1.0 + 1.0 / k) * c_neg);  \
+        for (int i = 0; i < 14; ++i) counts[i] = 0;                                                  \
+        for (int64_t t = 0; t < m; ++t) {                                                            \
+            const T len = length[t];                                                                 \
+            const T zero_pos = k > 0 ? fixed_pos : ((T)1 + (T)1 / len) * cp;                         \
+            const T zero_neg = k > 0 ? fixed_neg : ((T)1 + (T)1 / len) * cn;                         \
+            const T ap = ABS(pos[t * pos_stride]), an = ABS(neg[t * neg_stride]);                    \
+            const int rp = ap <= cp ? 0 : (ap < zero_pos ? 1 : 2);                                   \
+            const int rn = an <= cn ? 0 : (an < zero_neg ? 1 : 2);                                   \
+            const int passing = (rp == 0) + (rn == 0), rolling = (rp == 1) + (rn == 1);              \
+            const int zeroed = (rp == 2) + (rn == 2);                                                \
+            const int global = passing == 2 ? 0 : passing == 1 && rolling == 1 ? 1                   \
+                             : passing == 1 && zeroed == 1 ? 2 : zeroed == 2 ? 4 : 3;                \
+            const T over = reaching[t];                                                              \
+            const int local = over == len ? 2 : (over == 0 ? 0 : 1);                                 \
+            counts[rp] += 1, counts[3 + rn] += 1, counts[6 + global] += 1, counts[11 + local] += 1;  \
+        }                                                                                            \
+    }
+
 CHAIN_KERNELS(float, f32)
 CHAIN_KERNELS(double, f64)
+LABEL_KERNELS(float, f32)
+LABEL_KERNELS(double, f64)
 DOMAIN_KERNELS(float, f32)
 DOMAIN_KERNELS(double, f64)
 

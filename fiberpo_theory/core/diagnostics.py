@@ -102,22 +102,54 @@ def tally_of_parts(parts: FiberPOParts, *, eps) -> GateTally:
     )
 
 
+_SECTIONS = (("channel_pos", REGIME_NAMES), ("channel_neg", REGIME_NAMES), ("global", GLOBAL_REGIMES),
+             ("local", LOCAL_REGIMES))
+
+
+def label_counts(tally: GateTally, *, c_pos, c_neg, k=None) -> torch.Tensor:
+    """How many trajectories carry each label, ``(14,)`` int64: the channel regimes (P, R, Z) of log s⁺ and of
+    log s⁻, the global regime (``GLOBAL_REGIMES``) and the local one (``LOCAL_REGIMES``), in that order.
+
+    The labels of :func:`channel_regimes`, :func:`global_regime` and :func:`local_regime`, counted by one
+    bincount over offset labels; the reference of the compiled count :func:`metrics_of_tally` uses.
+    """
+    pos, neg = _channel_regimes(tally.log_s_pos, tally.log_s_neg, tally.length, c_pos, c_neg, k)
+    labels = [pos, neg, global_regime(pos, neg), _local_label(tally.reaching, tally.length)]
+    sizes = [len(names) for _, names in _SECTIONS]
+    starts = torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.long, device=pos.device)
+    return torch.bincount(torch.stack(labels).add_(starts.unsqueeze(1)).reshape(-1), minlength=sum(sizes))
+
+
+def _native_label_counts(tally: GateTally, c_pos, c_neg, k) -> torch.Tensor | None:
+    """:func:`label_counts` by the C loop ``label_counts``, or ``None`` where the loops do not take the tables."""
+    if k is not None and not float(k) > 0:  # the loop reads k <= 0 as k = T_τ
+        return None
+    pos, neg = tally.log_s_pos, tally.log_s_neg
+    length, reaching = tally.length.contiguous(), tally.reaching.contiguous()
+    if pos.dim() != 1 or neg.dim() != 1 or not (pos.dtype == neg.dtype == length.dtype == reaching.dtype):
+        return None
+    if _native.kernels_for(length, reaching) is None or not (_native.plain_cpu(pos) and _native.plain_cpu(neg)):
+        return None
+    lib, _, suffix = _native.loops(pos.dtype)
+    counts = torch.empty(14, dtype=torch.long)
+    ptr = _native.ptr
+    getattr(lib, f"label_counts_{suffix}")(pos.numel(), ptr(pos), pos.stride(0), ptr(neg), neg.stride(0), ptr(length),
+                                           ptr(reaching), float(c_pos), float(c_neg), 0.0 if k is None else float(k),
+                                           ptr(counts))
+    return counts
+
+
 def metrics_of_tally(tally: GateTally, *, c_pos, c_neg, k=None) -> dict[str, float]:
     """The metrics dict of :func:`fiberpo_metrics` from a tally, however it was counted."""
-    pos, neg = _channel_regimes(tally.log_s_pos, tally.log_s_neg, tally.length, c_pos, c_neg, k)
     tokens = max(tally.tokens, 1)
-    labels = [pos, neg, global_regime(pos, neg), _local_label(tally.reaching, tally.length)]
-    sections = [("channel_pos", REGIME_NAMES), ("channel_neg", REGIME_NAMES), ("global", GLOBAL_REGIMES),
-                ("local", LOCAL_REGIMES)]
-    # every label set counts the same M trajectories: one bincount over offset labels, one copy to Python
-    sizes = [len(names) for _, names in sections]
-    starts = torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.long, device=pos.device)
-    offset = torch.stack(labels).add_(starts.unsqueeze(1)).reshape(-1)
-    bins = sum(sizes)
-    shares = torch.bincount(offset, minlength=bins).double() / max(pos.numel(), 1)
+    counts = _native_label_counts(tally, c_pos, c_neg, k)
+    if counts is None:
+        counts = label_counts(tally, c_pos=c_pos, c_neg=c_neg, k=k)
+    bins = counts.numel()
+    shares = counts.double() / max(tally.log_s_pos.numel(), 1)
     means = torch.stack([tally.log_s_pos.double().mean(), tally.log_s_neg.double().mean()])
     values = torch.cat([shares, means.to(shares.device)]).tolist()
-    names = [f"{prefix}/{name}" for prefix, names in sections for name in names]
+    names = [f"{prefix}/{name}" for prefix, names in _SECTIONS for name in names]
     metrics = dict(zip(names, values))
     metrics["clipfrac/numerator"] = tally.numerator_clipped / tokens
     metrics["clipfrac/denominator"] = tally.denominator_clipped / tokens
