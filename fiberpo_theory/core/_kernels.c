@@ -21,8 +21,8 @@
  *                  run and sign w * sum q and -(w * sum q [inside]) (dJ/dA, dJ/dS); total += w * sum q.
  *                  Its sums, which no torch op mirrors, are taken in LANES partial sums (see WEIGH_TOKEN)
  *   objective_grad_runs  grad = scale * (w * q [inside] + per_channel[run, sign])
- *   tally_runs     the training metrics' pass (diagnostics.py): per run the tokens with x < 0, with |u| >= eps
- *                  and with |u| > eps (u = r as gate_runs takes it), and gate_runs' exponent
+ *   tally_runs     the training metrics' pass (diagnostics.py): per run the tokens with x < 0, with |u| >= eps,
+ *                  with |u| > eps (u = r as gate_runs takes it) and with |v| > eps, and gate_runs' exponent
  *   label_counts   the training metrics' regime labels (channel, global, local) counted over the trajectories
  *   mask_positions the row-major positions (int32) and row lengths of a (B, L) 0/1 mask, in one pass
  *   fiber_chain    channel sums -> means (Eq. 9), log w by g_agg with k = T (Eq. 8, 10), its slopes (γ of
@@ -281,7 +281,10 @@
                 below += (U)negative, past += outside, reach += outside + edge;                      \
                 out[i] = (negative ? a1 : a0) + c;                                                   \
             }                                                                                        \
-            tallies[3 * r] = below, tallies[3 * r + 1] = reach, tallies[3 * r + 2] = past;           \
+            /* a token's |v| is the other channel's |log s|: |S| of the opposite sign's entry */      \
+            const int64_t past_v = (length - (int64_t)below) * (ABS(s1) > eps) + (int64_t)below * (ABS(s0) > eps); \
+            tallies[4 * r] = below, tallies[4 * r + 1] = reach, tallies[4 * r + 2] = past;           \
+            tallies[4 * r + 3] = past_v;                                                             \
             x += length, out += length;                                                              \
         }                                                                                            \
     }
@@ -304,7 +307,7 @@
     void fiber_chain_##SUF(int64_t m, const int64_t *restrict count, const T *restrict positive,     \
                            const T *restrict nonpositive, T c_pos, T c_neg, T eps,                   \
                            T *restrict channels, T *restrict same, T *restrict offset,               \
-                           T *restrict slopes) {                                                     \
+                           T *restrict slopes, T *restrict log_base_out) {                           \
         for (int64_t t = 0; t < m; ++t) {                                                            \
             const T length = (T)count[t];                                                            \
             const T p = positive[t] / length, q = ((T)0 - nonpositive[t]) / length;                  \
@@ -317,6 +320,7 @@
             slopes[2 * t] = s0, slopes[2 * t + 1] = -s1;                                             \
             same[2 * t] = p, same[2 * t + 1] = -q;                                                   \
             offset[2 * t] = log_base - CLIP(o0, eps), offset[2 * t + 1] = log_base - CLIP(o1, eps);  \
+            if (log_base_out) log_base_out[t] = log_base;                                            \
         }                                                                                            \
     }                                                                                                \
                                                                                                      \
@@ -353,7 +357,7 @@
                             const int64_t *restrict levels, const T *restrict positive,               \
                             const T *restrict nonpositive, T c_pos, T c_neg, T eps, T *restrict work, \
                             T *restrict channels, T *restrict same, T *restrict offset,               \
-                            T *restrict gamma) {                                                      \
+                            T *restrict gamma, T *restrict log_base_out) {                            \
         const int64_t *traj_group = levels, *traj_domain = levels + m, *group_domain = levels + 2 * m; \
         const int64_t *group_count = group_domain + groups, *group_tokens = group_count + groups;    \
         const int64_t *domain_count = group_tokens + groups, *domain_tokens = domain_count + domains; \
@@ -395,6 +399,7 @@
             const T p = channels[2 * t], q = channels[2 * t + 1];                                    \
             same[2 * t] = p, same[2 * t + 1] = -q;                                                   \
             offset[2 * t] = log_base - CLIP(-q, eps), offset[2 * t + 1] = log_base - CLIP(p, eps);   \
+            if (log_base_out) log_base_out[t] = log_base;                                            \
         }                                                                                            \
     }                                                                                                \
                                                                                                      \
@@ -493,7 +498,7 @@ RUN_KERNELS(double, uint64_t, f64)
         for (int64_t i = 0; i < 2 * m; ++i) ws[i] = (T)0;                                            \
         channel_sums_runs_##SUF(m, count, x, ws, ws + m);                                            \
         fiber_chain_##SUF(m, count, ws, ws + m, c_pos, c_neg, eps, ws + 2 * m, ws + 4 * m,           \
-                          ws + 6 * m, ws + 8 * m);                                                   \
+                          ws + 6 * m, ws + 8 * m, (T *)0);                                           \
         ws[16 * m] = (T)0;                                                                           \
     }                                                                                                \
                                                                                                      \

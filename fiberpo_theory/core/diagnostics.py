@@ -175,10 +175,10 @@ def runs_tally(x: torch.Tensor, traj, log_base_fn, eps: float) -> GateTally | No
 
     For contiguous trajectories on CPU (``traj.runs``): the per-trajectory
     chain of the fused gate, then per chunk of whole trajectories the C loop
-    counts x < 0, |u| >= ε and |u| > ε per trajectory and writes the
-    exponent of G, which torch exponentiates and sums in cache.  |v| is
-    per (trajectory, sign), so its clip count is M-sized.  Nothing N-sized
-    is kept.
+    counts x < 0, |u| >= ε, |u| > ε and |v| > ε per trajectory (|v| is
+    per (trajectory, sign): the tokens of each sign count at once) and
+    writes the exponent of G, which torch exponentiates and sums in cache.
+    Nothing N-sized is kept.
     """
     runs = traj.runs
     if runs is None or _native.kernels_for(x) is None:
@@ -187,10 +187,10 @@ def runs_tally(x: torch.Tensor, traj, log_base_fn, eps: float) -> GateTally | No
     with torch.no_grad():
         chain = trajectory_chain(x, traj, runs, False, log_base_fn, eps)
         channels = chain.channels.detach().to(x.dtype)
-        log_base = log_base_fn(channels).double()
+        log_base = (log_base_fn(channels) if chain.log_base is None else chain.log_base.detach()).double()
         same, offset = (t.detach().to(x.dtype).contiguous() for t in (chain.same, chain.offset))
         m, size, ptr = traj.size, x.element_size(), _native.ptr
-        tallies = torch.empty(m, 3, dtype=torch.long)  # per trajectory: x < 0, |u| >= ε, |u| > ε
+        tallies = torch.empty(m, 4, dtype=torch.long)  # per trajectory: x < 0, |u| >= ε, |u| > ε, |v| > ε
         chunks = run_chunks(x.numel(), runs)
         exponent = torch.empty(max(stop - start for _, _, start, stop in chunks), dtype=x.dtype)
         gated_sum = 0.0
@@ -198,15 +198,12 @@ def runs_tally(x: torch.Tensor, traj, log_base_fn, eps: float) -> GateTally | No
             tables = 2 * first * size
             getattr(lib, f"tally_runs_{suffix}")(last - first, ptr(runs, first), ptr(x, start), ptr(same) + tables,
                                                  ptr(offset) + tables, real(eps), ptr(exponent),
-                                                 ptr(tallies) + 3 * first * 8)
+                                                 ptr(tallies) + 4 * first * 8)
             gated_sum += float(exponent[: stop - start].exp_().sum(dtype=torch.float64))
-        length = traj.count.to(x.dtype)
-        negative = tallies[:, 0]
-        # a token reads the opposite channel's |log s| as |v|: l = +1 tokens |log s⁻|, l = -1 tokens |log s⁺|
-        past_v = (traj.count - negative) * (channels[:, 1].abs() > eps) + negative * (channels[:, 0].abs() > eps)
+        past_u, past_v = tallies[:, 2:].sum(0).tolist()
         return GateTally(
-            channels[:, 0], channels[:, 1], length, tallies[:, 1].to(x.dtype), int(tallies[:, 2].sum()),
-            int(past_v.sum()), float((log_base.abs() * traj.count).sum()), gated_sum, x.numel(),
+            channels[:, 0], channels[:, 1], traj.count.to(x.dtype), tallies[:, 1].to(x.dtype), past_u, past_v,
+            float((log_base.abs() * traj.count).sum()), gated_sum, x.numel(),
         )
 
 

@@ -203,6 +203,7 @@ class Chain(NamedTuple):
     vjp: Callable | None
     compiled: bool
     grad: Callable | None = None  # the compiled backward of a compiled chain other than FiberPO's
+    log_base: torch.Tensor | None = None  # (M,) log w, written by the compiled chains
 
 
 def trajectory_chain(x, traj: Segments, runs, indexed: bool, log_base_fn, eps) -> Chain:
@@ -231,7 +232,7 @@ def trajectory_chain(x, traj: Segments, runs, indexed: bool, log_base_fn, eps) -
         same, offset = _sign_tables(channels, log_base, eps)
     # ∂ log w/∂ channels, (M, 2), where the base weight is diagonal in the trajectories
     slopes = log_base_fn.slopes(channels) if hasattr(log_base_fn, "slopes") else None
-    return Chain(channels, same, offset, slopes, vjp, compiled=False)
+    return Chain(channels, same, offset, slopes, vjp, compiled=False, log_base=log_base)
 
 
 def chain_grad(chain: Chain, traj: Segments, eps, grad_same, grad_offset, *, compiled: bool) -> torch.Tensor:
@@ -281,11 +282,12 @@ def _compiled_chain(sums, traj: Segments, log_base_fn, eps) -> Chain | None:
     m = traj.size
     channels, slopes = (torch.empty(m, 2, dtype=sums.dtype) for _ in range(2))
     same, offset = (torch.empty(2 * m, dtype=sums.dtype) for _ in range(2))
+    log_base = torch.empty(m, dtype=sums.dtype)
     ptr = _native.ptr
     getattr(lib, f"fiber_chain_{suffix}")(m, ptr(traj.count), ptr(sums[0]), ptr(sums[1]), real(budgets[0]),
                                           real(budgets[1]), real(eps), ptr(channels), ptr(same), ptr(offset),
-                                          ptr(slopes))
-    return Chain(channels, same, offset, slopes, vjp=None, compiled=True)
+                                          ptr(slopes), ptr(log_base))
+    return Chain(channels, same, offset, slopes, vjp=None, compiled=True, log_base=log_base)
 
 
 def _compiled_domain_chain(sums, traj: Segments, log_base_fn, eps) -> Chain:
@@ -299,10 +301,10 @@ def _compiled_domain_chain(sums, traj: Segments, log_base_fn, eps) -> Chain:
     m, dtype, ptr = traj.size, sums.dtype, _native.ptr
     channels, gamma = torch.empty(m, 2, dtype=dtype), torch.empty(3, m, 2, dtype=dtype)
     same, offset = (torch.empty(2 * m, dtype=dtype) for _ in range(2))
-    work = torch.empty(2 * (groups + domains), dtype=dtype)
+    work, log_base = torch.empty(2 * (groups + domains), dtype=dtype), torch.empty(m, dtype=dtype)
     getattr(lib, f"domain_chain_{suffix}")(m, groups, domains, ptr(traj.count), ptr(levels), ptr(sums[0]),
                                            ptr(sums[1]), real(c_pos), real(c_neg), real(eps), ptr(work),
-                                           ptr(channels), ptr(same), ptr(offset), ptr(gamma))
+                                           ptr(channels), ptr(same), ptr(offset), ptr(gamma), ptr(log_base))
 
     def grad(grad_same, grad_offset):
         per_channel = torch.empty(2 * m, dtype=dtype)
@@ -311,7 +313,8 @@ def _compiled_domain_chain(sums, traj: Segments, log_base_fn, eps) -> Chain:
                                                     ptr(grad_same.contiguous()), real(eps), ptr(work), ptr(per_channel))
         return per_channel
 
-    return Chain(channels, same, offset, None, log_base_fn.vjp_of(list(gamma)), compiled=True, grad=grad)
+    return Chain(channels, same, offset, None, log_base_fn.vjp_of(list(gamma)), compiled=True, grad=grad,
+                 log_base=log_base)
 
 
 def _compiled_chain_grad(channels, slopes, grad_same, grad_offset, traj: Segments, eps):

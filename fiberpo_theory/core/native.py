@@ -112,9 +112,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"objective_grad_runs_{suffix}").argtypes = [i64, p, p, p, p, p, real, p]
         getattr(lib, f"fiber_objective_chain_{suffix}").argtypes = [i64, p, p, real, real, real, p]
         getattr(lib, f"fiber_objective_grad_{suffix}").argtypes = [i64, p, p, real, p, p, p, real, p]
-        getattr(lib, f"fiber_chain_{suffix}").argtypes = [i64, p, p, p, real, real, real, p, p, p, p]
+        getattr(lib, f"fiber_chain_{suffix}").argtypes = [i64, p, p, p, real, real, real, p, p, p, p, p]
         getattr(lib, f"fiber_chain_grad_{suffix}").argtypes = [i64, p, p, p, p, p, real, p]
-        getattr(lib, f"domain_chain_{suffix}").argtypes = [i64, i64, i64, p, p, p, p, real, real, real, p, p, p, p, p]
+        getattr(lib, f"domain_chain_{suffix}").argtypes = [i64, i64, i64, p, p, p, p, real, real, real, p, p, p, p, p,
+                                                           p]
         getattr(lib, f"domain_chain_grad_{suffix}").argtypes = [i64, i64, i64, p, p, p, p, p, p, real, p, p]
         getattr(lib, f"label_counts_{suffix}").argtypes = [i64, p, i64, p, i64, p, p, ctypes.c_double,
                                                            ctypes.c_double, ctypes.c_double, p]
