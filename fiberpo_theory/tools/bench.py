@@ -64,8 +64,8 @@ COMPOSED_STRETCH = ("fiberpo/sorted", "clip/sorted", 1.5)  # the gate, μ and Eq
 # the sorted goal again with the ids indexed once per batch: printed beside the goal, not counted as meeting it
 INDEXED = ("fiberpo/indexed", "clip/sorted", 3.0)
 MEMORY_GOAL = ("fiberpo/padded", "verl/padded", 2.0)
-SCALING_CASES = ("clip/sorted", "verl/padded", "fiberpo/padded", "fiberpo/sorted", "fiberpo_objective/sorted",
-                 "fiberpo_domain/sorted")
+SCALING_CASES = ("clip/sorted", "verl/padded", "fiberpo_loss/padded", "fiberpo/padded", "fiberpo/sorted",
+                 "fiberpo_objective/sorted", "fiberpo_domain/sorted")
 SCALING_TOLERANCE = 0.2  # cost per token within ±20% of its value at the main table's size
 
 
@@ -496,14 +496,17 @@ def _ratio_table(rows: list[Row], device: str, bandwidth: float) -> Table:
 def _scaling_table(rows: list[Row], bandwidth: float) -> Table:
     cases = [c for c in SCALING_CASES if any(row.method == c for row in rows)]
     table = Table(title="scaling: ms per million tokens (constant ⇔ linear cost)")
-    for col in ("tokens", *cases, "fiberpo/sorted × clip", "fiberpo/sorted % copy BW"):
+    versus_verl = "verl/padded" in cases and "fiberpo_loss/padded" in cases
+    extra = ("fiberpo/sorted × clip", *(["fiberpo_loss × verl"] if versus_verl else []), "fiberpo/sorted % copy BW")
+    for col in ("tokens", *cases, *extra):
         table.add_column(col, justify="right")
     for n in sorted({row.tokens for row in rows}):
         at = {row.method: row for row in rows if row.tokens == n}
         fiberpo, clip = at["fiberpo/sorted"], at["clip/sorted"]
+        loss_ratio = [f"{at['fiberpo_loss/padded'].seconds / at['verl/padded'].seconds:.2f}"] if versus_verl else []
         table.add_row(
             f"{n:,}", *(f"{at[c].seconds * 1e3 / (n / 1e6):.1f}" for c in cases),
-            f"{fiberpo.seconds / clip.seconds:.2f}",
+            f"{fiberpo.seconds / clip.seconds:.2f}", *loss_ratio,
             f"{100 * fiberpo.bytes_moved / fiberpo.seconds / bandwidth:.1f}",
         )
     return table
@@ -556,11 +559,15 @@ line says whether they did): the fused gate's channel sums, token gate and two b
 contiguous trajectories by their lengths, so the sorted and padded layouts read no per-token index), the run
 lengths of sorted ids, the group/domain ids carried by contiguous trajectories and the padded layout's
 positions and block copies, one C loop each, and FiberPO's per-trajectory chain (Eq. 8-10 with k = T and
-its backward) as one loop over the trajectories each way; torch keeps the `exp` and FiberPO-Domain's
-per-trajectory formulas.  `FIBERPO_THEORY_NATIVE=0 fiberpo-theory bench`
-times the torch-op path instead; both give the same bits.
+its backward) and FiberPO-Domain's on one process (Eq. 30-33 and its backward) as one loop over the
+trajectories each way; the objective's pass and the metrics' counting pass are C loops too, and torch keeps
+the `exp`.  `FIBERPO_THEORY_NATIVE=0 fiberpo-theory bench` times the torch-op path instead; both give the
+same bits, except that the fused objective's per-trajectory sums are taken in 16 partial sums (a fixed
+order, so the result is deterministic), where torch's dot product takes its own.
 
-The last goal lines fit each scaling column to a fixed cost per call plus a cost per token (least squares
+The scaling table also prints `fiberpo_loss × verl`, the registry FiberPO loss over verl's own loss at each
+size: the main table's goal is read at one size, and at small micro-batches the fixed cost per call weighs
+more.  The last goal lines fit each scaling column to a fixed cost per call plus a cost per token (least squares
 on relative residuals): the fixed part is what a call costs whatever its size (validation, the remaining
 small torch ops, ctypes calls and autograd), the rest is what each token costs.  At the small sizes a
 step's time also depends on what the step before it left in the caches; the `cache state` line times the
