@@ -270,12 +270,16 @@ def _step(case: Case, saved: list[int]) -> float:
     return time.perf_counter() - start
 
 
-def measure_all(cases: list[Case], repeats: int) -> dict[str, tuple[float, int, int]]:
+def measure_all(cases: list[Case], repeats: int, *, own_predecessor: bool = False) -> dict[str, tuple[float, int, int]]:
     """Per case: median seconds of forward+backward, bytes saved for backward, peak CUDA bytes (0 on CPU).
 
     Repeats are interleaved (every case once, then again), so a burst of
     load on a shared machine lands on all cases alike and the ratios stay
     comparable.  A first untimed step per case warms allocators and kernels.
+    ``own_predecessor``: each timed step follows an untimed step of the same
+    case, so what the step before it left in the caches and the allocator is
+    the same for every case (at small sizes a step after verl's loss, which
+    touches far more memory, costs up to twice as much as after its own).
     """
     saved, peak, times = {}, {}, {case.name: [] for case in cases}
     for case in cases:
@@ -288,6 +292,8 @@ def measure_all(cases: list[Case], repeats: int) -> dict[str, tuple[float, int, 
         peak[case.name] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     for _ in range(repeats):
         for case in cases:
+            if own_predecessor:
+                _step(case, [0])
             times[case.name].append(_step(case, [0]))
     return {name: (statistics.median(times[name]), saved[name], peak[name]) for name in times}
 
@@ -371,7 +377,7 @@ def run_scaling(sizes: list[int], repeats: int, device, dtype, progress=None) ->
     for n in sizes:
         batch = make_batch(n, max(n // 1024, 1), device=device, dtype=dtype)
         cases = [case for case in all_cases(batch) if case.name in SCALING_CASES]
-        measured = measure_all(cases, per_size[n])
+        measured = measure_all(cases, per_size[n], own_predecessor=True)
         rows += [Row(c.name, n, *measured[c.name], value_bytes=batch.log_ratio.element_size()) for c in cases]
         if progress:
             progress.advance(task)
@@ -409,7 +415,7 @@ def cache_state_line(n_tokens: int, measured: dict[str, tuple[float, float]], fl
     parts = [f"{name} {warm * 1e3:.2f} ms warm, {cold * 1e3:.2f} ms after a {flush_bytes >> 20} MB write"
              for name, (warm, cold) in measured.items()]
     return (f"cache state at {n_tokens:,} tokens: " + "; ".join(parts)
-            + " (the scaling table's small sizes sit between the two: its steps follow other cases' steps)")
+            + " (the scaling table is the warm state: each of its steps follows a step of the same case)")
 
 
 def goal_lines(rows: list[Row], scaling: list[Row], main_tokens: int) -> list[str]:
@@ -570,9 +576,13 @@ size: the main table's goal is read at one size, and at small micro-batches the 
 more.  The last goal lines fit each scaling column to a fixed cost per call plus a cost per token (least squares
 on relative residuals): the fixed part is what a call costs whatever its size (validation, the remaining
 small torch ops, ctypes calls and autograd), the rest is what each token costs.  At the small sizes a
-step's time also depends on what the step before it left in the caches; the `cache state` line times the
-clip and FiberPO at the smallest scaling size warm and after a large write, so the spread can be read
-against the machine's own range.
+step's time also depends on what the step before it left in the caches and the allocator: a step that
+follows verl's loss (which touches far more memory) costs up to twice what it costs after its own.  So in
+the scaling table every timed step follows an untimed step of the same case (the columns are still
+interleaved, so a burst of load lands on all of them), and the flatness goal is read in that warm state.
+The `cache state` line times the clip and FiberPO at the smallest size warm and after a large write, the
+cold state a step meets after, say, a model's backward: read the flatness lines against it, since cold
+small steps cost more per token for every case, the bare clip included.
 
 `saved MB` is what autograd keeps for backward; `% copy BW` divides a floor on the bytes a step moves
 (saved tensors written and read back, plus the leaf's value and gradient) by the step time and by the copy
@@ -639,7 +649,7 @@ def run(args) -> int:
         console.print(_scaling_table(scaling, bandwidth))
         per_size = scaling_repeats(args.scaling, scaling_base)
         console.print("scaling medians over " + ", ".join(f"{per_size[n]} steps at {n:,}" for n in args.scaling)
-                      + " tokens (interleaved across the columns)")
+                      + " tokens (interleaved across the columns, each timed step after an untimed one of its own)")
         if torch.device(device).type == "cpu":
             smallest = min(args.scaling)
             console.print(cache_state_line(smallest, cache_state(smallest, min(per_size[smallest], 100), dtype=dtype)))
