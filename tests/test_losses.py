@@ -76,8 +76,10 @@ def test_loss_agg_modes(padded_batch):
     batch = flatten_mask(mask)
     gated = obj.grpo_gated_ratio(torch.exp((new - old)[batch.mask]), eps=0.2, advantages=adv[batch.mask])
     assert torch.allclose(summed, -(gated * adv[batch.mask]).sum() / B)
-    with pytest.raises(ValueError, match="loss_agg_mode"):
-        fn(old, new, adv, mask, "token-sum-norm")
+    for name in POLICY_LOSSES:  # every loss names an unknown mode
+        extra = EXTRA.get(name, lambda d: {})("cpu")
+        with pytest.raises(ValueError, match="loss_agg_mode must be one of"):
+            POLICY_LOSSES[name](old, new, adv, mask, "token-sum-norm", **extra)
 
 
 def test_padded_flat_round_trip(padded_batch):
@@ -217,12 +219,17 @@ def test_padded_slots_are_ignored_for_every_input(name, arg, padded_batch):
                     reason="the compiled loops are off on this machine")
 @pytest.mark.parametrize("mode", [None, "token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_fiberpo_loss_takes_eq2_in_the_gates_pass_where_mu_is_constant_per_row(mode, padded_batch):
+    # every mode's μ is constant on each row: seq-mean-token-sum's 1/B as the token μ scaled by N/B
     old, new, adv, mask = padded_batch(seed=5)
     leaf = new.clone().requires_grad_(True)
     hyper = dict(eps=0.04, c_pos=0.12, c_neg=0.05)
     loss, _ = POLICY_LOSSES["fiberpo"](old, leaf, adv, mask, mode, **hyper)
-    nodes = {type(f).__name__ for f, _ in loss.grad_fn.next_functions if f is not None}
-    assert ("FiberObjectiveBackward" in nodes) == (mode != "seq-mean-token-sum"), nodes
+    nodes, stack = set(), [loss.grad_fn]
+    while stack:  # every node of the loss's graph
+        node = stack.pop()
+        nodes.add(type(node).__name__)
+        stack += [f for f, _ in node.next_functions if f is not None]
+    assert "FiberObjectiveBackward" in nodes and "FiberGateBackward" not in nodes, nodes
     batch = flatten_mask(mask)
     x, a = (leaf - old)[batch.mask], adv[batch.mask]
     gated = obj.fiberpo_gated_ratio(x, batch.traj_id, **hyper)

@@ -40,12 +40,16 @@ def get_policy_loss_fn(name: str) -> Callable:
 
 
 def _mode(mode: str | None, method: str) -> str:
-    """``loss_agg_mode``, or the method's own μ from the paper when ``None``."""
-    return mode or {"token": "token-mean", "trajectory": "seq-mean-token-mean"}[objectives.METHOD_WEIGHTS[method]]
+    """``loss_agg_mode``, or the method's own μ from the paper when ``None``; ``ValueError`` for an unknown one."""
+    mode = mode or {"token": "token-mean", "trajectory": "seq-mean-token-mean"}[objectives.METHOD_WEIGHTS[method]]
+    if mode not in AGG_MODES:
+        raise ValueError(f"loss_agg_mode must be one of {AGG_MODES} or None, got {mode!r}")
+    return mode
 
 
-# the modes whose μ is constant on each trajectory (rows with tokens), which the fused objectives take
-_PER_TRAJECTORY = {"token-mean": "token", "seq-mean-token-mean": "trajectory"}
+# the modes whose μ is constant on each trajectory (rows with tokens), which the fused objectives take:
+# seq-mean-token-sum's 1/B is the token μ 1/N times N/B (B counts every row, empty ones included)
+_PER_TRAJECTORY = {"token-mean": "token", "seq-mean-token-mean": "trajectory", "seq-mean-token-sum": "token"}
 
 
 def _weights(mode: str | None, method: str, batch: FlatBatch, like: torch.Tensor, traj=None) -> torch.Tensor:
@@ -54,9 +58,7 @@ def _weights(mode: str | None, method: str, batch: FlatBatch, like: torch.Tensor
         return objectives.aggregation_weights("token", like)
     if mode == "seq-mean-token-mean":  # the rows with tokens are the trajectories: by their lengths, no id pass
         return objectives.aggregation_weights("trajectory", like, trajectory_segments(batch) if traj is None else traj)
-    if mode == "seq-mean-token-sum":
-        return torch.full_like(like, 1.0 / batch.shape[0])
-    raise ValueError(f"loss_agg_mode must be one of {AGG_MODES} or None, got {mode!r}")
+    return torch.full_like(like, 1.0 / batch.shape[0])  # seq-mean-token-sum
 
 
 def _padded(name: str, value, like: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,12 +135,13 @@ def _loss_and_metrics(objective, log_ratio, metrics):
     return -objective, {**metrics, "ratio/mean": float(torch.exp(log_ratio.detach()).mean())}
 
 
-def _fiber_finish(method, objective_fn, gated_fn, log_ratio, adv, batch, mode, metrics, traj):
-    """:func:`_finish` for the FiberPO family: Eq. 2 in the gate's pass where μ is constant on each row."""
-    weights = _PER_TRAJECTORY.get(_mode(mode, method))
-    if weights is None:
-        return _finish(method, gated_fn(), log_ratio, adv, batch, mode, metrics, traj=traj)
-    return _loss_and_metrics(objective_fn(adv, weights), log_ratio, metrics)
+def _fiber_finish(method, objective_fn, log_ratio, adv, batch, mode, metrics):
+    """:func:`_finish` for the FiberPO family: Eq. 2 in the gate's pass (μ is constant on each row in every mode)."""
+    mode = _mode(mode, method)
+    objective = objective_fn(adv, _PER_TRAJECTORY[mode])
+    if mode == "seq-mean-token-sum":
+        objective = objective * (log_ratio.numel() / batch.shape[0])
+    return _loss_and_metrics(objective, log_ratio, metrics)
 
 
 def _clip_loss(method, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, clip):
@@ -208,8 +211,8 @@ def fiberpo_loss(
 ):
     """FiberPO (Eq. 6-16); defaults are the illustrative values of the paper's Fig. 4.
 
-    The loss is :func:`~fiberpo_theory.objectives.fiberpo_objective` (Eq. 2 in the fused gate's pass) for
-    the token-mean and seq-mean-token-mean modes, the fused gate with Eq. 2 for the others; the metrics
+    The loss is :func:`~fiberpo_theory.objectives.fiberpo_objective` (Eq. 2 in the fused gate's pass) in
+    every mode (each one's μ is constant on a row); the metrics
     from :func:`~fiberpo_theory.core.diagnostics.fiberpo_loss_metrics` (one counting pass, no graph).
     """
     batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)
@@ -217,8 +220,7 @@ def fiberpo_loss(
     hyper = dict(eps=eps, c_pos=c_pos, c_neg=c_neg, k=k)
     metrics = diagnostics.fiberpo_loss_metrics(x, traj, **hyper)
     return _fiber_finish("fiberpo", lambda a, w: objectives.fiberpo_objective(x, traj, a, weights=w, **hyper),
-                         lambda: objectives.fiberpo_gated_ratio(x, traj, **hyper), x, adv, batch, loss_agg_mode,
-                         metrics, traj)
+                         x, adv, batch, loss_agg_mode, metrics)
 
 
 @register_policy_loss("fiberpo_domain")
@@ -253,5 +255,4 @@ def fiberpo_domain_loss(
     return _fiber_finish(
         "fiberpo_domain", lambda a, w: objectives.fiberpo_domain_objective(x, traj, groups, domains, a, weights=w,
                                                                            **hyper),
-        lambda: objectives.fiberpo_domain_gated_ratio(x, traj, groups, domains, **hyper), x, adv, batch,
-        loss_agg_mode, metrics, traj)
+        x, adv, batch, loss_agg_mode, metrics)
