@@ -353,6 +353,14 @@
  * _DomainLogBase._vjp, then chain_grad's division by T_τ), one trajectory pass, the group and domain means of
  * the vjp's shares, and a second pass. */
 #define DOMAIN_KERNELS(T, SUF)                                                                       \
+    /* sums[2i], sums[2i + 1] divided by count[i] in place: the means of the group and domain levels */  \
+    static inline void per_count_##SUF(int64_t n, const int64_t *restrict count, T *restrict sums) {   \
+        for (int64_t i = 0; i < n; ++i) {                                                            \
+            const T c = (T)count[i];                                                                 \
+            sums[2 * i] = sums[2 * i] / c, sums[2 * i + 1] = sums[2 * i + 1] / c;                    \
+        }                                                                                            \
+    }                                                                                                \
+                                                                                                     \
     void domain_chain_##SUF(int64_t m, int64_t groups, int64_t domains, const int64_t *restrict count,  \
                             const int64_t *restrict levels, const T *restrict positive,               \
                             const T *restrict nonpositive, T c_pos, T c_neg, T eps, T *restrict work, \
@@ -375,14 +383,7 @@
             domain_mean[2 * d] = domain_mean[2 * d] + group_mean[2 * g];                             \
             domain_mean[2 * d + 1] = domain_mean[2 * d + 1] + group_mean[2 * g + 1];                 \
         }                                                                                            \
-        for (int64_t g = 0; g < groups; ++g) {                                                       \
-            const T n = (T)group_count[g];                                                           \
-            group_mean[2 * g] = group_mean[2 * g] / n, group_mean[2 * g + 1] = group_mean[2 * g + 1] / n; \
-        }                                                                                            \
-        for (int64_t d = 0; d < domains; ++d) {                                                      \
-            const T n = (T)domain_count[d];                                                          \
-            domain_mean[2 * d] = domain_mean[2 * d] / n, domain_mean[2 * d + 1] = domain_mean[2 * d + 1] / n; \
-        }                                                                                            \
+        per_count_##SUF(groups, group_count, group_mean), per_count_##SUF(domains, domain_count, domain_mean); \
         for (int64_t t = 0; t < m; ++t) {                                                            \
             const int64_t g = traj_group[t], d = traj_domain[t];                                     \
             const T k_domain = (T)domain_tokens[d], k_group = (T)group_tokens[g], k_traj = (T)count[t]; \
@@ -422,14 +423,7 @@
                 domain_mean[2 * d + l] = domain_mean[2 * d + l] + v * (g1 - g2);                     \
             }                                                                                        \
         }                                                                                            \
-        for (int64_t g = 0; g < groups; ++g) {                                                       \
-            const T n = (T)group_count[g];                                                           \
-            group_mean[2 * g] = group_mean[2 * g] / n, group_mean[2 * g + 1] = group_mean[2 * g + 1] / n; \
-        }                                                                                            \
-        for (int64_t d = 0; d < domains; ++d) {                                                      \
-            const T n = (T)domain_count[d];                                                          \
-            domain_mean[2 * d] = domain_mean[2 * d] / n, domain_mean[2 * d + 1] = domain_mean[2 * d + 1] / n; \
-        }                                                                                            \
+        per_count_##SUF(groups, group_count, group_mean), per_count_##SUF(domains, domain_count, domain_mean); \
         for (int64_t t = 0; t < m; ++t) {                                                            \
             const int64_t g = traj_group[t], d = traj_domain[t];                                     \
             const T length = (T)count[t];                                                            \
