@@ -165,6 +165,21 @@ def test_infinite_upstream_gradient_stays_in_its_own_sign_entry():
         assert torch.isinf(got[1][0]) and got[1][1] == 4.0 and got[2][1] == -4.0  # ∂L/∂A, ∂L/∂S of l = -1
 
 
+def _assert_compiled_gives_the_torch_bits(run, chain_name, monkeypatch):
+    """``run()`` with the loops (the compiled chain ``fused.<chain_name>`` asserted called) and without them:
+    equal outputs, sign bits included."""
+    calls = []
+    real = getattr(fused, chain_name)
+    with monkeypatch.context() as patch:
+        patch.setattr(fused, chain_name, lambda *a: calls.append(1) or real(*a))
+        compiled = run()
+        patch.setattr(native, "library", lambda: None)
+        reference = run()
+    assert calls, "the compiled chain did not run"
+    for got, expected in zip(compiled, reference):
+        assert torch.equal(got, expected) and torch.equal(got.signbit(), expected.signbit())
+
+
 # dyadic budgets and values, so channel means land exactly on C, on (1 + 1/T)C and on ε
 EDGES = dict(eps=0.125, c_pos=0.125, c_neg=0.25)
 EDGE_VALUES = [0.125, 0.14, 0.15625, 0.3, -0.25, -0.28, -0.3125, -0.5, 0.0, -0.125, 0.05]
@@ -193,15 +208,7 @@ def test_compiled_trajectory_chain_gives_the_torch_bits_in_every_regime(layout, 
         (gated * weight).sum().backward()
         return gated.detach(), leaf.grad
 
-    calls = []
-    real = fused._compiled_chain
-    monkeypatch.setattr(fused, "_compiled_chain", lambda *a: calls.append(1) or real(*a))
-    compiled = run()
-    monkeypatch.setattr(native, "library", lambda: None)
-    reference = run()
-    assert calls, "the compiled chain did not run"
-    for got, expected in zip(compiled, reference):
-        assert torch.equal(got, expected) and torch.equal(got.signbit(), expected.signbit())
+    _assert_compiled_gives_the_torch_bits(run, "_compiled_chain", monkeypatch)
     parts = obj.fiberpo_parts(x, ids, **EDGES)
     for channel, budget in ((parts.log_s_pos, EDGES["c_pos"]), (parts.log_s_neg, EDGES["c_neg"])):
         regimes = set(gates.g_agg_regime(channel, budget, parts.length).tolist())
@@ -444,16 +451,7 @@ def test_compiled_domain_chain_gives_the_torch_bits_in_every_regime_of_every_lev
             (gated * weight).sum().backward()
             return gated.detach(), leaf.grad
 
-        calls = []
-        real = fused._compiled_domain_chain
-        with monkeypatch.context() as patch:
-            patch.setattr(fused, "_compiled_domain_chain", lambda *a: calls.append(1) or real(*a))
-            compiled = run()
-            patch.setattr(native, "library", lambda: None)
-            reference = run()
-        assert calls, "the compiled chain did not run"
-        for got, expected in zip(compiled, reference):
-            assert torch.equal(got, expected) and torch.equal(got.signbit(), expected.signbit())
+        _assert_compiled_gives_the_torch_bits(run, "_compiled_domain_chain", monkeypatch)
         parts = obj.fiberpo_domain_parts(x.double(), traj, group, domain, **EDGES)
         lv = obj._domain_levels(x.double(), traj, group, domain)
         channels = torch.stack([parts.log_s_pos, parts.log_s_neg], dim=1)

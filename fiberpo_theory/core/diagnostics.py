@@ -104,6 +104,7 @@ def tally_of_parts(parts: FiberPOParts, *, eps) -> GateTally:
 
 _SECTIONS = (("channel_pos", REGIME_NAMES), ("channel_neg", REGIME_NAMES), ("global", GLOBAL_REGIMES),
              ("local", LOCAL_REGIMES))
+_BINS = sum(len(names) for _, names in _SECTIONS)  # 14: the counts label_counts_* in _kernels.c writes
 
 
 def label_counts(tally: GateTally, *, c_pos, c_neg, k=None) -> torch.Tensor:
@@ -117,7 +118,7 @@ def label_counts(tally: GateTally, *, c_pos, c_neg, k=None) -> torch.Tensor:
     labels = [pos, neg, global_regime(pos, neg), _local_label(tally.reaching, tally.length)]
     sizes = [len(names) for _, names in _SECTIONS]
     starts = torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.long, device=pos.device)
-    return torch.bincount(torch.stack(labels).add_(starts.unsqueeze(1)).reshape(-1), minlength=sum(sizes))
+    return torch.bincount(torch.stack(labels).add_(starts.unsqueeze(1)).reshape(-1), minlength=_BINS)
 
 
 def _native_label_counts(tally: GateTally, c_pos, c_neg, k) -> torch.Tensor | None:
@@ -131,7 +132,7 @@ def _native_label_counts(tally: GateTally, c_pos, c_neg, k) -> torch.Tensor | No
     if _native.kernels_for(length, reaching) is None or not (_native.plain_cpu(pos) and _native.plain_cpu(neg)):
         return None
     lib, _, suffix = _native.loops(pos.dtype)
-    counts = torch.empty(14, dtype=torch.long)
+    counts = torch.empty(_BINS, dtype=torch.long)
     ptr = _native.ptr
     getattr(lib, f"label_counts_{suffix}")(pos.numel(), ptr(pos), pos.stride(0), ptr(neg), neg.stride(0), ptr(length),
                                            ptr(reaching), float(c_pos), float(c_neg), 0.0 if k is None else float(k),

@@ -296,7 +296,7 @@ def _compiled_domain_chain(sums, traj: Segments, log_base_fn, eps) -> Chain:
     ``vjp`` is the torch vector-Jacobian product on those slopes (batched cotangents); ``grad`` the C one.
     """
     levels, groups, domains = log_base_fn.packed_levels()
-    c_pos, c_neg = log_base_fn.budgets
+    c_pos, c_neg = log_base_fn.c_pos, log_base_fn.c_neg
     lib, real, suffix = _native.loops(sums.dtype)
     m, dtype, ptr = traj.size, sums.dtype, _native.ptr
     channels, gamma = torch.empty(m, 2, dtype=dtype), torch.empty(3, m, 2, dtype=dtype)

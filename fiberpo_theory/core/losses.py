@@ -52,12 +52,12 @@ def _mode(mode: str | None, method: str) -> str:
 _PER_TRAJECTORY = {"token-mean": "token", "seq-mean-token-mean": "trajectory", "seq-mean-token-sum": "token"}
 
 
-def _weights(mode: str | None, method: str, batch: FlatBatch, like: torch.Tensor, traj=None) -> torch.Tensor:
+def _weights(mode: str | None, method: str, batch: FlatBatch, like: torch.Tensor) -> torch.Tensor:
     mode = _mode(mode, method)
     if mode == "token-mean":
         return objectives.aggregation_weights("token", like)
     if mode == "seq-mean-token-mean":  # the rows with tokens are the trajectories: by their lengths, no id pass
-        return objectives.aggregation_weights("trajectory", like, trajectory_segments(batch) if traj is None else traj)
+        return objectives.aggregation_weights("trajectory", like, trajectory_segments(batch))
     return torch.full_like(like, 1.0 / batch.shape[0])  # seq-mean-token-sum
 
 
@@ -124,9 +124,9 @@ def _validate_row_ids(name, ids):
     return ids
 
 
-def _finish(method, gated, log_ratio, adv, batch, mode, metrics, traj=None):
-    """``traj``: the trajectory ``Segments`` the objective already built, reused for μ (no second sort)."""
-    weights = _weights(mode, method, batch, gated, traj)
+def _finish(method, gated, log_ratio, adv, batch, mode, metrics):
+    """The loss -J (Eq. 2) of a gated ratio with the μ of ``mode``, and the metrics."""
+    weights = _weights(mode, method, batch, gated)
     return _loss_and_metrics(objectives.rgf_objective(gated, adv, weights), log_ratio, metrics)
 
 

@@ -310,7 +310,6 @@ class _DomainLogBase:
 
     def __init__(self, lv: _Levels, c_pos, c_neg):
         self.lv, self.c_pos, self.c_neg = lv, c_pos, c_neg
-        self.budgets = (c_pos, c_neg)
 
     def packed_levels(self) -> tuple[torch.Tensor, int, int]:
         """``(levels, groups, domains)`` for the compiled chain: traj_group, traj_domain, group_domain,
