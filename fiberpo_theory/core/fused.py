@@ -136,9 +136,7 @@ class FiberGate(torch.autograd.Function):
         runs = traj.runs if _native.kernels_for(x) else None
         indexed = None
         if runs is None and traj.narrow_index.dtype == torch.int32:
-            indexed = _native.kernels_for(x, traj.narrow_index)
-            if indexed:
-                traj.checked_narrow_index()  # the loops index the tables without bounds checks
+            indexed = _native.kernels_for(x, traj.narrow_index)  # range-checked once when built by hand
         chain = trajectory_chain(x, traj, runs, bool(indexed), log_base_fn, eps)
         tables = chain.same.detach(), chain.offset.detach()
         native_tables = chain.same.dtype == x.dtype == chain.offset.dtype

@@ -71,28 +71,32 @@ class Segments:
         self.count, self.ids, self.contiguous = count, ids, contiguous
         self._elements = elements if index is None and narrow_index is None else None
         # checked: the index lies in 0..M-1 and the counts cover the elements (the package's own constructors);
-        # else the compiled loops, which read and write without bounds checks, test both once (checked_narrow_index,
+        # else the compiled loops, which read and write without bounds checks, test both once (_in_range,
         # runs)
         self._index_checked = checked or (index is None and narrow_index is None)
         self._runs_checked = checked
         self._runs_of = self._runs = None  # runs, cached with the count tensor it was read from
 
-    def checked_narrow_index(self) -> torch.Tensor:
-        """:attr:`narrow_index`, tested once to lie in ``0..M-1`` for a hand-built ``Segments`` (``ValueError`` else)."""
-        narrow = self.narrow_index
+    def _in_range(self, index: torch.Tensor) -> torch.Tensor:
+        """``index``, tested once to lie in ``0..M-1`` when this ``Segments`` was built by hand (``ValueError`` else).
+
+        Every path reads the index: the compiled loops without bounds checks,
+        ``index_add`` with an ``IndexError`` and CUDA with a device-side
+        assert, so the range is checked at the first read, whichever it is.
+        """
         if not self._index_checked:
-            if narrow.numel():
-                low, high = (int(v) for v in torch.aminmax(narrow))
+            if index.numel():
+                low, high = (int(v) for v in torch.aminmax(index))
                 if low < 0 or high >= self.size:
                     raise ValueError(f"Segments index runs from {low} to {high} but there are {self.size} segments")
             self._index_checked = True
-        return narrow
+        return index
 
     @property
     def index(self) -> torch.Tensor:
         if self._index is None:
             self._index = self.narrow_index.long()
-        return self._index
+        return self._in_range(self._index)
 
     @property
     def narrow_index(self) -> torch.Tensor:
@@ -102,7 +106,7 @@ class Segments:
         elif self._narrow is None:
             dtype = _index_dtype(self.size)
             self._narrow = self._index if dtype == self._index.dtype else self._index.to(dtype)
-        return self._narrow
+        return self._in_range(self._narrow)
 
     @property
     def size(self) -> int:
