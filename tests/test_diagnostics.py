@@ -1,7 +1,5 @@
 """The training metrics: the compiled counting pass against the tally read off the gate's parts."""
 
-import shutil
-
 import pytest
 import torch
 
@@ -9,8 +7,8 @@ import fiberpo_theory.core.native as native
 from fiberpo_theory.core import diagnostics, gates, objectives as obj
 from fiberpo_theory.core.segments import Segments
 
-HAS_CC = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
-needs_cc = pytest.mark.skipif(not HAS_CC, reason="no C compiler: the parts are the only tally here")
+from _loops import LOOPS_ON, needs_loops
+
 EDGES = dict(eps=0.125, c_pos=0.125, c_neg=0.25)
 EDGE_VALUES = [0.125, 0.14, 0.15625, 0.3, -0.25, -0.28, -0.3125, -0.5, 0.0, -0.125, 0.05]
 
@@ -41,7 +39,7 @@ def _assert_tallies_equal(got, want, dtype):
         assert getattr(got, field) == pytest.approx(getattr(want, field), **close), field
 
 
-@needs_cc
+@needs_loops
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("method", ["fiberpo", "fiberpo_domain"])
 def test_the_counting_pass_gives_the_parts_tally_in_every_regime(method, dtype):
@@ -72,8 +70,8 @@ def test_the_counting_pass_gives_the_parts_tally_in_every_regime(method, dtype):
 @pytest.mark.parametrize("method", ["fiberpo", "fiberpo_domain"])
 def test_loss_metrics_equal_the_metrics_of_the_parts(method, path, monkeypatch):
     """Whichever tally runs (the C pass; no library; ids out of order, so no runs), the metrics are the parts'."""
-    if path == "compiled" and not HAS_CC:
-        pytest.skip("no C compiler")
+    if path == "compiled" and not LOOPS_ON:
+        pytest.skip("the compiled loops are off")
     if path == "torch":
         monkeypatch.setattr(native, "library", lambda: None)
     x, ids = _edge_batch(torch.float64)
@@ -124,7 +122,7 @@ def test_every_metric_fraction_is_its_labels_share_of_the_trajectories():
     assert got["log_s_neg/mean"] == pytest.approx(float(parts.log_s_neg.mean()), rel=1e-15)
 
 
-@needs_cc
+@needs_loops
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("k", [None, 3.0, 0.7])
 @pytest.mark.parametrize("budgets", [(0.125, 0.25), (0.12, 0.05)], ids=["dyadic", "decimal"])

@@ -12,6 +12,8 @@ from fiberpo_theory import hierarchy as hier
 from fiberpo_theory.theory import strategies as fst
 from fiberpo_theory.core.segments import Segments
 
+from _loops import needs_loops
+
 DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
@@ -342,6 +344,7 @@ def test_ready_trajectory_segments_give_the_same_hierarchy_and_gate():
         hier.from_ids([domain[:5], group[:5], ready], like=x[:5])
 
 
+@needs_loops  # the torch path reads the index
 def test_fused_hierarchy_gate_never_builds_the_token_index():
     """Sorted trajectory ids reach the gate as runs: no N-sized index is made, yet projection still reads as one."""
     from fiberpo_theory.core.segments import segments_for

@@ -9,6 +9,8 @@ from fiberpo_theory.core import diagnostics, objectives as obj
 from fiberpo_theory.core.layout import flatten_mask, to_flat, to_padded
 from fiberpo_theory.core.losses import POLICY_LOSSES, get_policy_loss_fn
 
+from _loops import needs_loops
+
 B, L = 5, 7
 
 
@@ -215,8 +217,7 @@ def test_padded_slots_are_ignored_for_every_input(name, arg, padded_batch):
     assert torch.equal(clean, dirty)
 
 
-@pytest.mark.skipif(__import__("fiberpo_theory.core.native", fromlist=["x"]).library() is None,
-                    reason="the compiled loops are off on this machine")
+@needs_loops
 @pytest.mark.parametrize("mode", [None, "token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_fiberpo_loss_takes_eq2_in_the_gates_pass_where_mu_is_constant_per_row(mode, padded_batch):
     # every mode's μ is constant on each row: seq-mean-token-sum's 1/B as the token μ scaled by N/B

@@ -1,7 +1,5 @@
 """The compiled token loops against the chains of torch ops they stand in for: the same bits, or a clean fallback."""
 
-import shutil
-
 import pytest
 import torch
 
@@ -10,9 +8,20 @@ import fiberpo_theory.core.fused as fused
 from fiberpo_theory.core import gates, objectives as obj
 from fiberpo_theory.core.segments import Segments, _native_sorted_runs, _sorted_runs
 
+from _loops import HAS_CC, needs_cc, needs_loops
+
 HYPER = dict(eps=0.1, c_pos=0.12, c_neg=0.2)
-HAS_CC = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
-needs_cc = pytest.mark.skipif(not HAS_CC, reason="no C compiler: the torch-op path is the only one here")
+
+
+@pytest.fixture
+def fresh_build(monkeypatch):
+    """The library looked up anew with the switch cleared (the suite may run with FIBERPO_THEORY_NATIVE=0), and
+    again after the test with the environment restored."""
+    monkeypatch.delenv("FIBERPO_THEORY_NATIVE", raising=False)
+    native.library.cache_clear()
+    yield monkeypatch
+    monkeypatch.undo()
+    native.library.cache_clear()
 
 
 @pytest.fixture
@@ -50,7 +59,7 @@ def _gate_and_grads(x, traj, weight):
 
 
 @needs_cc
-def test_the_library_builds_and_loads_where_a_compiler_is():
+def test_the_library_builds_and_loads_where_a_compiler_is(fresh_build):
     assert native.library() is not None, native.status()
     assert native.status().startswith("on:")
 
@@ -67,23 +76,18 @@ def test_the_switch_turns_the_library_off(monkeypatch, tmp_path):
         native.library.cache_clear()
 
 
-def test_a_failing_build_falls_back_with_the_reason(monkeypatch, tmp_path):
+def test_a_failing_build_falls_back_with_the_reason(fresh_build, tmp_path):
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C\n")
-    monkeypatch.setattr(native, "SOURCE", broken)
-    monkeypatch.setenv("FIBERPO_THEORY_CACHE", str(tmp_path / "cache"))
-    native.library.cache_clear()
-    try:
-        if not HAS_CC:
-            assert native.library() is None and "no C compiler" in native.status()
-        else:
-            assert native.library() is None and native.status().startswith("off:") and "failed" in native.status()
-    finally:
-        monkeypatch.undo()
-        native.library.cache_clear()
+    fresh_build.setattr(native, "SOURCE", broken)
+    fresh_build.setenv("FIBERPO_THEORY_CACHE", str(tmp_path / "cache"))
+    if not HAS_CC:
+        assert native.library() is None and "no C compiler" in native.status()
+    else:
+        assert native.library() is None and native.status().startswith("off:") and "failed" in native.status()
 
 
-@needs_cc
+@needs_loops
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("layout", ["sorted", "lengths", "shuffled"])
 def test_compiled_and_torch_paths_give_the_same_bits(layout, dtype, monkeypatch):
@@ -103,7 +107,7 @@ INDEX_LOOPS = ["_native_channel_sums", "_compiled_chain", "_native_gate_tokens",
                "_compiled_chain_grad", "_native_add_channel_terms"]
 
 
-@needs_cc
+@needs_loops
 @pytest.mark.parametrize("layout, expected", [("sorted", RUN_LOOPS), ("lengths", RUN_LOOPS), ("shuffled", INDEX_LOOPS)])
 def test_compiled_path_runs_the_loops(layout, expected, monkeypatch):
     """The fused gate does call the compiled loops (so the bit-equality test above compares two paths)."""
@@ -117,7 +121,7 @@ def test_compiled_path_runs_the_loops(layout, expected, monkeypatch):
     assert calls == expected
 
 
-@needs_cc
+@needs_loops
 def test_run_loops_fall_back_to_the_index_path_under_vmap():
     """A vmap-batched gradient cannot go through C: the key is rebuilt from the flag bytes for the torch path."""
     x, ids = _layouts(torch.float64, seed=3)["sorted"]
@@ -129,7 +133,7 @@ def test_run_loops_fall_back_to_the_index_path_under_vmap():
     assert torch.equal(vectorized, looped)
 
 
-@needs_cc
+@needs_loops
 @pytest.mark.parametrize("layout", ["sorted", "lengths", "shuffled"])
 def test_chunks_of_the_compiled_gate_equal_one_chunk(layout, monkeypatch):
     """13-token chunks: run chunks end at the trajectory crossing each multiple (trajectories are up to 39 long)."""
@@ -140,7 +144,7 @@ def test_chunks_of_the_compiled_gate_equal_one_chunk(layout, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(whole, _gate_and_grads(x, ids, weight)))
 
 
-@needs_cc
+@needs_loops
 def test_gradcheck_through_the_compiled_loops():
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(24, generator=gen, dtype=torch.float64) * 0.2
@@ -149,7 +153,7 @@ def test_gradcheck_through_the_compiled_loops():
     assert torch.autograd.gradcheck(lambda z: obj.fiberpo_gated_ratio(z, ids, **HYPER), (x.requires_grad_(),))
 
 
-@needs_cc
+@needs_loops
 def test_infinite_upstream_gradient_stays_in_its_own_sign_entry():
     """An infinite ∂L/∂G reaches the tables it belongs to only, as index_add would put it (no inf·0 = NaN),
     in the index loop and in the run loop alike."""
@@ -185,7 +189,7 @@ EDGES = dict(eps=0.125, c_pos=0.125, c_neg=0.25)
 EDGE_VALUES = [0.125, 0.14, 0.15625, 0.3, -0.25, -0.28, -0.3125, -0.5, 0.0, -0.125, 0.05]
 
 
-@needs_cc
+@needs_loops
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("layout", ["sorted", "shuffled"])
 def test_compiled_trajectory_chain_gives_the_torch_bits_in_every_regime(layout, dtype, monkeypatch):
@@ -216,7 +220,7 @@ def test_compiled_trajectory_chain_gives_the_torch_bits_in_every_regime(layout, 
         assert bool((channel == budget).any()) and bool((channel.abs() == EDGES["eps"]).any())
 
 
-@needs_cc
+@needs_loops
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("ids", [[4, 4, 4], [0, 1, 1, 2, 9, 9], [3, 5, 5, 4], [-2, -2, 0], [1, 2, 3, 4]])
 @pytest.mark.parametrize("room", [1 << 14, 2], ids=["room", "rerun"])
@@ -235,7 +239,7 @@ def test_compiled_sorted_runs_equal_the_torch_passes(ids, dtype, room, monkeypat
     assert torch.equal(compiled.count, reference.count) and torch.equal(compiled.ids, reference.ids)
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+@pytest.mark.parametrize("compiled", [pytest.param(True, marks=needs_loops), False], ids=["compiled", "torch"])
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
 def test_negative_sorted_ids_are_named_with_the_least_id(compiled, dtype, monkeypatch):
     """Sorted ids are checked by their first run (read from the C loop's buffer on the compiled path)."""
@@ -263,7 +267,7 @@ def test_tensors_the_loops_cannot_take_go_the_torch_way():
     assert native.kernels_for(torch.randn(4, device="meta")) is None
 
 
-@needs_cc
+@needs_loops
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
 def test_compiled_carried_ids_equal_the_torch_passes(dtype, monkeypatch):
     from fiberpo_theory.core.segments import _carried_by_runs
@@ -282,7 +286,7 @@ def test_compiled_carried_ids_equal_the_torch_passes(dtype, monkeypatch):
     assert compiled[1] is None and reference[1] is None and compiled[2] is None and reference[2] is None
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+@pytest.mark.parametrize("compiled", [pytest.param(True, marks=needs_loops), False], ids=["compiled", "torch"])
 @pytest.mark.parametrize("order", ["sorted", "shuffled"])
 def test_negative_coarser_ids_are_named_from_the_carried_ids(compiled, order, monkeypatch):
     """Group and domain signs are read off the ids carried to the trajectories; the message names the argument."""
@@ -309,20 +313,15 @@ def test_negative_coarser_ids_are_named_from_the_carried_ids(compiled, order, mo
 
 
 @needs_cc
-def test_an_unwritable_cache_builds_in_the_temporary_folder(monkeypatch, tmp_path):
+def test_an_unwritable_cache_builds_in_the_temporary_folder(fresh_build, tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("")  # a file where the cache folder should be: mkdir fails
-    monkeypatch.setenv("FIBERPO_THEORY_CACHE", str(blocked / "cache"))
-    native.library.cache_clear()
-    try:
-        assert native.library() is not None and native.status().startswith("on:")
-    finally:
-        monkeypatch.undo()
-        native.library.cache_clear()
+    fresh_build.setenv("FIBERPO_THEORY_CACHE", str(blocked / "cache"))
+    assert native.library() is not None and native.status().startswith("on:")
 
 
 @needs_cc
-def test_a_compiler_refusing_march_native_gets_the_portable_flags(monkeypatch, tmp_path):
+def test_a_compiler_refusing_march_native_gets_the_portable_flags(fresh_build, tmp_path):
     real_run = native.subprocess.run
 
     def run(args, **kwargs):  # a compiler that does not know -march=native
@@ -330,16 +329,11 @@ def test_a_compiler_refusing_march_native_gets_the_portable_flags(monkeypatch, t
             return native.subprocess.CompletedProcess(args, 1, "", "error: unknown -march=native")
         return real_run(args, **kwargs)
 
-    monkeypatch.setattr(native.subprocess, "run", run)
-    monkeypatch.setenv("FIBERPO_THEORY_CACHE", str(tmp_path / "cache"))
-    native.library.cache_clear()
-    try:
-        assert native.library() is not None and "-march=native" not in native.status()
-        x, ids = _layouts(torch.float64)["sorted"]
-        assert obj.fiberpo_gated_ratio(x, ids, **HYPER).shape == x.shape
-    finally:
-        monkeypatch.undo()
-        native.library.cache_clear()
+    fresh_build.setattr(native.subprocess, "run", run)
+    fresh_build.setenv("FIBERPO_THEORY_CACHE", str(tmp_path / "cache"))
+    assert native.library() is not None and "-march=native" not in native.status()
+    x, ids = _layouts(torch.float64)["sorted"]
+    assert obj.fiberpo_gated_ratio(x, ids, **HYPER).shape == x.shape
 
 
 def test_hand_built_contiguous_segments_whose_lengths_do_not_cover_the_elements_are_refused():
@@ -354,19 +348,25 @@ def test_hand_built_contiguous_segments_whose_lengths_do_not_cover_the_elements_
     assert good.runs.tolist() == [2, 3] and obj.fiberpo_gated_ratio(x, good, **HYPER).shape == (5,)
 
 
-@needs_cc
-def test_hand_built_segments_with_an_index_out_of_range_are_refused_before_the_loops():
+@pytest.mark.parametrize("compiled", [pytest.param(True, marks=needs_loops), False], ids=["compiled", "torch"])
+@pytest.mark.parametrize("kind", ["narrow_index", "index"])
+def test_hand_built_segments_with_an_index_out_of_range_are_refused_on_every_path(kind, compiled, monkeypatch):
+    """The loops read without bounds checks, index_add raises an IndexError and CUDA a device-side assert: the
+    range of a hand-built index is tested at its first read instead, whichever path reads it."""
+    if not compiled:
+        monkeypatch.setattr(native, "library", lambda: None)
     x = torch.linspace(-0.1, 0.1, 4, dtype=torch.float64)
-    bad = Segments(narrow_index=torch.tensor([0, 2, 1, 0], dtype=torch.int32), count=torch.tensor([2, 2]),
-                   ids=torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="index runs from 0 to 2 but there are 2 segments"):
-        obj.fiberpo_gated_ratio(x, bad, **HYPER)
-    good = Segments(narrow_index=torch.tensor([0, 1, 1, 0], dtype=torch.int32), count=torch.tensor([2, 2]),
+    dtype = torch.int32 if kind == "narrow_index" else torch.long
+    for index, message in (([0, 2, 1, 0], "from 0 to 2"), ([0, -1, 1, 0], "from -1 to 1")):
+        bad = Segments(**{kind: torch.tensor(index, dtype=dtype)}, count=torch.tensor([2, 2]), ids=torch.tensor([0, 1]))
+        with pytest.raises(ValueError, match=f"index runs {message} but there are 2 segments"):
+            obj.fiberpo_gated_ratio(x, bad, **HYPER)
+    good = Segments(**{kind: torch.tensor([0, 1, 1, 0], dtype=dtype)}, count=torch.tensor([2, 2]),
                     ids=torch.tensor([0, 1]))
     assert obj.fiberpo_gated_ratio(x, good, **HYPER).shape == (4,) and good._index_checked
 
 
-@needs_cc
+@needs_loops
 @pytest.mark.parametrize("shape, density", [((7, 9), 0.6), ((5, 1), 0.5), ((3, 4), 1.0), ((4, 6), 0.0), ((0, 3), 0.5)])
 @pytest.mark.parametrize("padding", ["holes", "right", "left"])
 def test_compiled_mask_positions_equal_nonzero_and_sum(shape, density, padding):
@@ -390,7 +390,7 @@ def test_compiled_mask_positions_equal_nonzero_and_sum(shape, density, padding):
         assert torch.equal(starts, first)
 
 
-@needs_cc
+@needs_loops
 def test_under_torch_func_transforms_the_loops_step_aside():
     """torch.func lifts even fresh buffers into wrapped tensors without storage: the C paths (sorted runs,
     carried ids) must not run there, so the autograd reference differentiates by jacrev as by jacobian."""
@@ -431,7 +431,7 @@ def _domain_batch(scale, dtype, seed):
     return torch.tensor(values, dtype=dtype), as_ids(traj), as_ids(group), as_ids(domain)
 
 
-@needs_cc
+@needs_loops
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("layout", ["sorted", "shuffled"])
 def test_compiled_domain_chain_gives_the_torch_bits_in_every_regime_of_every_level(layout, dtype, monkeypatch):
