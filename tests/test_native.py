@@ -363,7 +363,38 @@ def test_hand_built_segments_with_an_index_out_of_range_are_refused_on_every_pat
             obj.fiberpo_gated_ratio(x, bad, **HYPER)
     good = Segments(**{kind: torch.tensor([0, 1, 1, 0], dtype=dtype)}, count=torch.tensor([2, 2]),
                     ids=torch.tensor([0, 1]))
-    assert obj.fiberpo_gated_ratio(x, good, **HYPER).shape == (4,) and good._index_checked
+    assert obj.fiberpo_gated_ratio(x, good, **HYPER).shape == (4,) and good._is_trusted(getattr(good, kind))
+
+
+def test_segments_attributes_are_read_only():
+    segs = Segments.from_lengths(torch.tensor([2, 3]))
+    for name in ("count", "ids", "contiguous"):
+        with pytest.raises(AttributeError):
+            setattr(segs, name, getattr(segs, name))
+
+
+@needs_loops
+def test_lengths_changed_in_place_after_their_test_are_tested_again():
+    """The run loops walk the tokens by the lengths: lengths written to after they were trusted are tested at
+    their next read instead of walking past the end (the torch path's segment_reduce checks them itself)."""
+    x = torch.linspace(-0.1, 0.1, 5, dtype=torch.float64)
+    lengths = Segments.from_lengths(torch.tensor([2, 3]))
+    assert obj.fiberpo_gated_ratio(x, lengths, **HYPER).shape == (5,)
+    lengths.count[1] = 1 << 20
+    with pytest.raises(ValueError, match="counts sum to 1048578"):
+        obj.fiberpo_gated_ratio(x, lengths, **HYPER)
+
+
+@pytest.mark.parametrize("compiled", [pytest.param(True, marks=needs_loops), False], ids=["compiled", "torch"])
+def test_an_index_changed_in_place_after_its_test_is_tested_again(compiled, monkeypatch):
+    if not compiled:
+        monkeypatch.setattr(native, "library", lambda: None)
+    x = torch.linspace(-0.1, 0.1, 5, dtype=torch.float64)
+    shuffled = Segments.from_ids(torch.tensor([1, 0, 1, 0, 0]))
+    assert obj.fiberpo_gated_ratio(x, shuffled, **HYPER).shape == (5,)
+    shuffled.narrow_index[0] = 7
+    with pytest.raises(ValueError, match="index runs from 0 to 7 but there are 2 segments"):
+        obj.fiberpo_gated_ratio(x, shuffled, **HYPER)
 
 
 @needs_loops

@@ -40,6 +40,11 @@ def _index_dtype(size: int) -> torch.dtype:
     return torch.int32 if 2 * size + 2 < torch.iinfo(torch.int32).max else torch.long
 
 
+def _version(tensor: torch.Tensor) -> int:
+    """How many in-place writes ``tensor`` has had (inference-mode tensors keep no count: they are taken as is)."""
+    return -1 if tensor.is_inference() else tensor._version
+
+
 class Segments:
     """Dense indexing of the segments named by one id column.
 
@@ -61,6 +66,11 @@ class Segments:
     segments by their lengths never need it.  A hand-built ``Segments`` has
     its index range and its lengths tested once before a compiled loop reads
     them (``checked=True`` is for constructors that guarantee both).
+
+    The attributes are read-only, and a tensor changed in place after its
+    test (``seg.count[0] = ...``) is tested again at its next read: the
+    compiled loops read and write by these lengths and indices without
+    bounds checks.
     """
 
     def __init__(self, index=None, count=None, ids=None, contiguous: bool = False, *, narrow_index=None,
@@ -68,14 +78,34 @@ class Segments:
         if index is None and narrow_index is None and not (contiguous and elements is not None):
             raise ValueError("Segments needs index or narrow_index (or, when contiguous, elements)")
         self._index, self._narrow = index, narrow_index
-        self.count, self.ids, self.contiguous = count, ids, contiguous
+        self._count, self._ids, self._contiguous = count, ids, contiguous
         self._elements = elements if index is None and narrow_index is None else None
-        # checked: the index lies in 0..M-1 and the counts cover the elements (the package's own constructors);
-        # else the compiled loops, which read and write without bounds checks, test both once (_in_range,
-        # runs)
-        self._index_checked = checked or (index is None and narrow_index is None)
-        self._runs_checked = checked
-        self._runs_of = self._runs = None  # runs, cached with the count tensor it was read from
+        # id(tensor) -> the version (in-place write count) at which it passed its test: the index in 0..M-1, the
+        # counts covering the elements.  checked: the package's own constructors guarantee both.
+        self._trusted: dict[int, int] = {}
+        if checked:
+            for tensor in (index, narrow_index, count):
+                self._trust(tensor)
+        self._runs = None
+
+    def _trust(self, tensor: torch.Tensor | None) -> None:
+        if tensor is not None:
+            self._trusted[id(tensor)] = _version(tensor)  # the tensor is held by self, so its id is not reused
+
+    def _is_trusted(self, tensor: torch.Tensor) -> bool:
+        return self._trusted.get(id(tensor)) == _version(tensor)
+
+    @property
+    def count(self) -> torch.Tensor:
+        return self._count
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self._ids
+
+    @property
+    def contiguous(self) -> bool:
+        return self._contiguous
 
     def _in_range(self, index: torch.Tensor) -> torch.Tensor:
         """``index``, tested once to lie in ``0..M-1`` when this ``Segments`` was built by hand (``ValueError`` else).
@@ -84,18 +114,18 @@ class Segments:
         ``index_add`` with an ``IndexError`` and CUDA with a device-side
         assert, so the range is checked at the first read, whichever it is.
         """
-        if not self._index_checked:
+        if not self._is_trusted(index):
             if index.numel():
                 low, high = (int(v) for v in torch.aminmax(index))
                 if low < 0 or high >= self.size:
                     raise ValueError(f"Segments index runs from {low} to {high} but there are {self.size} segments")
-            self._index_checked = True
+            self._trust(index)
         return index
 
     @property
     def index(self) -> torch.Tensor:
         if self._index is None:
-            self._index = self.narrow_index.long()
+            self._index = self._derived(self.narrow_index, self.narrow_index.long())
         return self._in_range(self._index)
 
     @property
@@ -103,10 +133,17 @@ class Segments:
         if self._narrow is None and self._index is None:  # known by its lengths only: repeat each segment number
             dense = torch.arange(self.size, dtype=_index_dtype(self.size), device=self.device)
             self._narrow = dense.repeat_interleave(self.count, output_size=self._elements)
+            self._trust(self._narrow)  # segment numbers 0..M-1 by construction
         elif self._narrow is None:
             dtype = _index_dtype(self.size)
-            self._narrow = self._index if dtype == self._index.dtype else self._index.to(dtype)
+            self._narrow = self._derived(self._index, self._index if dtype == self._index.dtype else self._index.to(dtype))
         return self._in_range(self._narrow)
+
+    def _derived(self, source: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
+        """``copy`` of the index ``source``, trusted as far as the source is (no second range test)."""
+        if self._is_trusted(source):
+            self._trust(copy)
+        return copy
 
     @property
     def size(self) -> int:
@@ -126,19 +163,19 @@ class Segments:
         The loops trust the lengths to cover the elements exactly, so that is checked (once) here: a
         ``Segments`` built by hand with lengths that do not add up raises instead of reading out of bounds.
         """
-        count = self.count
-        if self._runs_of is count:  # asked several times per step: the answer holds while the counts do
+        count = self._count
+        if self._runs is not None and self._is_trusted(count):  # asked several times per step
             return self._runs
         runs = None
-        if self.contiguous and count.dtype == torch.long and _native.plain_cpu(count):
-            if not self._runs_checked:
+        if self._contiguous and count.dtype == torch.long and _native.plain_cpu(count):
+            if not self._is_trusted(count):
                 total = int(count.sum())
                 if total != self.elements or (count.numel() and int(count.min()) < 1):
                     raise ValueError(f"contiguous Segments: the counts sum to {total} (each must be at least 1) "
                                      f"but {self.elements} elements are indexed")
-                self._runs_checked = True
+                self._trust(count)
             runs = count.contiguous()
-        self._runs_of, self._runs = count, runs
+        self._runs = runs
         return runs
 
     @property
