@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from fiberpo_theory.core import objectives as obj
+from fiberpo_theory.core import native, objectives as obj
 from fiberpo_theory.core.diagnostics import channel_regimes
 from fiberpo_theory.core.segments import Segments
 
@@ -192,3 +193,44 @@ def test_the_fused_objective_saves_q_and_one_flag_byte_per_token_only():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: composed.append(t.numel() * t.element_size()) or t, lambda t: t):
         _composed(x.clone().requires_grad_(True), traj, adv, "trajectory")
     assert sum(composed) > sum(saved)
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the ops that read a tensor back to the host: each is a host-device sync on CUDA.
+
+    ``segment_reduce`` without ``unsafe`` tests its lengths by two scalars read back inside the op, so it
+    counts twice; the scalar reads themselves are ``_local_scalar_dense`` (``float``, ``bool``, ``item``).
+    """
+
+    READS = {"_local_scalar_dense", "nonzero", "_unique2", "unique_consecutive", "unique_dim", "masked_select"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name.split("::")[1]
+        if name in self.READS:
+            self.reads.append(name)
+        if name == "segment_reduce" and not kwargs.get("unsafe", False):
+            self.reads += ["segment_reduce lengths check"] * 2
+        return func(*args, **kwargs)
+
+
+def test_a_step_on_the_torch_path_reads_one_scalar_back_with_the_trajectories_indexed_once(monkeypatch):
+    """The path CUDA takes (the loops off): with a ready Segments the objective's forward and backward read back
+    only J's finiteness; the gate composed with Eq. 2 reads back x's finiteness too."""
+    monkeypatch.setattr(native, "library", lambda: None)
+    lengths = torch.tensor([5, 9, 3, 7])
+    traj = Segments.from_lengths(lengths)
+    _ = traj.narrow_index  # built once per batch, with the Segments
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(int(lengths.sum()), generator=gen, dtype=torch.float64) * 0.3).requires_grad_(True)
+    adv = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    with _HostReads() as fused:
+        obj.fiberpo_objective(x, traj, adv, **HYPER).backward()
+    with _HostReads() as composed:
+        _composed(x, traj, adv, "trajectory").backward()
+    assert fused.reads == ["_local_scalar_dense"], fused.reads
+    assert composed.reads == ["_local_scalar_dense"] * 2, composed.reads

@@ -373,10 +373,12 @@ def test_segments_attributes_are_read_only():
             setattr(segs, name, getattr(segs, name))
 
 
-@needs_loops
-def test_lengths_changed_in_place_after_their_test_are_tested_again():
-    """The run loops walk the tokens by the lengths: lengths written to after they were trusted are tested at
-    their next read instead of walking past the end (the torch path's segment_reduce checks them itself)."""
+@pytest.mark.parametrize("compiled", [pytest.param(True, marks=needs_loops), False], ids=["compiled", "torch"])
+def test_lengths_changed_in_place_after_their_test_are_tested_again(compiled, monkeypatch):
+    """The run loops walk the tokens by the lengths, and segment_reduce takes them unchecked: lengths written to
+    after they were trusted are tested at their next read instead of walking past the end."""
+    if not compiled:
+        monkeypatch.setattr(native, "library", lambda: None)
     x = torch.linspace(-0.1, 0.1, 5, dtype=torch.float64)
     lengths = Segments.from_lengths(torch.tensor([2, 3]))
     assert obj.fiberpo_gated_ratio(x, lengths, **HYPER).shape == (5,)

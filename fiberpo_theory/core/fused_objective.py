@@ -24,8 +24,6 @@ reference the tests hold this path to.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -112,8 +110,10 @@ class FiberObjective(torch.autograd.Function):
 
 
 def fiber_objective(x, traj: Segments, log_base_fn, eps: float, advantages, weights) -> torch.Tensor | None:
-    """J by :class:`FiberObjective`, or ``None`` where it does not apply; ``weights`` is ``(M,)`` per trajectory."""
+    """J by :class:`FiberObjective`, or ``None`` where it does not apply; ``weights`` is ``(M,)`` per trajectory.
+
+    Non-finite inputs give a non-finite J; the caller names them.
+    """
     if not applies(x, traj, advantages, weights):
         return None
-    objective = FiberObjective.apply(x, traj, log_base_fn, eps, advantages, weights)
-    return objective if math.isfinite(objective.detach()) else None  # the composed path reports why
+    return FiberObjective.apply(x, traj, log_base_fn, eps, advantages, weights)

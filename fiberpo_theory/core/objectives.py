@@ -443,17 +443,19 @@ def _gate_objective(x, traj: Segments, log_base_fn, eps, advantages, weights: st
     """The fused J where it applies and comes out finite, else the composed one.
 
     ``x`` arrives unchecked for finiteness: a non-finite x_i makes its own
-    token's residual NaN in the fused pass (its channel sum, hence S, is
-    non-finite too), so J is NaN and the composed path, which checks x
-    first, names it.
+    token's residual NaN (its channel sum, hence S, is non-finite too), so
+    J is NaN on either path, and only then is x scanned, to name the index:
+    a finite J costs one scalar read back (one host-device sync on CUDA).
     """
     adv = _validate.same_shape("advantages", advantages, x, finite=False)
     per_trajectory = _per_trajectory_weights(weights, traj, x)
     objective = fiber_objective(x, traj, log_base_fn, eps, adv, per_trajectory)
-    if objective is not None:
-        return objective
-    _validate.finite_values("log_ratio", x)
-    return rgf_objective(fiber_gated_ratio(x, traj, log_base_fn, eps), adv, traj.gather(per_trajectory))
+    if objective is None:
+        objective = _weighted_sum(fiber_gated_ratio(x, traj, log_base_fn, eps), adv, traj.gather(per_trajectory))
+    if not math.isfinite(objective.detach()):
+        _validate.finite_values("log_ratio", x)
+        _validate.same_shape("advantages", adv, x)
+    return objective
 
 
 def fiberpo_jacobian(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None) -> torch.Tensor:
@@ -570,12 +572,19 @@ def rgf_objective(gated_ratio, advantages, weights) -> torch.Tensor:
     mu = _validate.same_shape("weights", weights, g, finite=False)
     if mu.requires_grad or adv.requires_grad:
         adv, mu = _validate.same_shape("advantages", adv, g), _validate.same_shape("weights", mu, g)
-        return (mu * g * adv).sum()
-    with torch.no_grad():
-        coef = mu * adv
-    flat = g.dim() == 1 and g.dtype == coef.dtype and g.is_contiguous() and coef.is_contiguous()
-    objective = torch.dot(g, coef) if flat else (g * coef).sum()
+        return _weighted_sum(g, adv, mu)
+    objective = _weighted_sum(g, adv, mu)
     # a non-finite μ_i Â_i makes its term non-finite whatever G_i is (inf·0 is NaN), hence J: the result checks both
     if not math.isfinite(objective.detach()):
         _validate.same_shape("advantages", adv, g), _validate.same_shape("weights", mu, g)
     return objective
+
+
+def _weighted_sum(g: torch.Tensor, adv: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """Σ_i μ_i G_i Â_i, with μ_i Â_i taken outside the graph when neither needs a gradient; no input checks."""
+    if mu.requires_grad or adv.requires_grad:
+        return (mu * g * adv).sum()
+    with torch.no_grad():
+        coef = mu * adv
+    flat = g.dim() == 1 and g.dtype == coef.dtype and g.is_contiguous() and coef.is_contiguous()
+    return torch.dot(g, coef) if flat else (g * coef).sum()

@@ -168,15 +168,22 @@ class Segments:
             return self._runs
         runs = None
         if self._contiguous and count.dtype == torch.long and _native.plain_cpu(count):
-            if not self._is_trusted(count):
-                total = int(count.sum())
-                if total != self.elements or (count.numel() and int(count.min()) < 1):
-                    raise ValueError(f"contiguous Segments: the counts sum to {total} (each must be at least 1) "
-                                     f"but {self.elements} elements are indexed")
-                self._trust(count)
-            runs = count.contiguous()
+            runs = self._lengths().contiguous()
         self._runs = runs
         return runs
+
+    def _lengths(self) -> torch.Tensor:
+        """:attr:`count` of contiguous segments, tested once (and again after an in-place write) to be at least 1
+        each and to cover the elements: the run loops walk the elements by them, ``segment_reduce`` takes them
+        unchecked."""
+        count = self._count
+        if not self._is_trusted(count):
+            total = int(count.sum())
+            if total != self.elements or (count.numel() and int(count.min()) < 1):
+                raise ValueError(f"contiguous Segments: the counts sum to {total} (each must be at least 1) "
+                                 f"but {self.elements} elements are indexed")
+            self._trust(count)
+        return count
 
     @property
     def device(self) -> torch.device:
@@ -254,7 +261,11 @@ class Segments:
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """Per-segment sum of ``values`` (first dimension indexed like ``index``)."""
         if self.contiguous and values.is_floating_point():  # segment_reduce has no integer kernels
-            return torch.segment_reduce(values, "sum", lengths=self.count, axis=0)
+            # the lengths are tested once per Segments, not by segment_reduce on every call (two scalars read
+            # back, host-device syncs on CUDA)
+            lengths = self._lengths()
+            unsafe = values.shape[0] == self.elements
+            return torch.segment_reduce(values, "sum", lengths=lengths, axis=0, unsafe=unsafe)
         out = values.new_zeros((self.size,) + tuple(values.shape[1:]))
         return out.index_add(0, self.narrow_index, values)
 
