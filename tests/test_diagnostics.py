@@ -66,6 +66,61 @@ def test_the_counting_pass_gives_the_parts_tally_in_every_regime(method, dtype):
     assert set(diagnostics.local_regime(parts, eps=EDGES["eps"]).tolist()) == {0, 1, 2}
 
 
+@needs_loops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("method", ["fiberpo", "fiberpo_domain"])
+@pytest.mark.parametrize("pass_", ["gate", "objective"])
+def test_the_counts_a_fused_pass_leaves_give_the_parts_tally_in_every_regime(pass_, method, dtype, monkeypatch):
+    """counting_gate around the fused gate or objective: its counts, read off the gate's flags and G, are the
+    parts' tally, and the metrics made from them count nothing again."""
+    x, ids = _edge_batch(dtype)
+    traj = Segments.from_ids(ids)
+    adv = torch.linspace(-1, 1, x.numel(), dtype=dtype)
+    if method == "fiberpo":
+        parts = obj.fiberpo_parts(x, traj, **EDGES)
+        run = {"gate": lambda: obj.fiberpo_gated_ratio(x, traj, **EDGES),
+               "objective": lambda: obj.fiberpo_objective(x, traj, adv, **EDGES)}[pass_]
+    else:
+        group, domain = traj.index // 4, traj.index // 16
+        parts = obj.fiberpo_domain_parts(x, traj, group, domain, **EDGES)
+        run = {"gate": lambda: obj.fiberpo_domain_gated_ratio(x, traj, group, domain, **EDGES),
+               "objective": lambda: obj.fiberpo_domain_objective(x, traj, group, domain, adv, **EDGES)}[pass_]
+    with diagnostics.counting_gate() as counted:
+        run()
+    assert counted.filled, "the fused pass left no counts"
+    _assert_tallies_equal(diagnostics._counted_tally(counted, traj, x), diagnostics.tally_of_parts(parts, eps=EDGES["eps"]),
+                          dtype)
+    monkeypatch.setattr(diagnostics, "runs_tally", lambda *a: pytest.fail("counted again"))
+    if method == "fiberpo":
+        got = diagnostics.fiberpo_loss_metrics(x, traj, counted=counted, **EDGES)
+    else:
+        got = diagnostics.fiberpo_domain_loss_metrics(x, traj, group, domain, counted=counted, **EDGES)
+    want = diagnostics.metrics_of_tally(diagnostics.tally_of_parts(parts, eps=EDGES["eps"]), c_pos=EDGES["c_pos"],
+                                        c_neg=EDGES["c_neg"])
+    assert got.keys() == want.keys() and got == pytest.approx(want, rel=1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_counting_gate_is_filled_by_one_pass_and_left_empty_off_the_run_loops():
+    x = torch.linspace(-0.3, 0.3, 12, dtype=torch.float64)
+    with diagnostics.counting_gate() as counted:
+        obj.fiberpo_gated_ratio(x, torch.tensor([2, 0, 1, 0, 2, 1, 0, 1, 2, 0, 1, 2]), **EDGES)  # shuffled: no runs
+    assert not counted.filled
+    traj = Segments.from_lengths(torch.tensor([5, 7]))
+    with diagnostics.counting_gate() as first:
+        obj.fiberpo_gated_ratio(x, traj, **EDGES)
+        obj.fiberpo_gated_ratio(x.flip(0), traj, **EDGES)  # a second pass leaves the first one's counts
+    assert first.filled and torch.equal(first.tallies, _reference_counts(x, traj))
+    assert not torch.equal(_reference_counts(x.flip(0), traj), _reference_counts(x, traj))  # so the test tells
+
+
+def _reference_counts(x, traj):
+    parts = obj.fiberpo_parts(x, traj, **EDGES)
+    size_u = parts.signed_u.abs()
+    rows = [traj.sum(v.to(x.dtype)).long() for v in ((x < 0), size_u >= EDGES["eps"], size_u > EDGES["eps"],
+                                                    parts.v.abs() > EDGES["eps"])]
+    return torch.stack(rows, dim=1)
+
+
 @pytest.mark.parametrize("path", ["compiled", "torch", "shuffled"])
 @pytest.mark.parametrize("method", ["fiberpo", "fiberpo_domain"])
 def test_loss_metrics_equal_the_metrics_of_the_parts(method, path, monkeypatch):

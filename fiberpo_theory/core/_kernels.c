@@ -22,7 +22,8 @@
  *                  Its sums, which no torch op mirrors, are taken in LANES partial sums (see WEIGH_TOKEN)
  *   objective_grad_runs  grad = scale * (w * q [inside] + per_channel[run, sign])
  *   tally_runs     the training metrics' pass (diagnostics.py): per run the tokens with x < 0, with |u| >= eps,
- *                  with |u| > eps (u = r as gate_runs takes it) and with |v| > eps, and gate_runs' exponent
+ *                  with |u| > eps (u = r as gate_runs takes it) and with |v| > eps, and gate_runs' exponent;
+ *                  tally_flags_runs: the same counts and Sigma G read off gate_runs' flags and G (counting_gate)
  *   label_counts   the training metrics' regime labels (channel, global, local) counted over the trajectories
  *   mask_positions the row-major positions (int32) and row lengths of a (B, L) 0/1 mask, in one pass
  *   fiber_chain    channel sums -> means (Eq. 9), log w by g_agg with k = T (Eq. 8, 10), its slopes (γ of
@@ -287,6 +288,41 @@
             tallies[4 * r + 3] = past_v;                                                             \
             x += length, out += length;                                                              \
         }                                                                                            \
+    }                                                                                                \
+                                                                                                     \
+    /* tally_runs' counts read off what the gate's run loop wrote (flags, G) instead of redoing it: |u| > eps \
+     * is a flag; |u| = eps, the one case the flags leave open, recomputes u as gate_runs does.  The counts   \
+     * are integer sums (the loop vectorises as it is); Sigma G, a run's sum in LANES partial sums in T added \
+     * up in lane order at its end, adds to *gated_sum in double. */                                        \
+    void tally_flags_runs_##SUF(int64_t runs, const int64_t *restrict count, const T *restrict x,    \
+                                const T *restrict same, const uint8_t *restrict flags,               \
+                                const T *restrict gated, T eps, int64_t *restrict tallies,           \
+                                double *restrict gated_sum) {                                        \
+        double total = *gated_sum;                                                                   \
+        for (int64_t r = 0; r < runs; ++r) {                                                         \
+            const int64_t length = count[r]; /* a local: flags (uint8_t) could alias it */           \
+            const T s0 = same[2 * r], s1 = same[2 * r + 1];                                          \
+            U below = 0, past = 0, edge = 0;                                                         \
+            for (int64_t i = 0; i < length; ++i) {                                                   \
+                const U negative = (U)(flags[i] >> 1);                                               \
+                const T res = x[i] - (negative ? s1 : s0);                                           \
+                below += negative, past += (U)1 - (U)(flags[i] & 1);                                 \
+                edge += (U)(res == eps) + (U)(res == -eps);                                          \
+            }                                                                                        \
+            T lanes[LANES] = {0};                                                                    \
+            int64_t i = 0;                                                                           \
+            for (; i + LANES <= length; i += LANES)                                                  \
+                for (int j = 0; j < LANES; ++j) lanes[j] = lanes[j] + gated[i + j];                  \
+            for (int j = 0; i < length; ++i, ++j) lanes[j] = lanes[j] + gated[i];                    \
+            double sum = 0;                                                                          \
+            for (int j = 0; j < LANES; ++j) sum = sum + (double)lanes[j];                            \
+            total = total + sum;                                                                     \
+            const int64_t past_v = (length - (int64_t)below) * (ABS(s1) > eps) + (int64_t)below * (ABS(s0) > eps); \
+            tallies[4 * r] = below, tallies[4 * r + 1] = past + edge, tallies[4 * r + 2] = past;     \
+            tallies[4 * r + 3] = past_v;                                                             \
+            x += length, flags += length, gated += length;                                           \
+        }                                                                                            \
+        *gated_sum = total;                                                                          \
     }
 
 /* FiberPO's per-trajectory chain with k = T (fused.py: _means_of_sums, _FiberPOLogBase, _sign_tables and
@@ -482,9 +518,9 @@ FIBER_KERNELS(double, uint64_t, f64)
 RUN_KERNELS(float, uint32_t, f32)
 RUN_KERNELS(double, uint64_t, f64)
 
-/* FiberPO's objective (fused_objective.py) in as few calls as its exp allows, on one workspace of 16m + 1
+/* FiberPO's objective (fused_objective.py) in as few calls as its exp allows, on one workspace of 17m + 1
  * values: sums (positive, non-positive: m each), channels, S, A, slopes, dJ/dA, dJ/dS, per-channel gradient
- * (2m each), J.  fiber_objective_chain: the channel sums and fiber_chain, J = +0; fiber_objective_grad:
+ * (2m each), log w (m), J.  fiber_objective_chain: the channel sums and fiber_chain, J = +0; fiber_objective_grad:
  * fiber_chain_grad on dJ/dA, dJ/dS, then objective_grad_runs. */
 #define OBJECTIVE_KERNELS(T, SUF)                                                                    \
     void fiber_objective_chain_##SUF(int64_t m, const int64_t *restrict count, const T *restrict x,  \
@@ -492,8 +528,8 @@ RUN_KERNELS(double, uint64_t, f64)
         for (int64_t i = 0; i < 2 * m; ++i) ws[i] = (T)0;                                            \
         channel_sums_runs_##SUF(m, count, x, ws, ws + m);                                            \
         fiber_chain_##SUF(m, count, ws, ws + m, c_pos, c_neg, eps, ws + 2 * m, ws + 4 * m,           \
-                          ws + 6 * m, ws + 8 * m, (T *)0);                                           \
-        ws[16 * m] = (T)0;                                                                           \
+                          ws + 6 * m, ws + 8 * m, ws + 16 * m);                                      \
+        ws[17 * m] = (T)0;                                                                           \
     }                                                                                                \
                                                                                                      \
     void fiber_objective_grad_##SUF(int64_t m, const int64_t *restrict count, T *restrict ws, T eps, \

@@ -12,13 +12,15 @@ tallies equal in every regime).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple
 
 import torch
 
+from . import fused as _fused
 from . import native as _native
 from . import objectives
-from .fused import run_chunks, trajectory_chain
+from .fused import GateCounts, run_chunks, trajectory_chain
 from .gates import PASS, REGIME_NAMES, ROLLBACK, ZEROED, g_agg_regime
 from .objectives import FiberPOParts
 
@@ -201,39 +203,85 @@ def runs_tally(x: torch.Tensor, traj, log_base_fn, eps: float) -> GateTally | No
                                                  ptr(offset) + tables, real(eps), ptr(exponent),
                                                  ptr(tallies) + 4 * first * 8)
             gated_sum += float(exponent[: stop - start].exp_().sum(dtype=torch.float64))
-        past_u, past_v = tallies[:, 2:].sum(0).tolist()
-        return GateTally(
-            channels[:, 0], channels[:, 1], traj.count.to(x.dtype), tallies[:, 1].to(x.dtype), past_u, past_v,
-            float((log_base.abs() * traj.count).sum()), gated_sum, x.numel(),
-        )
+        return _tally(channels, log_base, tallies, gated_sum, traj, x)
 
 
-def fiberpo_loss_metrics(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None) -> dict[str, float]:
+def _tally(channels, log_base, tallies, gated_sum: float, traj, x) -> GateTally:
+    """The :class:`GateTally` of per-trajectory counts ``(M, 4)`` (x < 0, |u| >= ε, |u| > ε, |v| > ε)."""
+    channels = channels.to(x.dtype)
+    past_u, past_v = tallies[:, 2:].sum(0).tolist()
+    return GateTally(
+        channels[:, 0], channels[:, 1], traj.count.to(x.dtype), tallies[:, 1].to(x.dtype), past_u, past_v,
+        float((log_base.double().abs() * traj.count).sum()), gated_sum, x.numel(),
+    )
+
+
+@contextmanager
+def counting_gate() -> Iterator[GateCounts]:
+    """Count the training metrics inside the next fused FiberPO / FiberPO-Domain gate or objective of this thread.
+
+    The pass that runs the compiled loops on contiguous trajectories fills
+    the :class:`~fiberpo_theory.core.fused.GateCounts` it yields from the
+    flags and G it writes anyway; pass it as ``counted`` to
+    :func:`fiberpo_loss_metrics` / :func:`fiberpo_domain_loss_metrics`,
+    which then make no second chain and no second token pass (and count as
+    before where it stayed empty)::
+
+        with counting_gate() as counted:
+            gated = objectives.fiberpo_gated_ratio(x, traj, **hyper)
+        metrics = fiberpo_loss_metrics(x, traj, counted=counted, **hyper)
+    """
+    counts, before = GateCounts(), getattr(_fused._COUNTING, "counts", None)
+    _fused._COUNTING.counts = counts
+    try:
+        yield counts
+    finally:
+        _fused._COUNTING.counts = before
+
+
+def _counted_tally(counted: GateCounts | None, traj, x) -> GateTally | None:
+    if counted is None or not counted.filled or counted.tallies.shape[0] != traj.size:
+        return None
+    return _tally(counted.channels, counted.log_base, counted.tallies, float(counted.gated_sum), traj, x)
+
+
+def fiberpo_loss_metrics(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None, counted=None) -> dict[str, float]:
     """``fiberpo_metrics(fiberpo_parts(log_ratio, traj_id, ...), ...)``, by :func:`runs_tally` where it runs.
 
     What the registry losses log: on contiguous trajectories on CPU one
-    token pass instead of the parts' dozen N-sized tensors.
+    token pass instead of the parts' dozen N-sized tensors, or none when
+    ``counted`` (from :func:`counting_gate` around the gate or objective of
+    the same inputs) was filled.
     """
-    with torch.no_grad():
-        x, traj, eps_, log_base_fn = objectives._fiberpo_inputs(log_ratio.detach(), traj_id, eps, c_pos, c_neg, k)
-        tally = runs_tally(x, traj, log_base_fn, eps_)
+    with torch.no_grad():  # a filled count comes from a pass that checked x already
+        x, traj, eps_, log_base_fn = objectives._fiberpo_inputs(log_ratio.detach(), traj_id, eps, c_pos, c_neg, k,
+                                                                finite=counted is None or not counted.filled)
+        tally = _counted_tally(counted, traj, x)
+        if tally is None:
+            tally = runs_tally(x, traj, log_base_fn, eps_)
         if tally is None:
             tally = tally_of_parts(objectives.fiberpo_parts(x, traj, eps=eps, c_pos=c_pos, c_neg=c_neg, k=k), eps=eps)
     return metrics_of_tally(tally, c_pos=c_pos, c_neg=c_neg, k=k)
 
 
 def fiberpo_domain_loss_metrics(log_ratio, traj_id, group_id, domain_id, *, eps, c_pos, c_neg,
-                                process_group=None) -> dict[str, float]:
-    """:func:`fiberpo_loss_metrics` for FiberPO-Domain (Eq. 30-33); with a ``process_group`` by the parts."""
+                                process_group=None, counted=None) -> dict[str, float]:
+    """:func:`fiberpo_loss_metrics` for FiberPO-Domain (Eq. 30-33); with a ``process_group`` by the parts.
+
+    ``counted`` is used on one process only (across ranks the parts count).
+    """
     hyper = dict(eps=eps, c_pos=c_pos, c_neg=c_neg)
     with torch.no_grad():
         x = log_ratio.detach()
         tally = None
         if process_group is None:  # across ranks the base weight makes collectives: computed once, by the parts
-            x, levels, eps_, log_base_fn = objectives._domain_inputs(x, traj_id, group_id, domain_id, eps, c_pos,
-                                                                    c_neg, None)
-            tally = runs_tally(x, levels.traj, log_base_fn, eps_)
-            traj_id = levels.traj
+            traj = traj_id if isinstance(traj_id, objectives.Segments) else None
+            tally = _counted_tally(counted, traj, x) if traj is not None else None
+            if tally is None:
+                x, levels, eps_, log_base_fn = objectives._domain_inputs(x, traj_id, group_id, domain_id, eps, c_pos,
+                                                                        c_neg, None)
+                tally = runs_tally(x, levels.traj, log_base_fn, eps_)
+                traj_id = levels.traj
         if tally is None:
             parts = objectives.fiberpo_domain_parts(x, traj_id, group_id, domain_id, process_group=process_group,
                                                     **hyper)

@@ -42,6 +42,7 @@ token passes.
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, NamedTuple
 
 import torch
@@ -121,6 +122,46 @@ def _gate_tokens(x, narrow, same, offset, eps, gated, inside, key) -> None:
         work.add_(clip).exp_()
 
 
+class GateCounts:
+    """What a fused pass on contiguous trajectories leaves for the training metrics, when one is asked to.
+
+    :func:`fiberpo_theory.core.diagnostics.counting_gate` installs one for
+    the next fused gate or objective of this thread; that pass fills it
+    from the flags and G it writes anyway (one C loop,
+    ``tally_flags_runs``), so the metrics need no second chain and no
+    second token pass.  ``tallies`` ``(M, 4)``: per trajectory the tokens
+    with x < 0, |u| >= ε, |u| > ε, |v| > ε; ``gated_sum`` Σ G (float64);
+    ``channels`` ``(M, 2)`` and ``log_base`` ``(M,)`` from the chain.
+    Left empty (``filled`` false) where the run loops do not run.
+    """
+
+    def __init__(self):
+        self.tallies = self.gated_sum = self.channels = self.log_base = None
+        self.filled = False
+
+
+_COUNTING = threading.local()  # the GateCounts the next fused pass of this thread fills, if any
+
+
+def _claim_counts(m: int) -> GateCounts | None:
+    """The installed :class:`GateCounts`, taken off the thread (one pass fills it), with its buffers made."""
+    counts = getattr(_COUNTING, "counts", None)
+    if counts is None:
+        return None
+    _COUNTING.counts = None
+    counts.tallies, counts.gated_sum = torch.empty(m, 4, dtype=torch.long), torch.zeros(1, dtype=torch.float64)
+    return counts
+
+
+def count_runs(counts: GateCounts, x, runs, same, eps, gated, flags, first: int, last: int, start: int) -> None:
+    """Add the trajectories ``first..last-1`` (tokens from ``start``) to ``counts`` by the C loop."""
+    lib, real, suffix = _native.loops(x.dtype)
+    ptr = _native.ptr
+    getattr(lib, f"tally_flags_runs_{suffix}")(last - first, ptr(runs, first), ptr(x, start), ptr(same, 2 * first),
+                                              ptr(flags, start), ptr(gated, start), real(eps),
+                                              ptr(counts.tallies, 4 * first), ptr(counts.gated_sum))
+
+
 class FiberGate(torch.autograd.Function):
     """``G = exp(A + clip(x - S, ε))`` from raw log-ratios, with the closed-form backward above.
 
@@ -143,8 +184,11 @@ class FiberGate(torch.autograd.Function):
         gated = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         if runs is not None and native_tables:
             flags = torch.empty(x.shape, dtype=torch.uint8)  # inside | negative << 1
-            _runs_gate_tokens(x, runs, *tables, eps, gated, flags)
+            counts = _claim_counts(traj.size)
+            _runs_gate_tokens(x, runs, *tables, eps, gated, flags, counts)
             ctx.save_for_backward(gated, flags)
+            if counts is not None:
+                _finish_counts(counts, chain, log_base_fn)
         else:
             narrow = traj.narrow_index
             inside = torch.empty(x.shape, dtype=torch.bool, device=x.device)
@@ -182,6 +226,13 @@ class FiberGate(torch.autograd.Function):
             key = _key_and_inside(flags, traj)[0]
         add = _native_add_channel_terms if indexed and same_dtype else _add_channel_terms
         return add(grad_x, per_channel, key), None, None, None
+
+
+def _finish_counts(counts: GateCounts, chain: "Chain", log_base_fn) -> None:
+    channels = chain.channels.detach()
+    counts.channels = channels
+    counts.log_base = chain.log_base.detach() if chain.log_base is not None else log_base_fn(channels).detach()
+    counts.filled = True
 
 
 class Chain(NamedTuple):
@@ -478,14 +529,17 @@ def run_chunks(n: int, runs: torch.Tensor) -> list[tuple[int, int, int, int]]:
     return chunks
 
 
-def _runs_gate_tokens(x, runs, same, offset, eps, gated, flags) -> None:
-    """The token gate by the run loop, a chunk of whole trajectories at a time, each chunk exponentiated in cache."""
+def _runs_gate_tokens(x, runs, same, offset, eps, gated, flags, counts: GateCounts | None = None) -> None:
+    """The token gate by the run loop, a chunk of whole trajectories at a time, each chunk exponentiated (and
+    counted for ``counts``) while in cache."""
     lib, real, suffix = _native.loops(x.dtype)
     gate, same, offset, ptr = getattr(lib, f"gate_runs_{suffix}"), same.contiguous(), offset.contiguous(), _native.ptr
     for first, last, start, stop in run_chunks(x.numel(), runs):
         gate(last - first, ptr(runs, first), ptr(x, start), ptr(same, 2 * first), ptr(offset, 2 * first), real(eps),
              ptr(gated, start), ptr(flags, start))
         gated[start:stop].exp_()
+        if counts is not None:
+            count_runs(counts, x, runs, same, eps, gated, flags, first, last, start)
 
 
 def _runs_reduce_tokens(grad_gated, gated, flags, runs):

@@ -28,7 +28,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import native as _native
-from .fused import _is_batched, chain_grad, run_chunks, trajectory_chain
+from .fused import _claim_counts, _finish_counts, _is_batched, chain_grad, count_runs, run_chunks, trajectory_chain
 from .segments import Segments
 
 
@@ -54,13 +54,13 @@ class FiberObjective(torch.autograd.Function):
         ptr, size = _native.ptr, x.element_size()
         budgets = getattr(log_base_fn, "length_budgets", None)
         chain = None
-        if budgets is not None:  # layout in _kernels.c: sums, channels, S, A, slopes, dJ/dA, dJ/dS, per channel, J
-            ws = torch.empty(16 * m + 1, dtype=x.dtype)
+        if budgets is not None:  # layout in _kernels.c: sums, channels, S, A, slopes, dJ/dA, dJ/dS, per channel,
+            ws = torch.empty(17 * m + 1, dtype=x.dtype)  # log w, J
             getattr(lib, f"fiber_objective_chain_{suffix}")(m, ptr(runs), ptr(x), real(budgets[0]), real(budgets[1]),
                                                            real(eps), ptr(ws))
             base = ptr(ws)
             same, offset, grad_offset, grad_same = (base + k * m * size for k in (4, 6, 10, 12))
-            total = ws[16 * m]
+            total = ws[17 * m]
         else:
             chain = trajectory_chain(x, traj, runs, False, log_base_fn, eps)
             ws = torch.empty(4 * m + 1, dtype=x.dtype)  # S, A (in x's dtype), dJ/dA, dJ/dS, J
@@ -75,13 +75,21 @@ class FiberObjective(torch.autograd.Function):
             total = ws[4 * m]
         gate, weigh = getattr(lib, f"gate_runs_{suffix}"), getattr(lib, f"weigh_runs_{suffix}")
         q, flags = torch.empty_like(x), torch.empty(x.shape, dtype=torch.uint8)  # flags: inside | negative << 1
+        counts = _claim_counts(m)  # the training metrics' counts, when asked for: from G before it becomes q
+        same_table = (ws[4 * m : 6 * m] if chain is None else ws[: 2 * m]) if counts is not None else None
         for first, last, start, stop in run_chunks(x.numel(), runs):
             tables = 2 * first * size
             gate(last - first, ptr(runs, first), ptr(x, start), same + tables, offset + tables, real(eps),
                  ptr(q, start), ptr(flags, start))
             (q if stop - start == q.numel() else q[start:stop]).exp_()  # G, in cache; weigh makes it q = Â·G
+            if counts is not None:
+                count_runs(counts, x, runs, same_table, eps, q, flags, first, last, start)
             weigh(last - first, ptr(runs, first), ptr(weights, first), ptr(advantages, start), ptr(flags, start),
                   ptr(q, start), grad_offset + tables, grad_same + tables, ptr(total))
+        if counts is not None and chain is None:
+            counts.channels, counts.log_base, counts.filled = ws[2 * m : 4 * m].view(m, 2), ws[16 * m : 17 * m], True
+        elif counts is not None:
+            _finish_counts(counts, chain, log_base_fn)
         ctx.save_for_backward(q, flags)
         ctx.traj, ctx.chain, ctx.eps, ctx.weights, ctx.ws = traj, chain, eps, weights, ws
         return total

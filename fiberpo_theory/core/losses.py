@@ -213,14 +213,15 @@ def fiberpo_loss(
 
     The loss is :func:`~fiberpo_theory.objectives.fiberpo_objective` (Eq. 2 in the fused gate's pass) in
     every mode (each one's μ is constant on a row); the metrics
-    from :func:`~fiberpo_theory.core.diagnostics.fiberpo_loss_metrics` (one counting pass, no graph).
+    from :func:`~fiberpo_theory.core.diagnostics.fiberpo_loss_metrics`, counted in that same pass.
     """
     batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)
     traj = trajectory_segments(batch)
     hyper = dict(eps=eps, c_pos=c_pos, c_neg=c_neg, k=k)
-    metrics = diagnostics.fiberpo_loss_metrics(x, traj, **hyper)
-    return _fiber_finish("fiberpo", lambda a, w: objectives.fiberpo_objective(x, traj, a, weights=w, **hyper),
-                         x, adv, batch, loss_agg_mode, metrics)
+    with diagnostics.counting_gate() as counted:
+        loss, extra = _fiber_finish("fiberpo", lambda a, w: objectives.fiberpo_objective(x, traj, a, weights=w, **hyper),
+                                    x, adv, batch, loss_agg_mode, {})
+    return loss, {**diagnostics.fiberpo_loss_metrics(x, traj, counted=counted, **hyper), **extra}
 
 
 @register_policy_loss("fiberpo_domain")
@@ -243,16 +244,19 @@ def fiberpo_domain_loss(
     ``process_group`` all-reduces the group and domain aggregates across
     data-parallel ranks (see :mod:`fiberpo_theory.core.distributed`); the μ weights
     of ``loss_agg_mode`` and the metrics stay per rank, as in any DDP loss.
-    The loss runs the fused gate (with Eq. 2 in its pass, as for ``fiberpo``); the metrics one counting
-    pass, or with a ``process_group`` the reference without a graph (the same collectives on every rank).
+    The loss runs the fused gate (with Eq. 2 in its pass, as for ``fiberpo``), which also counts the
+    metrics; with a ``process_group`` the metrics come from the reference without a graph (the same
+    collectives on every rank).
     """
     batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)
     traj = trajectory_segments(batch)
     groups = _row_ids("group_ids", group_ids, batch)
     domains = _row_ids("domain_ids", domain_ids, batch)
     hyper = dict(eps=eps, c_pos=c_pos, c_neg=c_neg, process_group=process_group)
-    metrics = diagnostics.fiberpo_domain_loss_metrics(x, traj, groups, domains, **hyper)
-    return _fiber_finish(
-        "fiberpo_domain", lambda a, w: objectives.fiberpo_domain_objective(x, traj, groups, domains, a, weights=w,
-                                                                           **hyper),
-        x, adv, batch, loss_agg_mode, metrics)
+    with diagnostics.counting_gate() as counted:
+        loss, extra = _fiber_finish(
+            "fiberpo_domain", lambda a, w: objectives.fiberpo_domain_objective(x, traj, groups, domains, a,
+                                                                               weights=w, **hyper),
+            x, adv, batch, loss_agg_mode, {})
+    metrics = diagnostics.fiberpo_domain_loss_metrics(x, traj, groups, domains, counted=counted, **hyper)
+    return loss, {**metrics, **extra}

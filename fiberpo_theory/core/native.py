@@ -108,6 +108,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"add_channel_runs_{suffix}").argtypes = [i64, p, p, p, p]
         getattr(lib, f"gather_runs_{suffix}").argtypes = [i64, p, p, p]
         getattr(lib, f"tally_runs_{suffix}").argtypes = [i64, p, p, p, p, real, p, p]
+        getattr(lib, f"tally_flags_runs_{suffix}").argtypes = [i64, p, p, p, p, p, real, p, p]
         getattr(lib, f"weigh_runs_{suffix}").argtypes = [i64, p, p, p, p, p, p, p, p]
         getattr(lib, f"objective_grad_runs_{suffix}").argtypes = [i64, p, p, p, p, p, real, p]
         getattr(lib, f"fiber_objective_chain_{suffix}").argtypes = [i64, p, p, real, real, real, p]

@@ -248,8 +248,9 @@ class FiberPOTrainer(GRPOTrainer):
         x = to_flat(log_ratio[keep], batch, "log_ratio")
         advantages = to_flat(inputs["advantages"][keep], batch, "advantages")
         traj = trajectory_segments(batch)  # the rows by their lengths, indexed once for the gate, metrics and μ
-        gated = self._gated_ratio(x, batch, traj, inputs, keep)
-        self._log_gate(x.detach(), gated.detach(), traj)
+        with diagnostics.counting_gate() as counted:
+            gated = self._gated_ratio(x, batch, traj, inputs, keep)
+        self._log_gate(x.detach(), gated.detach(), traj, counted)
         weights = objectives.aggregation_weights(_AGGREGATION[args.loss_type], x, traj)
         return -objectives.rgf_objective(gated, advantages, weights) * self._mu_scale(keep, x.numel(), inputs)
 
@@ -268,13 +269,13 @@ class FiberPOTrainer(GRPOTrainer):
         return 1.0
 
     @torch.no_grad()
-    def _log_gate(self, x, gated, traj):
+    def _log_gate(self, x, gated, traj, counted):
         """Per-micro-batch gate statistics under ``fiberpo/`` in TRL's logs (this process's rows)."""
         args = self.args
         metrics = {"clip_fraction": diagnostics.clip_fraction(x.exp(), gated)}
         if args.fiberpo_method == "fiberpo":
             hyper = dict(eps=args.epsilon, c_pos=args.fiberpo_c_pos, c_neg=args.fiberpo_c_neg, k=args.fiberpo_k)
-            metrics.update(diagnostics.fiberpo_loss_metrics(x, traj, **hyper))
+            metrics.update(diagnostics.fiberpo_loss_metrics(x, traj, counted=counted, **hyper))
         mode = "train" if self.model.training else "eval"
         for key, value in metrics.items():
             self._metrics[mode][f"fiberpo/{key}"].append(value)

@@ -228,12 +228,13 @@ def _fiberpo_hyper(config) -> dict:
 
 def fiberpo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
             rollout_is_weights=None):
-    """FiberPO (Eq. 6-16), one trajectory per row: the loss by the fused gate, the metrics by one counting pass."""
+    """FiberPO (Eq. 6-16), one trajectory per row: the loss by the fused gate, which also counts the metrics."""
     batch = _Batch(old_log_prob, log_prob, advantages, response_mask)
     hyper = dict(_fiberpo_hyper(config), k=_hyper(config, "fiberpo_k", optional=True))
     traj = trajectory_segments(batch.flat)  # the non-empty rows, by their lengths: indexed once for loss and metrics
-    gated = objectives.fiberpo_gated_ratio(batch.log_ratio, traj, **hyper)
-    metrics = diagnostics.fiberpo_loss_metrics(batch.log_ratio, traj, **hyper)
+    with diagnostics.counting_gate() as counted:
+        gated = objectives.fiberpo_gated_ratio(batch.log_ratio, traj, **hyper)
+    metrics = diagnostics.fiberpo_loss_metrics(batch.log_ratio, traj, counted=counted, **hyper)
     return _finish(batch, gated, response_mask, loss_agg_mode, config, rollout_is_weights, metrics)
 
 
@@ -251,8 +252,9 @@ def fiberpo_domain(old_log_prob, log_prob, advantages, response_mask, loss_agg_m
     hyper = _fiberpo_hyper(config)
     traj = trajectory_segments(batch.flat)
     levels = (traj, groups[batch.traj_id], domains[batch.traj_id])
-    gated = objectives.fiberpo_domain_gated_ratio(batch.log_ratio, *levels, **hyper)  # the fused gate
-    metrics = diagnostics.fiberpo_domain_loss_metrics(batch.log_ratio, *levels, **hyper)
+    with diagnostics.counting_gate() as counted:
+        gated = objectives.fiberpo_domain_gated_ratio(batch.log_ratio, *levels, **hyper)  # the fused gate
+    metrics = diagnostics.fiberpo_domain_loss_metrics(batch.log_ratio, *levels, counted=counted, **hyper)
     return _finish(batch, gated, response_mask, loss_agg_mode, config, rollout_is_weights, metrics)
 
 
