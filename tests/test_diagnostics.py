@@ -102,10 +102,11 @@ def test_the_counts_a_fused_pass_leaves_give_the_parts_tally_in_every_regime(pas
 
 def test_counting_gate_is_filled_by_one_pass_and_left_empty_off_the_run_loops():
     x = torch.linspace(-0.3, 0.3, 12, dtype=torch.float64)
+    traj = Segments.from_lengths(torch.tensor([5, 7]))
     with diagnostics.counting_gate() as counted:
         obj.fiberpo_gated_ratio(x, torch.tensor([2, 0, 1, 0, 2, 1, 0, 1, 2, 0, 1, 2]), **EDGES)  # shuffled: no runs
+        obj.fiberpo_gated_ratio(x, traj, **EDGES)  # the first pass took the counts: they stay empty
     assert not counted.filled
-    traj = Segments.from_lengths(torch.tensor([5, 7]))
     with diagnostics.counting_gate() as first:
         obj.fiberpo_gated_ratio(x, traj, **EDGES)
         obj.fiberpo_gated_ratio(x.flip(0), traj, **EDGES)  # a second pass leaves the first one's counts

@@ -143,13 +143,17 @@ class GateCounts:
 _COUNTING = threading.local()  # the GateCounts the next fused pass of this thread fills, if any
 
 
-def _claim_counts(m: int) -> GateCounts | None:
-    """The installed :class:`GateCounts`, taken off the thread (one pass fills it), with its buffers made."""
+def _claim_counts() -> GateCounts | None:
+    """The installed :class:`GateCounts`, taken off the thread: the next fused pass fills it or leaves it empty."""
     counts = getattr(_COUNTING, "counts", None)
-    if counts is None:
-        return None
     _COUNTING.counts = None
-    counts.tallies, counts.gated_sum = torch.empty(m, 4, dtype=torch.long), torch.zeros(1, dtype=torch.float64)
+    return counts
+
+
+def _counting_runs(counts: GateCounts | None, m: int) -> GateCounts | None:
+    """``counts`` with buffers for ``m`` trajectories, for a pass on the run loops."""
+    if counts is not None:
+        counts.tallies, counts.gated_sum = torch.empty(m, 4, dtype=torch.long), torch.zeros(1, dtype=torch.float64)
     return counts
 
 
@@ -174,6 +178,7 @@ class FiberGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, traj: Segments, log_base_fn: Callable[[torch.Tensor], torch.Tensor], eps: float):
+        counts = _claim_counts()
         runs = traj.runs if _native.kernels_for(x) else None
         indexed = None
         if runs is None and traj.narrow_index.dtype == torch.int32:
@@ -184,7 +189,7 @@ class FiberGate(torch.autograd.Function):
         gated = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         if runs is not None and native_tables:
             flags = torch.empty(x.shape, dtype=torch.uint8)  # inside | negative << 1
-            counts = _claim_counts(traj.size)
+            counts = _counting_runs(counts, traj.size)
             _runs_gate_tokens(x, runs, *tables, eps, gated, flags, counts)
             ctx.save_for_backward(gated, flags)
             if counts is not None:
