@@ -100,6 +100,7 @@ def test_the_counts_a_fused_pass_leaves_give_the_parts_tally_in_every_regime(pas
     assert got.keys() == want.keys() and got == pytest.approx(want, rel=1e-12 if dtype == torch.float64 else 1e-5)
 
 
+@needs_loops
 def test_counting_gate_is_filled_by_one_pass_and_left_empty_off_the_run_loops():
     x = torch.linspace(-0.3, 0.3, 12, dtype=torch.float64)
     traj = Segments.from_lengths(torch.tensor([5, 7]))
