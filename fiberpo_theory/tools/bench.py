@@ -172,7 +172,7 @@ def _padded_cases(b: Batch) -> list[Case]:
              fiberpo),
         Case("fiberpo_domain/padded", "as fiberpo/padded plus row group/domain ids per token", b.padded_log_prob,
              fiberpo_domain),
-        Case("fiberpo_loss/padded", "package registry FiberPO: Eq. 2 in the fused gate's pass, metrics by one counting pass",
+        Case("fiberpo_loss/padded", "package registry FiberPO: Eq. 2 and the metrics' counts in the fused gate's pass",
              b.padded_log_prob, registry("fiberpo", **FIBER)),
     ]
     verl = verl_loss()
@@ -543,8 +543,8 @@ What each baseline includes:
   positions and row lengths found in one pass; the bench's rows are right-padded blocks, so values are
   selected and gradients written back by block copies: no boolean indexing), the rows as trajectories by
   their lengths (no sort), the fused gate, μ and Eq. 2.  `fiberpo_loss/padded` is the registry loss: `fiberpo_objective` for the loss, its
-  metrics (regime shares, clip fractions, means) from one compiled counting pass over the tokens
-  (`diagnostics.fiberpo_loss_metrics`), and the mean raw ratio.
+  metrics (regime shares, clip fractions, means) counted in that same pass (`diagnostics.counting_gate`,
+  then `diagnostics.fiberpo_loss_metrics`), and the mean raw ratio.
 * `fiberpo_objective/sorted`: `fiberpo_objective`, the same J (Eq. 2 with FiberPO's gate and μ) taken in
   the gate's own pass: per trajectory and sign the forward sums Â·G and Â·G on the open clip, so G, μ and
   their product are never written and the backward is the per-trajectory chain plus one token pass.
@@ -566,7 +566,7 @@ contiguous trajectories by their lengths, so the sorted and padded layouts read 
 lengths of sorted ids, the group/domain ids carried by contiguous trajectories and the padded layout's
 positions and block copies, one C loop each, and FiberPO's per-trajectory chain (Eq. 8-10 with k = T and
 its backward) and FiberPO-Domain's on one process (Eq. 30-33 and its backward) as one loop over the
-trajectories each way; the objective's pass and the metrics' counting pass are C loops too, and torch keeps
+trajectories each way; the objective's pass and the metrics' counts (read off the gate's flags) are C loops too, and torch keeps
 the `exp`.  `FIBERPO_THEORY_NATIVE=0 fiberpo-theory bench` times the torch-op path instead; both give the
 same bits, except that the fused objective's per-trajectory sums are taken in 16 partial sums (a fixed
 order, so the result is deterministic), where torch's dot product takes its own.
