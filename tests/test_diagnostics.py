@@ -112,6 +112,11 @@ def test_counting_gate_is_filled_by_one_pass_and_left_empty_off_the_run_loops():
         obj.fiberpo_gated_ratio(x, traj, **EDGES)
         obj.fiberpo_gated_ratio(x.flip(0), traj, **EDGES)  # a second pass leaves the first one's counts
     assert first.filled and torch.equal(first.tallies, _reference_counts(x, traj))
+    with diagnostics.counting_gate() as float_k:  # a given k: the chain still writes log w
+        obj.fiberpo_gated_ratio(x, traj, k=3.0, **EDGES)
+    parts = obj.fiberpo_parts(x, traj, k=3.0, **EDGES)
+    _assert_tallies_equal(diagnostics._counted_tally(float_k, traj, x), diagnostics.tally_of_parts(parts, eps=0.125),
+                          torch.float64)
     assert not torch.equal(_reference_counts(x.flip(0), traj), _reference_counts(x, traj))  # so the test tells
 
 

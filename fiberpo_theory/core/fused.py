@@ -193,7 +193,7 @@ class FiberGate(torch.autograd.Function):
             _runs_gate_tokens(x, runs, *tables, eps, gated, flags, counts)
             ctx.save_for_backward(gated, flags)
             if counts is not None:
-                _finish_counts(counts, chain, log_base_fn)
+                _finish_counts(counts, chain)
         else:
             narrow = traj.narrow_index
             inside = torch.empty(x.shape, dtype=torch.bool, device=x.device)
@@ -233,11 +233,11 @@ class FiberGate(torch.autograd.Function):
         return add(grad_x, per_channel, key), None, None, None
 
 
-def _finish_counts(counts: GateCounts, chain: "Chain", log_base_fn) -> None:
-    channels = chain.channels.detach()
-    counts.channels = channels
-    counts.log_base = chain.log_base.detach() if chain.log_base is not None else log_base_fn(channels).detach()
-    counts.filled = True
+def _finish_counts(counts: GateCounts, chain: "Chain") -> None:
+    """Take the chain's channels and log w (never the base weight evaluated again: across ranks it makes
+    collectives); a chain without log w leaves the counts empty."""
+    if chain.log_base is not None:
+        counts.channels, counts.log_base, counts.filled = chain.channels.detach(), chain.log_base.detach(), True
 
 
 class Chain(NamedTuple):

@@ -89,7 +89,7 @@ class FiberObjective(torch.autograd.Function):
         if counts is not None and chain is None:
             counts.channels, counts.log_base, counts.filled = ws[2 * m : 4 * m].view(m, 2), ws[16 * m : 17 * m], True
         elif counts is not None:
-            _finish_counts(counts, chain, log_base_fn)
+            _finish_counts(counts, chain)
         ctx.save_for_backward(q, flags)
         ctx.traj, ctx.chain, ctx.eps, ctx.weights, ctx.ws = traj, chain, eps, weights, ws
         return total
