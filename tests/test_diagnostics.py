@@ -88,15 +88,14 @@ def test_the_counts_a_fused_pass_leaves_give_the_parts_tally_in_every_regime(pas
     with diagnostics.counting_gate() as counted:
         run()
     assert counted.filled, "the fused pass left no counts"
-    _assert_tallies_equal(diagnostics._counted_tally(counted, traj, x), diagnostics.tally_of_parts(parts, eps=EDGES["eps"]),
-                          dtype)
+    tally = diagnostics.tally_of_parts(parts, eps=EDGES["eps"])
+    _assert_tallies_equal(diagnostics._counted_tally(counted, traj, x), tally, dtype)
     monkeypatch.setattr(diagnostics, "runs_tally", lambda *a: pytest.fail("counted again"))
     if method == "fiberpo":
         got = diagnostics.fiberpo_loss_metrics(x, traj, counted=counted, **EDGES)
     else:
         got = diagnostics.fiberpo_domain_loss_metrics(x, traj, group, domain, counted=counted, **EDGES)
-    want = diagnostics.metrics_of_tally(diagnostics.tally_of_parts(parts, eps=EDGES["eps"]), c_pos=EDGES["c_pos"],
-                                        c_neg=EDGES["c_neg"])
+    want = diagnostics.metrics_of_tally(tally, c_pos=EDGES["c_pos"], c_neg=EDGES["c_neg"])
     assert got.keys() == want.keys() and got == pytest.approx(want, rel=1e-12 if dtype == torch.float64 else 1e-5)
 
 
@@ -112,6 +111,9 @@ def test_counting_gate_is_filled_by_one_pass_and_left_empty_off_the_run_loops():
         obj.fiberpo_gated_ratio(x, traj, **EDGES)
         obj.fiberpo_gated_ratio(x.flip(0), traj, **EDGES)  # a second pass leaves the first one's counts
     assert first.filled and torch.equal(first.tallies, _reference_counts(x, traj))
+    with diagnostics.counting_gate() as outer, diagnostics.counting_gate(enabled=False) as off:
+        obj.fiberpo_gated_ratio(x, traj, **EDGES)  # a disabled gate installs nothing: the outer one counts
+    assert off is None and outer.filled and torch.equal(outer.tallies, first.tallies)
     with diagnostics.counting_gate() as float_k:  # a given k: the chain still writes log w
         obj.fiberpo_gated_ratio(x, traj, k=3.0, **EDGES)
     parts = obj.fiberpo_parts(x, traj, k=3.0, **EDGES)

@@ -217,7 +217,7 @@ def _tally(channels, log_base, tallies, gated_sum: float, traj, x) -> GateTally:
 
 
 @contextmanager
-def counting_gate() -> Iterator[GateCounts]:
+def counting_gate(enabled: bool = True) -> Iterator[GateCounts | None]:
     """Count the training metrics inside the next fused FiberPO / FiberPO-Domain gate or objective of this thread.
 
     The pass that runs the compiled loops on contiguous trajectories fills
@@ -230,7 +230,13 @@ def counting_gate() -> Iterator[GateCounts]:
         with counting_gate() as counted:
             gated = objectives.fiberpo_gated_ratio(x, traj, **hyper)
         metrics = fiberpo_loss_metrics(x, traj, counted=counted, **hyper)
+
+    ``enabled=False`` yields ``None`` and installs nothing (for a caller whose metrics will not use the
+    counts, e.g. FiberPO-Domain across ranks).
     """
+    if not enabled:
+        yield None
+        return
     counts, before = GateCounts(), getattr(_fused._COUNTING, "counts", None)
     _fused._COUNTING.counts = counts
     try:

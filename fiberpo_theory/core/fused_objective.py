@@ -28,7 +28,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import native as _native
-from .fused import _claim_counts, _counting_runs, _finish_counts, _is_batched, chain_grad, count_runs, run_chunks, trajectory_chain
+from .fused import (_claim_counts, _counting_runs, _finish_counts, _is_batched, chain_grad, count_runs, run_chunks,
+                    trajectory_chain)
 from .segments import Segments
 
 

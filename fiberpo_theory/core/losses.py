@@ -219,7 +219,8 @@ def fiberpo_loss(
     traj = trajectory_segments(batch)
     hyper = dict(eps=eps, c_pos=c_pos, c_neg=c_neg, k=k)
     with diagnostics.counting_gate() as counted:
-        loss, extra = _fiber_finish("fiberpo", lambda a, w: objectives.fiberpo_objective(x, traj, a, weights=w, **hyper),
+        loss, extra = _fiber_finish("fiberpo", lambda a, w: objectives.fiberpo_objective(x, traj, a, weights=w,
+                                                                                         **hyper),
                                     x, adv, batch, loss_agg_mode, {})
     return loss, {**diagnostics.fiberpo_loss_metrics(x, traj, counted=counted, **hyper), **extra}
 
@@ -253,7 +254,7 @@ def fiberpo_domain_loss(
     groups = _row_ids("group_ids", group_ids, batch)
     domains = _row_ids("domain_ids", domain_ids, batch)
     hyper = dict(eps=eps, c_pos=c_pos, c_neg=c_neg, process_group=process_group)
-    with diagnostics.counting_gate() as counted:
+    with diagnostics.counting_gate(enabled=process_group is None) as counted:  # across ranks the parts count
         loss, extra = _fiber_finish(
             "fiberpo_domain", lambda a, w: objectives.fiberpo_domain_objective(x, traj, groups, domains, a,
                                                                                weights=w, **hyper),

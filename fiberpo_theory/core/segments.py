@@ -136,7 +136,8 @@ class Segments:
             self._trust(self._narrow)  # segment numbers 0..M-1 by construction
         elif self._narrow is None:
             dtype = _index_dtype(self.size)
-            self._narrow = self._derived(self._index, self._index if dtype == self._index.dtype else self._index.to(dtype))
+            narrow = self._index if dtype == self._index.dtype else self._index.to(dtype)
+            self._narrow = self._derived(self._index, narrow)
         return self._in_range(self._narrow)
 
     def _derived(self, source: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
