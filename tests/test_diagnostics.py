@@ -100,7 +100,8 @@ def test_the_counts_a_fused_pass_leaves_give_the_parts_tally_in_every_regime(pas
 
 
 @needs_loops
-def test_counting_gate_is_filled_by_one_pass_and_left_empty_off_the_run_loops():
+def test_counting_gate_is_filled_by_one_pass_and_left_empty_off_the_run_loops(monkeypatch):
+    calls, real_tally = [], diagnostics.runs_tally
     x = torch.linspace(-0.3, 0.3, 12, dtype=torch.float64)
     traj = Segments.from_lengths(torch.tensor([5, 7]))
     with diagnostics.counting_gate() as counted:
@@ -114,6 +115,14 @@ def test_counting_gate_is_filled_by_one_pass_and_left_empty_off_the_run_loops():
     with diagnostics.counting_gate() as outer, diagnostics.counting_gate(enabled=False) as off:
         obj.fiberpo_gated_ratio(x, traj, **EDGES)  # a disabled gate installs nothing: the outer one counts
     assert off is None and outer.filled and torch.equal(outer.tallies, first.tallies)
+    assert first.counts_for(x) and not first.counts_for(x.clone())  # counts of x only, not of equal values elsewhere
+    changed = x.clone()
+    with diagnostics.counting_gate() as written:
+        obj.fiberpo_gated_ratio(changed, traj, **EDGES)
+    changed.mul_(2)  # written to after the pass: its counts no longer describe it
+    monkeypatch.setattr(diagnostics, "runs_tally", lambda *a: calls.append(1) or real_tally(*a))
+    got = diagnostics.fiberpo_loss_metrics(changed, traj, counted=written, **EDGES)
+    assert calls and got == diagnostics.fiberpo_loss_metrics(changed, traj, **EDGES)
     with diagnostics.counting_gate() as float_k:  # a given k: the chain still writes log w
         obj.fiberpo_gated_ratio(x, traj, k=3.0, **EDGES)
     parts = obj.fiberpo_parts(x, traj, k=3.0, **EDGES)

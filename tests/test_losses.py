@@ -1,5 +1,6 @@
 """Padded ⇄ flat layout, the verl-style loss registry and diagnostics (the bench command: tests/test_bench.py)."""
 
+import contextlib
 import functools
 
 import pytest
@@ -215,6 +216,21 @@ def test_padded_slots_are_ignored_for_every_input(name, arg, padded_batch):
     inputs[arg][mask == 0] = float("nan")
     dirty, _ = POLICY_LOSSES[name](**inputs, response_mask=mask, loss_agg_mode=None, **extra)
     assert torch.equal(clean, dirty)
+
+
+@needs_loops
+@pytest.mark.parametrize("name", ["fiberpo", "fiberpo_domain"])
+def test_fiberpo_losses_count_their_metrics_in_the_losss_own_pass(name, padded_batch, monkeypatch):
+    old, new, adv, mask = padded_batch(seed=6)
+    rows = dict(group_ids=torch.tensor([0, 0, 1, 1, 2]), domain_ids=torch.tensor([0, 0, 1, 1, 1]))
+    extra = rows if name == "fiberpo_domain" else {}
+    hyper = dict(eps=0.04, c_pos=0.12, c_neg=0.05, **extra)
+    with monkeypatch.context() as patch:  # the reference: metrics counted by their own pass, the loss without counts
+        patch.setattr(diagnostics, "counting_gate", lambda enabled=True: contextlib.nullcontext())
+        _, want = POLICY_LOSSES[name](old, new, adv, mask, None, **hyper)
+    monkeypatch.setattr(diagnostics, "runs_tally", lambda *a: pytest.fail("the metrics were counted again"))
+    _, got = POLICY_LOSSES[name](old, new, adv, mask, None, **hyper)
+    assert got.keys() == want.keys() and got == pytest.approx(want, rel=1e-12, abs=1e-15)
 
 
 @needs_loops

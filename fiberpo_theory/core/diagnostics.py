@@ -224,8 +224,10 @@ def counting_gate(enabled: bool = True) -> Iterator[GateCounts | None]:
     the :class:`~fiberpo_theory.core.fused.GateCounts` it yields from the
     flags and G it writes anyway; pass it as ``counted`` to
     :func:`fiberpo_loss_metrics` / :func:`fiberpo_domain_loss_metrics`,
-    which then make no second chain and no second token pass (and count as
-    before where it stayed empty)::
+    which then make no second chain and no second token pass.  They count
+    as before where the counts stayed empty, or were taken of other values
+    than the log-ratios they are given (another tensor, or the same one
+    written to since)::
 
         with counting_gate() as counted:
             gated = objectives.fiberpo_gated_ratio(x, traj, **hyper)
@@ -246,7 +248,8 @@ def counting_gate(enabled: bool = True) -> Iterator[GateCounts | None]:
 
 
 def _counted_tally(counted: GateCounts | None, traj, x) -> GateTally | None:
-    if counted is None or not counted.filled or counted.tallies.shape[0] != traj.size:
+    """The tally of ``counted`` when it was taken of ``x`` and these trajectories, else ``None`` (count anew)."""
+    if counted is None or not counted.counts_for(x) or counted.tallies.shape[0] != traj.size:
         return None
     return _tally(counted.channels, counted.log_base, counted.tallies, float(counted.gated_sum), traj, x)
 
@@ -257,11 +260,12 @@ def fiberpo_loss_metrics(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None, count
     What the registry losses log: on contiguous trajectories on CPU one
     token pass instead of the parts' dozen N-sized tensors, or none when
     ``counted`` (from :func:`counting_gate` around the gate or objective of
-    the same inputs) was filled.
+    these log-ratios) holds their counts.
     """
-    with torch.no_grad():  # a filled count comes from a pass that checked x already
-        x, traj, eps_, log_base_fn = objectives._fiberpo_inputs(log_ratio.detach(), traj_id, eps, c_pos, c_neg, k,
-                                                                finite=counted is None or not counted.filled)
+    with torch.no_grad():  # counts of these values come from a pass that checked them already
+        x = log_ratio.detach()
+        known = counted is not None and counted.counts_for(x)
+        x, traj, eps_, log_base_fn = objectives._fiberpo_inputs(x, traj_id, eps, c_pos, c_neg, k, finite=not known)
         tally = _counted_tally(counted, traj, x)
         if tally is None:
             tally = runs_tally(x, traj, log_base_fn, eps_)

@@ -131,13 +131,23 @@ class GateCounts:
     ``tally_flags_runs``), so the metrics need no second chain and no
     second token pass.  ``tallies`` ``(M, 4)``: per trajectory the tokens
     with x < 0, |u| >= ε, |u| > ε, |v| > ε; ``gated_sum`` Σ G (float64);
-    ``channels`` ``(M, 2)`` and ``log_base`` ``(M,)`` from the chain.
+    ``channels`` ``(M, 2)`` and ``log_base`` ``(M,)`` from the chain;
+    ``source`` names the log-ratios counted (storage, length, version), so
+    that counts are only used for those same values (:meth:`counts_for`).
     Left empty (``filled`` false) where the run loops do not run.
     """
 
     def __init__(self):
-        self.tallies = self.gated_sum = self.channels = self.log_base = None
+        self.tallies = self.gated_sum = self.channels = self.log_base = self.source = None
         self.filled = False
+
+    def counts_for(self, x: torch.Tensor) -> bool:
+        """Whether these counts were taken of ``x`` as it is now (its storage, length and in-place writes)."""
+        return self.filled and self.source == _source(x)
+
+
+def _source(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.data_ptr(), x.numel(), -1 if x.is_inference() else x._version
 
 
 _COUNTING = threading.local()  # the GateCounts the next fused pass of this thread fills, if any
@@ -150,10 +160,11 @@ def _claim_counts() -> GateCounts | None:
     return counts
 
 
-def _counting_runs(counts: GateCounts | None, m: int) -> GateCounts | None:
-    """``counts`` with buffers for ``m`` trajectories, for a pass on the run loops."""
+def _counting_runs(counts: GateCounts | None, m: int, x: torch.Tensor) -> GateCounts | None:
+    """``counts`` with buffers for ``m`` trajectories, for a pass of the run loops over ``x``."""
     if counts is not None:
         counts.tallies, counts.gated_sum = torch.empty(m, 4, dtype=torch.long), torch.zeros(1, dtype=torch.float64)
+        counts.source = _source(x)
     return counts
 
 
@@ -189,7 +200,7 @@ class FiberGate(torch.autograd.Function):
         gated = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         if runs is not None and native_tables:
             flags = torch.empty(x.shape, dtype=torch.uint8)  # inside | negative << 1
-            counts = _counting_runs(counts, traj.size)
+            counts = _counting_runs(counts, traj.size, x)
             _runs_gate_tokens(x, runs, *tables, eps, gated, flags, counts)
             ctx.save_for_backward(gated, flags)
             if counts is not None:

@@ -76,7 +76,7 @@ class FiberObjective(torch.autograd.Function):
             total = ws[4 * m]
         gate, weigh = getattr(lib, f"gate_runs_{suffix}"), getattr(lib, f"weigh_runs_{suffix}")
         q, flags = torch.empty_like(x), torch.empty(x.shape, dtype=torch.uint8)  # flags: inside | negative << 1
-        counts = _counting_runs(_claim_counts(), m)  # the training metrics' counts, if asked for: G before it is q
+        counts = _counting_runs(_claim_counts(), m, x)  # the training metrics' counts, if asked for: G before it is q
         same_table = (ws[4 * m : 6 * m] if chain is None else ws[: 2 * m]) if counts is not None else None
         for first, last, start, stop in run_chunks(x.numel(), runs):
             tables = 2 * first * size
