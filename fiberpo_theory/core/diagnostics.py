@@ -190,7 +190,7 @@ def runs_tally(x: torch.Tensor, traj, log_base_fn, eps: float) -> GateTally | No
     with torch.no_grad():
         chain = trajectory_chain(x, traj, runs, False, log_base_fn, eps)
         channels = chain.channels.detach().to(x.dtype)
-        log_base = (log_base_fn(channels) if chain.log_base is None else chain.log_base.detach()).double()
+        log_base = chain.log_base.detach().double()
         same, offset = (t.detach().to(x.dtype).contiguous() for t in (chain.same, chain.offset))
         m, size, ptr = traj.size, x.element_size(), _native.ptr
         tallies = torch.empty(m, 4, dtype=torch.long)  # per trajectory: x < 0, |u| >= ε, |u| > ε, |v| > ε

@@ -204,7 +204,7 @@ class FiberGate(torch.autograd.Function):
             _runs_gate_tokens(x, runs, *tables, eps, gated, flags, counts)
             ctx.save_for_backward(gated, flags)
             if counts is not None:
-                _finish_counts(counts, chain)
+                _finish_counts(counts, chain.channels, chain.log_base)
         else:
             narrow = traj.narrow_index
             inside = torch.empty(x.shape, dtype=torch.bool, device=x.device)
@@ -244,11 +244,10 @@ class FiberGate(torch.autograd.Function):
         return add(grad_x, per_channel, key), None, None, None
 
 
-def _finish_counts(counts: GateCounts, chain: "Chain") -> None:
-    """Take the chain's channels and log w (never the base weight evaluated again: across ranks it makes
-    collectives); a chain without log w leaves the counts empty."""
-    if chain.log_base is not None:
-        counts.channels, counts.log_base, counts.filled = chain.channels.detach(), chain.log_base.detach(), True
+def _finish_counts(counts: GateCounts, channels: torch.Tensor, log_base: torch.Tensor) -> None:
+    """Complete ``counts`` with the chain's channels and log w (never the base weight evaluated again: across
+    ranks it makes collectives)."""
+    counts.channels, counts.log_base, counts.filled = channels.detach(), log_base.detach(), True
 
 
 class Chain(NamedTuple):
@@ -267,8 +266,8 @@ class Chain(NamedTuple):
     slopes: torch.Tensor | None
     vjp: Callable | None
     compiled: bool
+    log_base: torch.Tensor  # (M,) log w
     grad: Callable | None = None  # the compiled backward of a compiled chain other than FiberPO's
-    log_base: torch.Tensor | None = None  # (M,) log w, written by the compiled chains
 
 
 def trajectory_chain(x, traj: Segments, runs, indexed: bool, log_base_fn, eps) -> Chain:

@@ -87,10 +87,9 @@ class FiberObjective(torch.autograd.Function):
                 count_runs(counts, x, runs, same_table, eps, q, flags, first, last, start)
             weigh(last - first, ptr(runs, first), ptr(weights, first), ptr(advantages, start), ptr(flags, start),
                   ptr(q, start), grad_offset + tables, grad_same + tables, ptr(total))
-        if counts is not None and chain is None:
-            counts.channels, counts.log_base, counts.filled = ws[2 * m : 4 * m].view(m, 2), ws[16 * m : 17 * m], True
-        elif counts is not None:
-            _finish_counts(counts, chain)
+        if counts is not None:  # the channels and log w of the compiled chain's workspace, else the chain's
+            _finish_counts(counts, *((ws[2 * m : 4 * m].view(m, 2), ws[16 * m : 17 * m]) if chain is None
+                                     else (chain.channels, chain.log_base)))
         ctx.save_for_backward(q, flags)
         ctx.traj, ctx.chain, ctx.eps, ctx.weights, ctx.ws = traj, chain, eps, weights, ws
         return total
