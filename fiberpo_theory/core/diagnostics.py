@@ -23,6 +23,7 @@ from . import objectives
 from .fused import GateCounts, run_chunks, trajectory_chain
 from .gates import PASS, REGIME_NAMES, ROLLBACK, ZEROED, g_agg_regime
 from .objectives import FiberPOParts
+from .segments import segments_for
 
 GLOBAL_REGIMES = ("G-I", "G-II,r", "G-II", "G-III,r", "G-III")
 LOCAL_REGIMES = ("L-I", "L-II", "L-III")
@@ -189,8 +190,6 @@ def runs_tally(x: torch.Tensor, traj, log_base_fn, eps: float) -> GateTally | No
     lib, real, suffix = _native.loops(x.dtype)
     with torch.no_grad():
         chain = trajectory_chain(x, traj, runs, False, log_base_fn, eps)
-        channels = chain.channels.detach().to(x.dtype)
-        log_base = chain.log_base.detach().double()
         same, offset = (t.detach().to(x.dtype).contiguous() for t in (chain.same, chain.offset))
         m, size, ptr = traj.size, x.element_size(), _native.ptr
         tallies = torch.empty(m, 4, dtype=torch.long)  # per trajectory: x < 0, |u| >= ε, |u| > ε, |v| > ε
@@ -203,7 +202,7 @@ def runs_tally(x: torch.Tensor, traj, log_base_fn, eps: float) -> GateTally | No
                                                  ptr(offset) + tables, real(eps), ptr(exponent),
                                                  ptr(tallies) + 4 * first * 8)
             gated_sum += float(exponent[: stop - start].exp_().sum(dtype=torch.float64))
-        return _tally(channels, log_base, tallies, gated_sum, traj, x)
+        return _tally(chain.channels.detach(), chain.log_base.detach(), tallies, gated_sum, traj, x)
 
 
 def _tally(channels, log_base, tallies, gated_sum: float, traj, x) -> GateTally:
@@ -285,13 +284,12 @@ def fiberpo_domain_loss_metrics(log_ratio, traj_id, group_id, domain_id, *, eps,
         x = log_ratio.detach()
         tally = None
         if process_group is None:  # across ranks the base weight makes collectives: computed once, by the parts
-            traj = traj_id if isinstance(traj_id, objectives.Segments) else None
-            tally = _counted_tally(counted, traj, x) if traj is not None else None
+            traj_id = segments_for("traj_id", traj_id, x)  # indexed once, for the counts or the levels
+            tally = _counted_tally(counted, traj_id, x)
             if tally is None:
                 x, levels, eps_, log_base_fn = objectives._domain_inputs(x, traj_id, group_id, domain_id, eps, c_pos,
                                                                         c_neg, None)
                 tally = runs_tally(x, levels.traj, log_base_fn, eps_)
-                traj_id = levels.traj
         if tally is None:
             parts = objectives.fiberpo_domain_parts(x, traj_id, group_id, domain_id, process_group=process_group,
                                                     **hyper)

@@ -440,7 +440,7 @@ def fiberpo_domain_objective(
 
 
 def _gate_objective(x, traj: Segments, log_base_fn, eps, advantages, weights: str) -> torch.Tensor:
-    """The fused J where it applies and comes out finite, else the composed one.
+    """The fused J where it applies, else the composed one; a non-finite J names the input that made it.
 
     ``x`` arrives unchecked for finiteness: a non-finite x_i makes its own
     token's residual NaN (its channel sum, hence S, is non-finite too), so
@@ -570,9 +570,6 @@ def rgf_objective(gated_ratio, advantages, weights) -> torch.Tensor:
     g = _validate.as_float("gated_ratio", gated_ratio)
     adv = _validate.same_shape("advantages", advantages, g, finite=False)
     mu = _validate.same_shape("weights", weights, g, finite=False)
-    if mu.requires_grad or adv.requires_grad:
-        adv, mu = _validate.same_shape("advantages", adv, g), _validate.same_shape("weights", mu, g)
-        return _weighted_sum(g, adv, mu)
     objective = _weighted_sum(g, adv, mu)
     # a non-finite μ_i Â_i makes its term non-finite whatever G_i is (inf·0 is NaN), hence J: the result checks both
     if not math.isfinite(objective.detach()):
