@@ -90,7 +90,7 @@ def test_the_counts_a_fused_pass_leaves_give_the_parts_tally_in_every_regime(pas
     assert counted.filled, "the fused pass left no counts"
     tally = diagnostics.tally_of_parts(parts, eps=EDGES["eps"])
     _assert_tallies_equal(diagnostics._counted_tally(counted, traj, x), tally, dtype)
-    monkeypatch.setattr(diagnostics, "runs_tally", lambda *a: pytest.fail("counted again"))
+    monkeypatch.setattr(diagnostics, "_runs_counts", lambda *a: pytest.fail("counted again"))
     if method == "fiberpo":
         got = diagnostics.fiberpo_loss_metrics(x, traj, counted=counted, **EDGES)
     else:
@@ -101,7 +101,7 @@ def test_the_counts_a_fused_pass_leaves_give_the_parts_tally_in_every_regime(pas
 
 @needs_loops
 def test_counting_gate_is_filled_by_one_pass_and_left_empty_off_the_run_loops(monkeypatch):
-    calls, real_tally = [], diagnostics.runs_tally
+    calls, real_counts = [], diagnostics._runs_counts
     x = torch.linspace(-0.3, 0.3, 12, dtype=torch.float64)
     traj = Segments.from_lengths(torch.tensor([5, 7]))
     with diagnostics.counting_gate() as counted:
@@ -120,7 +120,7 @@ def test_counting_gate_is_filled_by_one_pass_and_left_empty_off_the_run_loops(mo
     with diagnostics.counting_gate() as written:
         obj.fiberpo_gated_ratio(changed, traj, **EDGES)
     changed.mul_(2)  # written to after the pass: its counts no longer describe it
-    monkeypatch.setattr(diagnostics, "runs_tally", lambda *a: calls.append(1) or real_tally(*a))
+    monkeypatch.setattr(diagnostics, "_runs_counts", lambda *a: calls.append(1) or real_counts(*a))
     got = diagnostics.fiberpo_loss_metrics(changed, traj, counted=written, **EDGES)
     assert calls and got == diagnostics.fiberpo_loss_metrics(changed, traj, **EDGES)
     with diagnostics.counting_gate() as float_k:  # a given k: the chain still writes log w
@@ -222,3 +222,25 @@ def test_the_compiled_label_count_equals_the_labels_counted_by_torch(dtype, k, b
     want = diagnostics.label_counts(tally, c_pos=c_pos, c_neg=c_neg, k=k)
     assert torch.equal(got, want), (got, want)
     assert bool((want > 0).all()), want  # every label of every set present, so a swapped bin would show
+
+
+@needs_loops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("k", [None, 3.0])
+def test_the_one_call_summary_of_a_pass_counts_equals_the_metrics_of_its_tally(dtype, k, monkeypatch):
+    """summarize_counts (labels, sums and clip counts of a pass's counts in one C call) against metrics_of_tally
+    of the same counts made into a GateTally by torch ops: channels strided as the chain hands them."""
+    x, ids = _edge_batch(dtype)
+    traj = Segments.from_ids(ids)
+    _, _, eps, log_base_fn = obj._fiberpo_inputs(x, traj, EDGES["eps"], EDGES["c_pos"], EDGES["c_neg"], k)
+    counts = diagnostics._runs_counts(x, traj, log_base_fn, eps)
+    assert counts is not None and counts.channels.stride() != (1, traj.size)
+    want = diagnostics.metrics_of_tally(diagnostics._tally(*counts, traj, x), c_pos=EDGES["c_pos"],
+                                        c_neg=EDGES["c_neg"], k=k)
+    monkeypatch.setattr(diagnostics, "metrics_of_tally", lambda *a, **kw: pytest.fail("the summary did not run"))
+    got = diagnostics._metrics_of_counts(counts, traj, x, c_pos=EDGES["c_pos"], c_neg=EDGES["c_neg"], k=k)
+    assert got.keys() == want.keys()
+    shares = [name for name in want if name.split("/")[0] in ("channel_pos", "channel_neg", "global", "local")]
+    assert {name: got[name] for name in shares} == {name: want[name] for name in shares}  # counts: exact
+    assert got == pytest.approx(want, rel=1e-13)
+    assert len({want[name] for name in shares}) > 5 and 0 < want["clipfrac/denominator"] < want["clipfrac/numerator"]

@@ -228,7 +228,7 @@ def test_fiberpo_losses_count_their_metrics_in_the_losss_own_pass(name, padded_b
     with monkeypatch.context() as patch:  # the reference: metrics counted by their own pass, the loss without counts
         patch.setattr(diagnostics, "counting_gate", lambda enabled=True: contextlib.nullcontext())
         _, want = POLICY_LOSSES[name](old, new, adv, mask, None, **hyper)
-    monkeypatch.setattr(diagnostics, "runs_tally", lambda *a: pytest.fail("the metrics were counted again"))
+    monkeypatch.setattr(diagnostics, "_runs_counts", lambda *a: pytest.fail("the metrics were counted again"))
     _, got = POLICY_LOSSES[name](old, new, adv, mask, None, **hyper)
     assert got.keys() == want.keys() and got == pytest.approx(want, rel=1e-12, abs=1e-15)
 

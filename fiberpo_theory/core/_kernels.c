@@ -24,7 +24,8 @@
  *   tally_runs     the training metrics' pass (diagnostics.py): per run the tokens with x < 0, with |u| >= eps,
  *                  with |u| > eps (u = r as gate_runs takes it) and with |v| > eps, and gate_runs' exponent;
  *                  tally_flags_runs: the same counts and Sigma G read off gate_runs' flags and G (counting_gate)
- *   label_counts   the training metrics' regime labels (channel, global, local) counted over the trajectories
+ *   label_counts   the training metrics' regime labels (channel, global, local) counted over the trajectories;
+ *                  summarize_counts: those labels and the metrics' sums from a pass's per-trajectory counts
  *   mask_positions the row-major positions (int32) and row lengths of a (B, L) 0/1 mask, in one pass
  *   fiber_chain    channel sums -> means (Eq. 9), log w by g_agg with k = T (Eq. 8, 10), its slopes (γ of
  *                  Eq. 20), the tables S and A (Eq. 14-16); fiber_chain_grad: the backward of that chain
@@ -483,27 +484,56 @@
  * T tensor with a Python number (C and, for a given k, (1 + 1/k)C, rounded to T); k <= 0 means k = T_τ, whose
  * (1 + 1/k)C torch takes in T.  counts: 3 + 3 + 5 + 3 bins (channel +, channel -, global, local). */
 #define LABEL_KERNELS(T, SUF)                                                                        \
+    static inline void add_labels_##SUF(T p, T n, T len, T over, T cp, T cn, T fixed_pos, T fixed_neg,  \
+                                        double k, int64_t *restrict counts) {                        \
+        const T zero_pos = k > 0 ? fixed_pos : ((T)1 + (T)1 / len) * cp;                             \
+        const T zero_neg = k > 0 ? fixed_neg : ((T)1 + (T)1 / len) * cn;                             \
+        const T ap = ABS(p), an = ABS(n);                                                            \
+        const int rp = ap <= cp ? 0 : (ap < zero_pos ? 1 : 2);                                       \
+        const int rn = an <= cn ? 0 : (an < zero_neg ? 1 : 2);                                       \
+        const int passing = (rp == 0) + (rn == 0), rolling = (rp == 1) + (rn == 1);                  \
+        const int zeroed = (rp == 2) + (rn == 2);                                                    \
+        const int global = passing == 2 ? 0 : passing == 1 && rolling == 1 ? 1                       \
+                         : passing == 1 && zeroed == 1 ? 2 : zeroed == 2 ? 4 : 3;                    \
+        const int local = over == len ? 2 : (over == 0 ? 0 : 1);                                     \
+        counts[rp] += 1, counts[3 + rn] += 1, counts[6 + global] += 1, counts[11 + local] += 1;      \
+    }                                                                                                \
+                                                                                                     \
     void label_counts_##SUF(int64_t m, const T *restrict pos, int64_t pos_stride, const T *restrict neg, \
                             int64_t neg_stride, const T *restrict length, const T *restrict reaching,  \
                             double c_pos, double c_neg, double k, int64_t *restrict counts) {         \
         const T cp = (T)c_pos, cn = (T)c_neg;                                                        \
         const T fixed_pos = (T)((1.0 + 1.0 / k) * c_pos), fixed_neg = (T)((1.0 + 1.0 / k) * c_neg);  \
         for (int i = 0; i < 14; ++i) counts[i] = 0;                                                  \
+        for (int64_t t = 0; t < m; ++t)                                                              \
+            add_labels_##SUF(pos[t * pos_stride], neg[t * neg_stride], length[t], reaching[t], cp, cn,  \
+                             fixed_pos, fixed_neg, k, counts);                                       \
+    }                                                                                                \
+                                                                                                     \
+    /* the whole metrics summary of a pass's per-trajectory counts (tallies: x < 0, |u| >= eps, |u| > eps,   \
+     * |v| > eps per trajectory; count: T_τ), as diagnostics.metrics_of_tally takes it from a GateTally:     \
+     * out[0..13] label_counts with length T_τ and reaching |u| >= eps (both as T), out[14..15] Σ log s⁺,   \
+     * Σ log s⁻, out[16..17] the tokens past the clip in u and in v, out[18] Σ |log w| T_τ (double, in    \
+     * trajectory order) */                                                                          \
+    void summarize_counts_##SUF(int64_t m, const T *restrict pos, int64_t pos_stride, const T *restrict neg, \
+                                int64_t neg_stride, const T *restrict log_base,                      \
+                                const int64_t *restrict count, const int64_t *restrict tallies,      \
+                                double c_pos, double c_neg, double k, double *restrict out) {        \
+        const T cp = (T)c_pos, cn = (T)c_neg;                                                        \
+        const T fixed_pos = (T)((1.0 + 1.0 / k) * c_pos), fixed_neg = (T)((1.0 + 1.0 / k) * c_neg);  \
+        int64_t counts[14] = {0}, past_u = 0, past_v = 0;                                            \
+        double sum_pos = 0, sum_neg = 0, abs_log_base = 0;                                           \
         for (int64_t t = 0; t < m; ++t) {                                                            \
-            const T len = length[t];                                                                 \
-            const T zero_pos = k > 0 ? fixed_pos : ((T)1 + (T)1 / len) * cp;                         \
-            const T zero_neg = k > 0 ? fixed_neg : ((T)1 + (T)1 / len) * cn;                         \
-            const T ap = ABS(pos[t * pos_stride]), an = ABS(neg[t * neg_stride]);                    \
-            const int rp = ap <= cp ? 0 : (ap < zero_pos ? 1 : 2);                                   \
-            const int rn = an <= cn ? 0 : (an < zero_neg ? 1 : 2);                                   \
-            const int passing = (rp == 0) + (rn == 0), rolling = (rp == 1) + (rn == 1);              \
-            const int zeroed = (rp == 2) + (rn == 2);                                                \
-            const int global = passing == 2 ? 0 : passing == 1 && rolling == 1 ? 1                   \
-                             : passing == 1 && zeroed == 1 ? 2 : zeroed == 2 ? 4 : 3;                \
-            const T over = reaching[t];                                                              \
-            const int local = over == len ? 2 : (over == 0 ? 0 : 1);                                 \
-            counts[rp] += 1, counts[3 + rn] += 1, counts[6 + global] += 1, counts[11 + local] += 1;  \
+            const T p = pos[t * pos_stride], n = neg[t * neg_stride];                                \
+            add_labels_##SUF(p, n, (T)count[t], (T)tallies[4 * t + 1], cp, cn, fixed_pos, fixed_neg, k, \
+                             counts);                                                                \
+            sum_pos += (double)p, sum_neg += (double)n;                                              \
+            past_u += tallies[4 * t + 2], past_v += tallies[4 * t + 3];                              \
+            abs_log_base += ABS((double)log_base[t]) * (double)count[t];                             \
         }                                                                                            \
+        for (int i = 0; i < 14; ++i) out[i] = (double)counts[i];                                     \
+        out[14] = sum_pos, out[15] = sum_neg, out[16] = (double)past_u, out[17] = (double)past_v;    \
+        out[18] = abs_log_base;                                                                      \
     }
 
 CHAIN_KERNELS(float, f32)

@@ -145,21 +145,24 @@ def _native_label_counts(tally: GateTally, c_pos, c_neg, k) -> torch.Tensor | No
 
 def metrics_of_tally(tally: GateTally, *, c_pos, c_neg, k=None) -> dict[str, float]:
     """The metrics dict of :func:`fiberpo_metrics` from a tally, however it was counted."""
-    tokens = max(tally.tokens, 1)
     counts = _native_label_counts(tally, c_pos, c_neg, k)
     if counts is None:
         counts = label_counts(tally, c_pos=c_pos, c_neg=c_neg, k=k)
-    bins = counts.numel()
-    shares = counts.double() / max(tally.log_s_pos.numel(), 1)
-    means = torch.stack([tally.log_s_pos.double().mean(), tally.log_s_neg.double().mean()])
-    values = torch.cat([shares, means.to(shares.device)]).tolist()
+    means = torch.stack([tally.log_s_pos.double().mean(), tally.log_s_neg.double().mean()]).tolist()
+    return _metrics_dict(counts.tolist(), *means, tally.numerator_clipped, tally.denominator_clipped,
+                         tally.abs_log_base_sum, tally.gated_sum, tally.log_s_pos.numel(), tally.tokens)
+
+
+def _metrics_dict(counts, mean_pos, mean_neg, numerator, denominator, abs_log_base_sum, gated_sum, m, tokens):
+    """The named metrics: label shares over the ``m`` trajectories, clip fractions and means over the tokens."""
     names = [f"{prefix}/{name}" for prefix, names in _SECTIONS for name in names]
-    metrics = dict(zip(names, values))
-    metrics["clipfrac/numerator"] = tally.numerator_clipped / tokens
-    metrics["clipfrac/denominator"] = tally.denominator_clipped / tokens
-    metrics["log_s_pos/mean"], metrics["log_s_neg/mean"] = values[bins:]
-    metrics["log_base_weight/abs_mean"] = tally.abs_log_base_sum / tokens
-    metrics["gated_ratio/mean"] = tally.gated_sum / tokens
+    metrics = {name: count / max(m, 1) for name, count in zip(names, counts)}
+    tokens = max(tokens, 1)
+    metrics["clipfrac/numerator"] = numerator / tokens
+    metrics["clipfrac/denominator"] = denominator / tokens
+    metrics["log_s_pos/mean"], metrics["log_s_neg/mean"] = mean_pos, mean_neg
+    metrics["log_base_weight/abs_mean"] = abs_log_base_sum / tokens
+    metrics["gated_ratio/mean"] = gated_sum / tokens
     return metrics
 
 
@@ -174,6 +177,15 @@ def fiberpo_metrics(parts: FiberPOParts, *, eps, c_pos, c_neg, k=None) -> dict[s
     return metrics_of_tally(tally_of_parts(parts, eps=eps), c_pos=c_pos, c_neg=c_neg, k=k)
 
 
+class _Counts(NamedTuple):
+    """A pass's per-trajectory counts: what :func:`_tally` and :func:`_metrics_of_counts` are made from."""
+
+    channels: torch.Tensor  # (M, 2) log s⁺, log s⁻
+    log_base: torch.Tensor  # (M,) log w
+    tallies: torch.Tensor  # (M, 4) int64: x < 0, |u| >= ε, |u| > ε, |v| > ε
+    gated_sum: float  # Σ G
+
+
 def runs_tally(x: torch.Tensor, traj, log_base_fn, eps: float) -> GateTally | None:
     """The tally of the gate of ``log_base_fn`` in one compiled token pass, or ``None`` where the loops do not run.
 
@@ -184,6 +196,11 @@ def runs_tally(x: torch.Tensor, traj, log_base_fn, eps: float) -> GateTally | No
     writes the exponent of G, which torch exponentiates and sums in cache.
     Nothing N-sized is kept.
     """
+    counts = _runs_counts(x, traj, log_base_fn, eps)
+    return None if counts is None else _tally(*counts, traj, x)
+
+
+def _runs_counts(x: torch.Tensor, traj, log_base_fn, eps: float) -> _Counts | None:
     runs = traj.runs
     if runs is None or _native.kernels_for(x) is None:
         return None
@@ -202,7 +219,7 @@ def runs_tally(x: torch.Tensor, traj, log_base_fn, eps: float) -> GateTally | No
                                                  ptr(offset) + tables, real(eps), ptr(exponent),
                                                  ptr(tallies) + 4 * first * 8)
             gated_sum += float(exponent[: stop - start].exp_().sum(dtype=torch.float64))
-        return _tally(chain.channels.detach(), chain.log_base.detach(), tallies, gated_sum, traj, x)
+        return _Counts(chain.channels.detach(), chain.log_base.detach(), tallies, gated_sum)
 
 
 def _tally(channels, log_base, tallies, gated_sum: float, traj, x) -> GateTally:
@@ -213,6 +230,26 @@ def _tally(channels, log_base, tallies, gated_sum: float, traj, x) -> GateTally:
         channels[:, 0], channels[:, 1], traj.count.to(x.dtype), tallies[:, 1].to(x.dtype), past_u, past_v,
         float((log_base.double().abs() * traj.count).sum()), gated_sum, x.numel(),
     )
+
+
+def _metrics_of_counts(counts: _Counts, traj, x, *, c_pos, c_neg, k=None) -> dict[str, float]:
+    """``metrics_of_tally(_tally(...))`` in one C call (``summarize_counts``) where the loops take the counts."""
+    channels, log_base, tallies, gated_sum = counts
+    length = traj.count
+    usable = (k is None or float(k) > 0) and channels.dim() == 2 and channels.dtype == log_base.dtype == x.dtype
+    if not usable or length.dtype != torch.long or _native.kernels_for(log_base, length, tallies) is None \
+            or not _native.plain_cpu(channels):
+        return metrics_of_tally(_tally(*counts, traj, x), c_pos=c_pos, c_neg=c_neg, k=k)
+    lib, _, suffix = _native.loops(x.dtype)
+    m, ptr = traj.size, _native.ptr
+    out = torch.empty(19, dtype=torch.float64)
+    stride = channels.stride(0)
+    getattr(lib, f"summarize_counts_{suffix}")(m, ptr(channels[:, 0]), stride, ptr(channels[:, 1]), stride,
+                                               ptr(log_base), ptr(length), ptr(tallies), float(c_pos), float(c_neg),
+                                               0.0 if k is None else float(k), ptr(out))
+    summary = out.tolist()
+    means = (summary[14] / m, summary[15] / m) if m else (float("nan"),) * 2
+    return _metrics_dict(summary[:14], *means, *summary[16:19], float(gated_sum), m, x.numel())
 
 
 @contextmanager
@@ -248,9 +285,14 @@ def counting_gate(enabled: bool = True) -> Iterator[GateCounts | None]:
 
 def _counted_tally(counted: GateCounts | None, traj, x) -> GateTally | None:
     """The tally of ``counted`` when it was taken of ``x`` and these trajectories, else ``None`` (count anew)."""
+    counts = _counted_counts(counted, traj, x)
+    return None if counts is None else _tally(*counts, traj, x)
+
+
+def _counted_counts(counted: GateCounts | None, traj, x) -> _Counts | None:
     if counted is None or not counted.counts_for(x) or counted.tallies.shape[0] != traj.size:
         return None
-    return _tally(counted.channels, counted.log_base, counted.tallies, float(counted.gated_sum), traj, x)
+    return _Counts(counted.channels, counted.log_base, counted.tallies, float(counted.gated_sum))
 
 
 def fiberpo_loss_metrics(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None, counted=None) -> dict[str, float]:
@@ -265,11 +307,10 @@ def fiberpo_loss_metrics(log_ratio, traj_id, *, eps, c_pos, c_neg, k=None, count
         x = log_ratio.detach()
         known = counted is not None and counted.counts_for(x)
         x, traj, eps_, log_base_fn = objectives._fiberpo_inputs(x, traj_id, eps, c_pos, c_neg, k, finite=not known)
-        tally = _counted_tally(counted, traj, x)
-        if tally is None:
-            tally = runs_tally(x, traj, log_base_fn, eps_)
-        if tally is None:
-            tally = tally_of_parts(objectives.fiberpo_parts(x, traj, eps=eps, c_pos=c_pos, c_neg=c_neg, k=k), eps=eps)
+        counts = _counted_counts(counted, traj, x) or _runs_counts(x, traj, log_base_fn, eps_)
+        if counts is not None:
+            return _metrics_of_counts(counts, traj, x, c_pos=c_pos, c_neg=c_neg, k=k)
+        tally = tally_of_parts(objectives.fiberpo_parts(x, traj, eps=eps, c_pos=c_pos, c_neg=c_neg, k=k), eps=eps)
     return metrics_of_tally(tally, c_pos=c_pos, c_neg=c_neg, k=k)
 
 
@@ -282,18 +323,17 @@ def fiberpo_domain_loss_metrics(log_ratio, traj_id, group_id, domain_id, *, eps,
     hyper = dict(eps=eps, c_pos=c_pos, c_neg=c_neg)
     with torch.no_grad():
         x = log_ratio.detach()
-        tally = None
         if process_group is None:  # across ranks the base weight makes collectives: computed once, by the parts
             traj_id = segments_for("traj_id", traj_id, x)  # indexed once, for the counts or the levels
-            tally = _counted_tally(counted, traj_id, x)
-            if tally is None:
+            counts, traj = _counted_counts(counted, traj_id, x), traj_id
+            if counts is None:
                 x, levels, eps_, log_base_fn = objectives._domain_inputs(x, traj_id, group_id, domain_id, eps, c_pos,
                                                                         c_neg, None)
-                tally = runs_tally(x, levels.traj, log_base_fn, eps_)
-        if tally is None:
-            parts = objectives.fiberpo_domain_parts(x, traj_id, group_id, domain_id, process_group=process_group,
-                                                    **hyper)
-            tally = tally_of_parts(parts, eps=eps)
+                counts, traj = _runs_counts(x, levels.traj, log_base_fn, eps_), levels.traj
+            if counts is not None:
+                return _metrics_of_counts(counts, traj, x, c_pos=c_pos, c_neg=c_neg)
+        parts = objectives.fiberpo_domain_parts(x, traj_id, group_id, domain_id, process_group=process_group, **hyper)
+        tally = tally_of_parts(parts, eps=eps)
     return metrics_of_tally(tally, c_pos=c_pos, c_neg=c_neg)
 
 

@@ -120,6 +120,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"domain_chain_grad_{suffix}").argtypes = [i64, i64, i64, p, p, p, p, p, p, real, p, p]
         getattr(lib, f"label_counts_{suffix}").argtypes = [i64, p, i64, p, i64, p, p, ctypes.c_double,
                                                            ctypes.c_double, ctypes.c_double, p]
+        getattr(lib, f"summarize_counts_{suffix}").argtypes = [i64, p, i64, p, i64, p, p, p, ctypes.c_double,
+                                                               ctypes.c_double, ctypes.c_double, p]
     lib.mask_positions.argtypes = [i64, i64, p, p, p, p, p, i64]
     lib.mask_positions.restype = i64
     lib.gather_blocks.argtypes = [i64, i64, i64, p, p, p, p]
