@@ -206,6 +206,21 @@ def test_non_finite_token_is_reported_by_row_and_column(name, arg):
     assert "ratio" not in message
 
 
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("name", ["fiberpo", "fiberpo_domain"])
+@pytest.mark.parametrize("arg", ["old_log_prob", "log_prob", "advantages"])
+def test_fiberpo_losses_name_any_non_finite_token_their_objective_meets(name, arg, value, padded_batch):
+    """The FiberPO losses skip the finiteness passes and read J's instead: every non-finite x_i or Â_i must
+    still make J non-finite, so that the input is named by row and column, whatever the path."""
+    old, new, adv, mask = padded_batch(seed=3)
+    extra = EXTRA.get(name, lambda d: {})("cpu")
+    inputs = dict(old_log_prob=old.clone(), log_prob=new.clone(), advantages=adv.clone())
+    row, col = 2, int(mask[2].nonzero()[-1])  # the last response token of a row
+    inputs[arg][row, col] = value
+    with pytest.raises(ValueError, match=rf"^{arg} has a non-finite value at row {row}, column {col}"):
+        POLICY_LOSSES[name](**inputs, response_mask=mask, **extra)
+
+
 @pytest.mark.parametrize("name", sorted(POLICY_LOSSES))
 @pytest.mark.parametrize("arg", ["old_log_prob", "log_prob", "advantages"])
 def test_padded_slots_are_ignored_for_every_input(name, arg, padded_batch):

@@ -4,7 +4,7 @@ indexing, on masks with holes and (where allowed) empty rows."""
 import pytest
 import torch
 
-from fiberpo_theory.core.layout import flatten_mask, to_flat, to_padded, trajectory_segments
+from fiberpo_theory.core.layout import flatten_mask, to_flat, to_flat_difference, to_padded, trajectory_segments
 from fiberpo_theory.core import native
 from fiberpo_theory.core.segments import Segments
 
@@ -116,3 +116,43 @@ def test_row_blocks_are_twice_differentiable_and_vectorise():
 def test_masks_with_holes_keep_the_position_path():
     batch = flatten_mask(_mask(0))
     assert batch.row_starts is None
+
+
+@pytest.mark.parametrize("layout", ["right", "left", "holes"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_flat_difference_is_the_difference_selected_without_reading_the_padding(layout, dtype):
+    """to_flat_difference(a, b) against to_flat(a - b): values (signed zeros too) and both gradients, on block
+    masks (one C pass) and masks with holes (the fallback); padding full of NaN never reaches the result."""
+    mask = _mask(4) if layout == "holes" else _padded_mask(3, layout, empty=(1,))
+    batch = flatten_mask(mask, allow_empty_rows=True)
+    gen = torch.Generator().manual_seed(5)
+    a, b = (torch.randn(mask.shape, generator=gen, dtype=torch.float64).to(dtype) for _ in range(2))
+    first = mask.nonzero()[0].tolist()
+    a[first[0], first[1]], b[first[0], first[1]] = 0.0, 0.0  # +0 - +0 = +0, as torch's sub gives it
+    a[~mask], b[~mask] = float("nan"), float("inf")
+    leaf_a, leaf_b = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    got = to_flat_difference(leaf_a, leaf_b, batch)
+    want = to_flat(leaf_a - leaf_b, batch)
+    assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit()) and bool(got.isfinite().all())
+    if layout != "holes" and HAS_LOOPS:
+        assert type(got.grad_fn).__name__ == "_RowBlocksDifferenceBackward"  # the C pass is the one under test
+    weights = torch.randn(got.shape, generator=gen, dtype=torch.float64).to(dtype)
+    ours = torch.autograd.grad((got * weights).sum(), (leaf_a, leaf_b))
+    reference = torch.autograd.grad((want * weights).sum(), (leaf_a, leaf_b))
+    assert all(torch.equal(o, r) for o, r in zip(ours, reference))
+    detached = to_flat_difference(leaf_a, b, batch)  # one operand without a gradient
+    reference_a = to_flat(leaf_a - b, batch)
+    assert torch.equal(torch.autograd.grad(detached.sum(), leaf_a)[0],
+                       torch.autograd.grad(reference_a.sum(), leaf_a)[0])
+    mixed = to_flat_difference(a.double(), b.float(), batch)  # dtypes differ: promoted as torch's a - b
+    assert mixed.dtype == torch.float64 and torch.equal(mixed, to_flat(a.double() - b.float(), batch))
+    with pytest.raises(ValueError, match=r"x \(second operand\) has shape \(2, 3\)"):
+        to_flat_difference(a, torch.zeros(2, 3), batch, "x")
+
+
+def test_the_flat_difference_is_twice_differentiable():
+    mask = _padded_mask(6, "right")
+    batch = flatten_mask(mask)
+    a, b = (torch.randn(mask.shape, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda u, v: to_flat_difference(u, v, batch) ** 2, (a, b))
+    assert torch.autograd.gradgradcheck(lambda u, v: to_flat_difference(u, v, batch) ** 2, (a, b))

@@ -26,7 +26,8 @@
  *                  tally_flags_runs: the same counts and Sigma G read off gate_runs' flags and G (counting_gate)
  *   label_counts   the training metrics' regime labels (channel, global, local) counted over the trajectories;
  *                  summarize_counts: those labels and the metrics' sums from a pass's per-trajectory counts
- *   mask_positions the row-major positions (int32) and row lengths of a (B, L) 0/1 mask, in one pass
+ *   mask_positions the row-major positions (int32) and row lengths of a (B, L) 0/1 mask, in one pass;
+ *                  gather_blocks / scatter_blocks / gather_blocks_difference: rows of one block <-> flat tokens
  *   fiber_chain    channel sums -> means (Eq. 9), log w by g_agg with k = T (Eq. 8, 10), its slopes (γ of
  *                  Eq. 20), the tables S and A (Eq. 14-16); fiber_chain_grad: the backward of that chain
  *   domain_chain   the same for FiberPO-Domain on one process: group and domain means, log w of Eq. 31-33 with
@@ -636,7 +637,7 @@ int64_t mask_positions(int64_t rows, int64_t cols, const uint8_t *restrict mask,
                        int64_t *restrict lengths, int64_t *restrict starts, int64_t *restrict blocks,
                        int64_t capacity) {
     int64_t n = 0;
-    *blocks = 1;
+    blocks[0] = 1, blocks[1] = -1; /* every row one block; the first row without a token */
     for (int64_t b = 0; b < rows; ++b) {
         const uint8_t *row = mask + b * cols;
         const int64_t before = n;
@@ -646,8 +647,9 @@ int64_t mask_positions(int64_t rows, int64_t cols, const uint8_t *restrict mask,
         }
         if (n > capacity) return -1;
         lengths[b] = n - before;
+        if (n == before && blocks[1] < 0) blocks[1] = b;
         starts[b] = n > before ? positions[before] - b * cols : 0;
-        if (n > before && positions[n - 1] - positions[before] != n - before - 1) *blocks = 0;
+        if (n > before && positions[n - 1] - positions[before] != n - before - 1) blocks[0] = 0;
     }
     return n;
 }
@@ -678,5 +680,20 @@ void gather_blocks(int64_t rows, int64_t cols, int64_t size, const char *restric
         }                                                                                            \
     }
 
+/* a - b on the row blocks, as torch's a - b and then the gather: log pi - log pi_old on the response tokens
+ * without the difference of the padding */
+#define DIFFERENCE_KERNEL(T, SUF)                                                                    \
+    void gather_blocks_difference_##SUF(int64_t rows, int64_t cols, const T *restrict a, const T *restrict b, \
+                                        const int64_t *restrict starts, const int64_t *restrict lengths, \
+                                        T *restrict out) {                                           \
+        for (int64_t r = 0; r < rows; ++r) {                                                         \
+            const int64_t at = r * cols + starts[r], length = lengths[r];                            \
+            for (int64_t j = 0; j < length; ++j) out[j] = a[at + j] - b[at + j];                     \
+            out += length;                                                                           \
+        }                                                                                            \
+    }
+
 SCATTER_KERNEL(float, f32)
 SCATTER_KERNEL(double, f64)
+DIFFERENCE_KERNEL(float, f32)
+DIFFERENCE_KERNEL(double, f64)

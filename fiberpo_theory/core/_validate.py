@@ -14,6 +14,10 @@ import torch
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+class NonFiniteError(ValueError):
+    """An input holds inf or NaN: raised by the finiteness checks, so a caller can name the entry its own way."""
+
+
 def as_float(name: str, value: torch.Tensor) -> torch.Tensor:
     """Return ``value`` as a float32/float64 tensor (half precision is lifted to float32)."""
     if not isinstance(value, torch.Tensor):
@@ -48,7 +52,7 @@ def finite_values(name: str, value: torch.Tensor) -> torch.Tensor:
     """``value`` if every entry is finite, else ``ValueError`` naming ``name`` and the first bad index."""
     if not _all_finite(value):
         bad = int((~torch.isfinite(value)).nonzero()[0, 0])
-        raise ValueError(f"{name} has a non-finite value at index {bad}: {value[bad].item()}")
+        raise NonFiniteError(f"{name} has a non-finite value at index {bad}: {value[bad].item()}")
     return value
 
 
@@ -101,7 +105,7 @@ def same_shape(name: str, value: torch.Tensor, like: torch.Tensor, *, finite: bo
     if value.device != like.device:
         raise ValueError(f"{name} is on {value.device}, expected {like.device}")
     if finite and not _all_finite(value):
-        raise ValueError(f"{name} has non-finite values")
+        raise NonFiniteError(f"{name} has non-finite values")
     return value
 
 

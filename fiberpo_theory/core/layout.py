@@ -70,21 +70,24 @@ def flatten_mask(response_mask: torch.Tensor, *, allow_empty_rows: bool = False)
     mask = _mask("response_mask", response_mask, None)
     narrow = mask.numel() < torch.iinfo(torch.int32).max  # what backward saves of each selection: half the bytes
     found = _native_positions(mask) if narrow else None
-    starts = None
+    starts = empty = None
     if found is not None:
-        positions, lengths, starts = found
+        positions, lengths, starts, empty = found
     else:
         lengths = mask.sum(1)
         positions = mask.reshape(-1).nonzero().squeeze(1)
         positions = positions.to(torch.int32) if narrow else positions
-    if not allow_empty_rows and mask.shape[0] and int(lengths.min()) == 0:
-        raise ValueError(f"response_mask row {int((lengths == 0).nonzero()[0, 0])} is an empty trajectory "
-                         "(no response token)")
+    if not allow_empty_rows and mask.shape[0]:
+        if empty is None:
+            empty = int((lengths == 0).nonzero()[0, 0]) if int(lengths.min()) == 0 else -1
+        if empty >= 0:
+            raise ValueError(f"response_mask row {empty} is an empty trajectory (no response token)")
     return FlatBatch(mask, positions, lengths, starts)
 
 
 def _native_positions(mask: torch.Tensor):
-    """(int32 positions, long lengths, row starts or ``None``) by one C pass over a CPU mask; ``None`` without the loops.
+    """(int32 positions, long lengths, row starts or ``None``, first empty row or -1) by one C pass over a CPU
+    mask; ``None`` without the loops.
 
     The row starts are given only when every row's tokens form one block.
     """
@@ -94,11 +97,12 @@ def _native_positions(mask: torch.Tensor):
     mask = mask.contiguous()
     # room for every element: the pages past the last token are never written, so they cost nothing
     room = torch.empty(mask.numel(), dtype=torch.int32)
-    rows = torch.empty(2, mask.shape[0], dtype=torch.long)  # lengths, starts
-    blocks = torch.empty(1, dtype=torch.long)
-    n = lib.mask_positions(mask.shape[0], mask.shape[1], _native.ptr(mask), _native.ptr(room), _native.ptr(rows[0]),
-                           _native.ptr(rows[1]), _native.ptr(blocks), room.numel())
-    return room[:n], rows[0], (rows[1] if int(blocks) else None)
+    b, ptr = mask.shape[0], _native.ptr
+    rows = torch.empty(2 * b + 2, dtype=torch.long)  # lengths, starts, (one block per row, first empty row)
+    n = lib.mask_positions(b, mask.shape[1], ptr(mask), ptr(room), ptr(rows), ptr(rows, b), ptr(rows, 2 * b),
+                           room.numel())
+    blocks, empty = rows[2 * b :].tolist()
+    return room[:n], rows[:b], (rows[b : 2 * b] if blocks else None), empty
 
 
 class _RowBlocks(torch.autograd.Function):
@@ -112,27 +116,65 @@ class _RowBlocks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, values, batch):
-        values = values.contiguous()
-        out = torch.empty(batch.positions.numel(), dtype=values.dtype)
+        ctx.batch = batch
+        return _gather_rows(values, batch)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _scatter_rows(grad, ctx.batch), None
+
+
+def _gather_rows(values: torch.Tensor, batch: FlatBatch) -> torch.Tensor:
+    values = values.contiguous()
+    out = torch.empty(batch.positions.numel(), dtype=values.dtype)
+    ptr = _native.ptr
+    _native.library().gather_blocks(batch.shape[0], batch.shape[1], values.element_size(), ptr(values),
+                                    ptr(batch.row_starts), ptr(batch.lengths), ptr(out))
+    return out
+
+
+def _scatter_rows(grad: torch.Tensor, batch: FlatBatch) -> torch.Tensor:
+    """The ``(B, L)`` gradient of a row-block selection: ``grad`` in the blocks, +0 elsewhere."""
+    found = _native.kernels_for(grad) if not (torch.is_grad_enabled() and grad.requires_grad) else None
+    if found is None:
+        return grad.new_zeros(batch.mask.numel()).index_add(0, batch.positions, grad).view(batch.shape)
+    lib, _, suffix = found
+    out = torch.empty(batch.shape, dtype=grad.dtype)
+    ptr = _native.ptr
+    getattr(lib, f"scatter_blocks_{suffix}")(batch.shape[0], batch.shape[1], ptr(grad), ptr(batch.row_starts),
+                                             ptr(batch.lengths), ptr(out))
+    return out
+
+
+class _RowBlocksDifference(torch.autograd.Function):
+    """``a - b`` on the tokens of two ``(B, L)`` CPU tensors of one dtype whose rows hold one block each (C).
+
+    The same values as ``to_flat(a - b, batch)``, with no difference taken
+    of the padding; the gradient of each operand is the block scatter of
+    ``_RowBlocks`` (negated for ``b``).
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, batch):
+        lib, _, suffix = _native.loops(a.dtype)
+        a, b = a.contiguous(), b.contiguous()
+        out = torch.empty(batch.positions.numel(), dtype=a.dtype)
         ptr = _native.ptr
-        _native.library().gather_blocks(batch.shape[0], batch.shape[1], values.element_size(), ptr(values),
-                                        ptr(batch.row_starts), ptr(batch.lengths), ptr(out))
+        getattr(lib, f"gather_blocks_difference_{suffix}")(batch.shape[0], batch.shape[1], ptr(a), ptr(b),
+                                                           ptr(batch.row_starts), ptr(batch.lengths), ptr(out))
         ctx.batch = batch
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        batch = ctx.batch
-        found = _native.kernels_for(grad) if not (torch.is_grad_enabled() and grad.requires_grad) else None
-        if found is None:
-            padded = grad.new_zeros(batch.mask.numel()).index_add(0, batch.positions, grad)
-            return padded.view(batch.shape), None
-        lib, _, suffix = found
-        out = torch.empty(batch.shape, dtype=grad.dtype)
-        ptr = _native.ptr
-        getattr(lib, f"scatter_blocks_{suffix}")(batch.shape[0], batch.shape[1], ptr(grad), ptr(batch.row_starts),
-                                                 ptr(batch.lengths), ptr(out))
-        return out, None
+        need_a, need_b, _ = ctx.needs_input_grad
+        padded = _scatter_rows(grad, ctx.batch)
+        return padded if need_a else None, -padded if need_b else None, None
+
+
+def _row_blocks(values: torch.Tensor, batch: FlatBatch) -> bool:
+    """Whether ``values`` (shaped like the batch) can go by row-block copies."""
+    return batch.row_starts is not None and _native.plain_cpu(values) and values.device == batch.mask.device
 
 
 def to_flat(values: torch.Tensor, batch: FlatBatch, name: str = "values") -> torch.Tensor:
@@ -140,12 +182,30 @@ def to_flat(values: torch.Tensor, batch: FlatBatch, name: str = "values") -> tor
     if not isinstance(values, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor")
     if values.shape == batch.shape:
-        if batch.row_starts is not None and _native.plain_cpu(values) and values.device == batch.mask.device:
-            return _RowBlocks.apply(values, batch)
+        if _row_blocks(values, batch):
+            if values.requires_grad and torch.is_grad_enabled():
+                return _RowBlocks.apply(values, batch)
+            return _gather_rows(values, batch)  # no graph to record: the copies without the autograd node
         return values.reshape(-1).index_select(0, batch.positions)
     if values.dim() == 1 and values.shape[0] == batch.shape[0]:
         return values.index_select(0, batch.traj_id)
     raise ValueError(f"{name} has shape {tuple(values.shape)}; expected {tuple(batch.shape)} or ({batch.shape[0]},)")
+
+
+def to_flat_difference(a: torch.Tensor, b: torch.Tensor, batch: FlatBatch, name: str = "values") -> torch.Tensor:
+    """``to_flat(a - b, batch)`` for two ``(B, L)`` tensors, e.g. log π_θ − log π_old: the log-ratios x_i.
+
+    On CPU rows of one block each, one C pass takes the difference on the
+    response tokens only (the padding is never read); the values and the
+    gradients are those of ``to_flat(a - b, batch)``.
+    """
+    for label, value in ((f"{name} (first operand)", a), (f"{name} (second operand)", b)):
+        if not isinstance(value, torch.Tensor) or value.shape != batch.shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{label} has shape {shape}, expected {tuple(batch.shape)}")
+    if a.dtype == b.dtype and _native.kernels_for(a) is not None and _row_blocks(a, batch) and _row_blocks(b, batch):
+        return _RowBlocksDifference.apply(a, b, batch)
+    return to_flat(a - b, batch, name)
 
 
 def to_padded(flat: torch.Tensor, batch: FlatBatch, fill: float = 0.0) -> torch.Tensor:

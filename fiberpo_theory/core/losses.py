@@ -12,12 +12,13 @@ arguments.  ``loss_agg_mode=None`` uses the method's own μ from the paper.
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
 from . import _validate, baselines, diagnostics, objectives
-from .layout import FlatBatch, flatten_mask, to_flat, trajectory_segments
+from .layout import FlatBatch, flatten_mask, to_flat, to_flat_difference, trajectory_segments
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 POLICY_LOSSES: dict[str, Callable] = {}
@@ -88,10 +89,20 @@ def _report_non_finite(padded: dict[str, torch.Tensor], mask: torch.Tensor) -> N
         bad = ~torch.isfinite(value.detach()) & mask
         if bool(bad.any()):
             row, col = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"{name} has a non-finite value at row {row}, column {col}: {value[row, col].item()}")
+            raise _validate.NonFiniteError(f"{name} has a non-finite value at row {row}, column {col}: "
+                                           f"{value[row, col].item()}")
 
 
-def _flat_inputs(old_log_prob, log_prob, advantages, response_mask):
+def _flat_inputs(old_log_prob, log_prob, advantages, response_mask, *, finite=True):
+    """The padded inputs checked, the flat batch, x and Â; ``finite=False`` leaves their finiteness to
+    :func:`_checked_by_the_objective` around an objective that checks its own result."""
+    batch, log_ratio, adv, padded = _flat_parts(old_log_prob, log_prob, advantages, response_mask)
+    if finite and not (_validate._all_finite(log_ratio) and _validate._all_finite(adv)):
+        _report_non_finite(padded, batch.mask)
+    return batch, log_ratio, adv
+
+
+def _flat_parts(old_log_prob, log_prob, advantages, response_mask):
     log_prob = _validate.as_float("log_prob", log_prob)
     if log_prob.dim() != 2:
         raise ValueError(f"log_prob must be (B, L), got shape {tuple(log_prob.shape)}")
@@ -104,12 +115,23 @@ def _flat_inputs(old_log_prob, log_prob, advantages, response_mask):
         "old_log_prob": _padded("old_log_prob", old_log_prob, log_prob),
         "advantages": _padded("advantages", advantages, log_prob),
     }
-    # one selection of the difference instead of one per operand (padding may hold anything)
-    log_ratio = to_flat(log_prob - padded["old_log_prob"].detach(), batch)
+    # the difference on the response tokens only (padding may hold anything)
+    log_ratio = to_flat_difference(log_prob, padded["old_log_prob"].detach(), batch, "log_prob - old_log_prob")
     adv = to_flat(padded["advantages"], batch)
-    if not (_validate._all_finite(log_ratio) and _validate._all_finite(adv)):
+    return batch, log_ratio, adv, padded
+
+
+@contextmanager
+def _checked_by_the_objective(old_log_prob, log_prob, advantages, response_mask) -> Iterator[tuple]:
+    """:func:`_flat_inputs` without its finiteness passes, for a FiberPO objective: its J is non-finite
+    whenever an x_i or Â_i is, and only then does it scan them; the error it raises is named here by row and
+    column of the padded input, as :func:`_flat_inputs` names it."""
+    batch, log_ratio, adv, padded = _flat_parts(old_log_prob, log_prob, advantages, response_mask)
+    try:
+        yield batch, log_ratio, adv
+    except _validate.NonFiniteError:
         _report_non_finite(padded, batch.mask)
-    return batch, log_ratio, adv
+        raise
 
 
 def _row_ids(name: str, ids, batch: FlatBatch) -> torch.Tensor:
@@ -215,14 +237,14 @@ def fiberpo_loss(
     every mode (each one's μ is constant on a row); the metrics
     from :func:`~fiberpo_theory.core.diagnostics.fiberpo_loss_metrics`, counted in that same pass.
     """
-    batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)
-    traj = trajectory_segments(batch)
-    hyper = dict(eps=eps, c_pos=c_pos, c_neg=c_neg, k=k)
-    with diagnostics.counting_gate() as counted:
-        loss, extra = _fiber_finish("fiberpo", lambda a, w: objectives.fiberpo_objective(x, traj, a, weights=w,
-                                                                                         **hyper),
-                                    x, adv, batch, loss_agg_mode, {})
-    return loss, {**diagnostics.fiberpo_loss_metrics(x, traj, counted=counted, **hyper), **extra}
+    with _checked_by_the_objective(old_log_prob, log_prob, advantages, response_mask) as (batch, x, adv):
+        traj = trajectory_segments(batch)
+        hyper = dict(eps=eps, c_pos=c_pos, c_neg=c_neg, k=k)
+        with diagnostics.counting_gate() as counted:
+            loss, extra = _fiber_finish("fiberpo", lambda a, w: objectives.fiberpo_objective(x, traj, a, weights=w,
+                                                                                             **hyper),
+                                        x, adv, batch, loss_agg_mode, {})
+        return loss, {**diagnostics.fiberpo_loss_metrics(x, traj, counted=counted, **hyper), **extra}
 
 
 @register_policy_loss("fiberpo_domain")
@@ -249,15 +271,15 @@ def fiberpo_domain_loss(
     metrics; with a ``process_group`` the metrics come from the reference without a graph (the same
     collectives on every rank).
     """
-    batch, x, adv = _flat_inputs(old_log_prob, log_prob, advantages, response_mask)
-    traj = trajectory_segments(batch)
-    groups = _row_ids("group_ids", group_ids, batch)
-    domains = _row_ids("domain_ids", domain_ids, batch)
-    hyper = dict(eps=eps, c_pos=c_pos, c_neg=c_neg, process_group=process_group)
-    with diagnostics.counting_gate(enabled=process_group is None) as counted:  # across ranks the parts count
-        loss, extra = _fiber_finish(
-            "fiberpo_domain", lambda a, w: objectives.fiberpo_domain_objective(x, traj, groups, domains, a,
-                                                                               weights=w, **hyper),
-            x, adv, batch, loss_agg_mode, {})
-    metrics = diagnostics.fiberpo_domain_loss_metrics(x, traj, groups, domains, counted=counted, **hyper)
-    return loss, {**metrics, **extra}
+    with _checked_by_the_objective(old_log_prob, log_prob, advantages, response_mask) as (batch, x, adv):
+        traj = trajectory_segments(batch)
+        groups = _row_ids("group_ids", group_ids, batch)
+        domains = _row_ids("domain_ids", domain_ids, batch)
+        hyper = dict(eps=eps, c_pos=c_pos, c_neg=c_neg, process_group=process_group)
+        with diagnostics.counting_gate(enabled=process_group is None) as counted:  # across ranks the parts count
+            loss, extra = _fiber_finish(
+                "fiberpo_domain", lambda a, w: objectives.fiberpo_domain_objective(x, traj, groups, domains, a,
+                                                                                   weights=w, **hyper),
+                x, adv, batch, loss_agg_mode, {})
+        metrics = diagnostics.fiberpo_domain_loss_metrics(x, traj, groups, domains, counted=counted, **hyper)
+        return loss, {**metrics, **extra}

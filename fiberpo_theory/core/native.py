@@ -127,6 +127,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.gather_blocks.argtypes = [i64, i64, i64, p, p, p, p]
     for suffix in ("f32", "f64"):
         getattr(lib, f"scatter_blocks_{suffix}").argtypes = [i64, i64, p, p, p, p]
+        getattr(lib, f"gather_blocks_difference_{suffix}").argtypes = [i64, i64, p, p, p, p, p]
     for suffix in ("i64", "i32"):
         getattr(lib, f"sorted_runs_{suffix}").argtypes = [i64, p, p, p, p, p, i64]
         getattr(lib, f"sorted_runs_{suffix}").restype = i64

@@ -70,7 +70,7 @@ from verl.trainer.ppo import core_algos
 
 from ..core import baselines, diagnostics, objectives
 from ..core.losses import _padded
-from ..core.layout import flatten_mask, to_flat, to_padded, trajectory_segments
+from ..core.layout import flatten_mask, to_flat, to_flat_difference, to_padded, trajectory_segments
 from ._common import require_whole_groups, string_ids
 
 __all__ = [
@@ -115,7 +115,7 @@ class _Batch:
         old = _padded("old_log_prob", old_log_prob, log_prob, self.mask)
         adv = _padded("advantages", advantages, log_prob, self.mask)
         self.flat = flatten_mask(self.mask, allow_empty_rows=True)  # token positions: no boolean indexing
-        self.log_ratio = to_flat(log_prob - old.detach(), self.flat)
+        self.log_ratio = to_flat_difference(log_prob, old.detach(), self.flat, "log_prob - old_log_prob")
         self.adv = to_flat(adv, self.flat)
 
     @property

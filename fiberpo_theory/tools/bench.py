@@ -42,7 +42,7 @@ from ..core import objectives as obj
 from .cli_types import positive_int, torch_device
 from ..hierarchy.fgh import fiberpo_hierarchy_gated_ratio
 from ..core.losses import POLICY_LOSSES
-from ..core.layout import flatten_mask, to_flat, trajectory_segments
+from ..core.layout import flatten_mask, to_flat, to_flat_difference, trajectory_segments
 from ..core.segments import Segments, segments_for
 
 EPS, C_POS, C_NEG, DELTA = 0.2, 0.12, 0.05, 0.1
@@ -151,7 +151,7 @@ def _padded_cases(b: Batch) -> list[Case]:
 
     def flat(lp):  # what the registry losses do: token positions, no boolean indexing; rows are trajectories
         batch = flatten_mask(mask)
-        return to_flat(lp - old, batch), to_flat(adv, batch), trajectory_segments(batch)
+        return to_flat_difference(lp, old, batch), to_flat(adv, batch), trajectory_segments(batch)
 
     def fiberpo(lp):
         x, a, traj = flat(lp)
@@ -168,7 +168,7 @@ def _padded_cases(b: Batch) -> list[Case]:
     cases = [
         Case("grpo_loss/padded", "package registry GRPO: validation, flattening, metrics", b.padded_log_prob,
              registry("grpo", eps=EPS)),
-        Case("fiberpo/padded", "flatten_mask, to_flat(lp - old), row Segments by length, fused gate, μ, Eq. 2", b.padded_log_prob,
+        Case("fiberpo/padded", "flatten_mask, to_flat_difference(lp, old), row Segments by length, fused gate, μ, Eq. 2", b.padded_log_prob,
              fiberpo),
         Case("fiberpo_domain/padded", "as fiberpo/padded plus row group/domain ids per token", b.padded_log_prob,
              fiberpo_domain),
