@@ -25,6 +25,8 @@ the fraction of the measured copy bandwidth.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import statistics
 import sys
@@ -67,6 +69,7 @@ MEMORY_GOAL = ("fiberpo/padded", "verl/padded", 2.0)
 SCALING_CASES = ("clip/sorted", "verl/padded", "fiberpo_loss/padded", "fiberpo/padded", "fiberpo/sorted",
                  "fiberpo_objective/sorted", "fiberpo_domain/sorted")
 SCALING_TOLERANCE = 0.2  # cost per token within ±20% of its value at the main table's size
+FLATNESS_CASES = ("fiberpo/sorted", "fiberpo_objective/sorted", "fiberpo/padded", "fiberpo_loss/padded")
 
 
 def verl_loss():
@@ -252,8 +255,44 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _step(case: Case, saved: list[int]) -> float:
-    """One forward+backward from a fresh leaf; adds the bytes autograd saves to ``saved``; returns seconds."""
+try:
+    import resource
+except ImportError:  # not on POSIX: no fault counts
+    resource = None
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where the OS does not say): the pages the kernel had to
+    map, and zero, for memory the allocator took from it (again)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory instead of handing it back to the OS; ``False`` elsewhere.
+
+    By default glibc serves large blocks by fresh mappings and trims the
+    top of its heap on free, so the next step's buffers fault their pages
+    in anew: a cost per token that depends on the sizes the process freed
+    before (its thresholds adapt), not on the code being timed.  With no
+    mappings and no trimming every step reuses the heap's pages, as a
+    caching allocator (CUDA's) reuses its blocks.  For the rest of the
+    process: there is no way back to glibc's adaptive thresholds.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        return False
+    if mallopt is None:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def _step(case: Case, saved: list[int], faults: list[int] | None = None) -> float:
+    """One forward+backward from a fresh leaf; adds the bytes autograd saves to ``saved`` and the minor page
+    faults of the step to ``faults``; returns seconds."""
     device = case.start.device
 
     def pack(tensor):
@@ -262,16 +301,22 @@ def _step(case: Case, saved: list[int]) -> float:
 
     leaf = case.start.detach().clone().requires_grad_(True)
     _sync(device)
+    before = _minor_faults()
     start = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = case.loss(leaf)
     loss.backward()
     _sync(device)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if faults is not None:
+        faults.append(_minor_faults() - before)
+    return seconds
 
 
-def measure_all(cases: list[Case], repeats: int, *, own_predecessor: bool = False) -> dict[str, tuple[float, int, int]]:
-    """Per case: median seconds of forward+backward, bytes saved for backward, peak CUDA bytes (0 on CPU).
+def measure_all(cases: list[Case], repeats: int, *,
+                own_predecessor: bool = False) -> dict[str, tuple[float, int, int, float]]:
+    """Per case: median seconds of forward+backward, bytes saved for backward, peak CUDA bytes (0 on CPU) and
+    the median minor page faults of a timed step.
 
     Repeats are interleaved (every case once, then again), so a burst of
     load on a shared machine lands on all cases alike and the ratios stay
@@ -281,21 +326,30 @@ def measure_all(cases: list[Case], repeats: int, *, own_predecessor: bool = Fals
     the same for every case (at small sizes a step after verl's loss, which
     touches far more memory, costs up to twice as much as after its own).
     """
-    saved, peak, times = {}, {}, {case.name: [] for case in cases}
+    measured = _measure(cases, repeats, [1] * len(cases), own_predecessor)
+    return {case.name: result for case, result in zip(cases, measured)}
+
+
+def _measure(cases: list[Case], rounds: int, per_round: list[int], own_predecessor: bool) -> list[tuple]:
+    """:func:`measure_all` for a list of cases that may share names: ``per_round[i]`` timed steps of case ``i``
+    in each of ``rounds`` rounds, every round visiting every case in turn."""
+    saved, peak = [], []
+    times, faults = [[] for _ in cases], [[] for _ in cases]
     for case in cases:
         device = case.start.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         counter = [0]
         _step(case, counter)
-        saved[case.name] = counter[0]
-        peak[case.name] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    for _ in range(repeats):
-        for case in cases:
-            if own_predecessor:
-                _step(case, [0])
-            times[case.name].append(_step(case, [0]))
-    return {name: (statistics.median(times[name]), saved[name], peak[name]) for name in times}
+        saved.append(counter[0])
+        peak.append(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0)
+    for _ in range(rounds):
+        for i, case in enumerate(cases):
+            for _ in range(per_round[i]):
+                if own_predecessor:
+                    _step(case, [0])
+                times[i].append(_step(case, [0], faults[i]))
+    return [(statistics.median(times[i]), saved[i], peak[i], statistics.median(faults[i])) for i in range(len(cases))]
 
 
 def copy_bandwidth(device, n_bytes: int = 1 << 28, repeats: int = 5) -> float:
@@ -320,6 +374,7 @@ class Row:
     seconds: float
     saved_bytes: int
     peak_bytes: int
+    faults: float = 0.0  # median minor page faults of a timed step
     includes: str = ""
     time_ratio: float = 0.0  # to grpo/sorted, the package's GRPO objective
     memory_ratio: float = 0.0
@@ -371,17 +426,22 @@ def scaling_repeats(sizes: list[int], repeats: int) -> dict[int, int]:
 
 
 def run_scaling(sizes: list[int], repeats: int, device, dtype, progress=None) -> list[Row]:
-    rows = []
-    task = progress.add_task("scaling", total=len(sizes)) if progress else None
+    """The scaling rows: every size's cases measured in the same rounds, so a burst of load on a shared
+    machine lands on all sizes alike (each round runs ``repeats`` steps' share of every size and case)."""
+    task = progress.add_task("scaling", total=1) if progress else None
     per_size = scaling_repeats(sizes, repeats)
+    rounds = min(per_size.values())
+    cases, sized = [], []
     for n in sizes:
         batch = make_batch(n, max(n // 1024, 1), device=device, dtype=dtype)
-        cases = [case for case in all_cases(batch) if case.name in SCALING_CASES]
-        measured = measure_all(cases, per_size[n], own_predecessor=True)
-        rows += [Row(c.name, n, *measured[c.name], value_bytes=batch.log_ratio.element_size()) for c in cases]
-        if progress:
-            progress.advance(task)
-    return rows
+        for case in all_cases(batch):
+            if case.name in SCALING_CASES:
+                cases.append(case)
+                sized.append((n, -(-per_size[n] // rounds), batch.log_ratio.element_size()))
+    measured = _measure(cases, rounds, [steps for _, steps, _ in sized], own_predecessor=True)
+    if progress:
+        progress.advance(task)
+    return [Row(case.name, n, *result, value_bytes=size) for case, (n, _, size), result in zip(cases, sized, measured)]
 
 
 CACHE_CASES = ("clip/sorted", "fiberpo/sorted")
@@ -418,8 +478,12 @@ def cache_state_line(n_tokens: int, measured: dict[str, tuple[float, float]], fl
             + " (the scaling table is the warm state: each of its steps follows a step of the same case)")
 
 
-def goal_lines(rows: list[Row], scaling: list[Row], main_tokens: int) -> list[str]:
-    """Each speed goal as one line: the ratio measured in this run and whether it is met."""
+def goal_lines(rows: list[Row], scaling: list[Row], main_tokens: int, kept: list[Row] | None = None) -> list[str]:
+    """Each speed goal as one line: the ratio measured in this run and whether it is met.
+
+    ``kept``: the scaling rows measured again with freed memory kept by malloc (:func:`keep_freed_memory`);
+    the flatness goal is printed for both, the fits for the kept rows when there are any.
+    """
     by = {row.method: row for row in rows}
     lines = []
 
@@ -436,21 +500,32 @@ def goal_lines(rows: list[Row], scaling: list[Row], main_tokens: int) -> list[st
     lines.append(ratio_line(*INDEXED, label="ids indexed once per batch: "))
     lines.append(ratio_line(*MEMORY_GOAL, what="saved bytes"))
     lines.append(ratio_line("fiberpo/padded", "grpo_loss/padded", 2.0, what="saved bytes"))
+    states = [("malloc's defaults", scaling)] + ([("freed memory kept", kept)] if kept else [])
+    for state, measured in states:
+        lines += _flatness_lines(measured, main_tokens, state if kept else "")
+    fitted, state = (kept, " (freed memory kept)") if kept else (scaling, "")
+    for case in ("fiberpo/sorted", "fiberpo_objective/sorted", "fiberpo_loss/padded", "clip/sorted"):
+        fit = _fixed_plus_linear(fitted, case)
+        if fit is not None:  # what the per-token spread is made of; no goal
+            fixed, per_million, worst = fit
+            lines.append(f"{case} time ≈ {fixed * 1e3:.2f} ms per call + {per_million * 1e3:.2f} ms per million "
+                         f"tokens{state} (relative least squares over the scaling sizes; largest deviation "
+                         f"{100 * worst:.0f}%)")
+    return lines
+
+
+def _flatness_lines(scaling: list[Row], main_tokens: int, state: str) -> list[str]:
     sizes = sorted({row.tokens for row in scaling})
-    for case in ("fiberpo/sorted", "fiberpo_objective/sorted", "fiberpo/padded", "clip/sorted"):
+    lines = []
+    for case in (*FLATNESS_CASES, "clip/sorted"):
         spread = _cost_spread(scaling, case, main_tokens)
         if spread is None:
             continue
         verdict = "for reference: no goal" if case == "clip/sorted" else (
             f"goal ±{100 * SCALING_TOLERANCE:.0f}%: {'met' if spread <= SCALING_TOLERANCE else 'MISSED'}")
-        lines.append(f"{case} cost per token from {sizes[0]:,} to {sizes[-1]:,} tokens: within ±{100 * spread:.0f}% "
-                     f"({verdict})")
-    for case in ("fiberpo/sorted", "fiberpo_objective/sorted", "clip/sorted"):
-        fit = _fixed_plus_linear(scaling, case)
-        if fit is not None:  # what the per-token spread is made of; no goal
-            fixed, per_million, worst = fit
-            lines.append(f"{case} time ≈ {fixed * 1e3:.2f} ms per call + {per_million * 1e3:.2f} ms per million "
-                         f"tokens (relative least squares over the scaling sizes; largest deviation {100 * worst:.0f}%)")
+        where = f", {state}" if state else ""
+        lines.append(f"{case} cost per token from {sizes[0]:,} to {sizes[-1]:,} tokens{where}: within "
+                     f"±{100 * spread:.0f}% ({verdict})")
     return lines
 
 
@@ -499,9 +574,21 @@ def _ratio_table(rows: list[Row], device: str, bandwidth: float) -> Table:
     return table
 
 
-def _scaling_table(rows: list[Row], bandwidth: float) -> Table:
+def _faults_table(rows: list[Row], title: str) -> Table:
     cases = [c for c in SCALING_CASES if any(row.method == c for row in rows)]
-    table = Table(title="scaling: ms per million tokens (constant ⇔ linear cost)")
+    table = Table(title=title)
+    for col in ("tokens", *cases):
+        table.add_column(col, justify="right")
+    for n in sorted({row.tokens for row in rows}):
+        at = {row.method: row for row in rows if row.tokens == n}
+        table.add_row(f"{n:,}", *(f"{at[c].faults:.0f}" for c in cases))
+    return table
+
+
+def _scaling_table(rows: list[Row], bandwidth: float,
+                   title: str = "scaling: ms per million tokens (constant ⇔ linear cost)") -> Table:
+    cases = [c for c in SCALING_CASES if any(row.method == c for row in rows)]
+    table = Table(title=title)
     versus_verl = "verl/padded" in cases and "fiberpo_loss/padded" in cases
     extra = ("fiberpo/sorted × clip", *(["fiberpo_loss × verl"] if versus_verl else []), "fiberpo/sorted % copy BW")
     for col in ("tokens", *cases, *extra):
@@ -541,7 +628,8 @@ What each baseline includes:
   clip-fraction metrics) and `agg_loss` in `seq-mean-token-mean` mode on the padded batch.
 * `fiberpo/padded` and `fiberpo_domain/padded`: flatten with the mask as the registry losses do (the token
   positions and row lengths found in one pass; the bench's rows are right-padded blocks, so values are
-  selected and gradients written back by block copies: no boolean indexing), the rows as trajectories by
+  selected and gradients written back by block copies: no boolean indexing; the log-ratios
+  `log_prob - old_log_prob` are taken on the response tokens only, `to_flat_difference`), the rows as trajectories by
   their lengths (no sort), the fused gate, μ and Eq. 2.  `fiberpo_loss/padded` is the registry loss: `fiberpo_objective` for the loss, its
   metrics (regime shares, clip fractions, means) counted in that same pass (`diagnostics.counting_gate`,
   then `diagnostics.fiberpo_loss_metrics`), and the mean raw ratio.
@@ -578,11 +666,20 @@ on relative residuals): the fixed part is what a call costs whatever its size (v
 small torch ops, ctypes calls and autograd), the rest is what each token costs.  At the small sizes a
 step's time also depends on what the step before it left in the caches and the allocator: a step that
 follows verl's loss (which touches far more memory) costs up to twice what it costs after its own.  So in
-the scaling table every timed step follows an untimed step of the same case (the columns are still
-interleaved, so a burst of load lands on all of them), and the flatness goal is read in that warm state.
-The `cache state` line times the clip and FiberPO at the smallest size warm and after a large write, the
-cold state a step meets after, say, a model's backward: read the flatness lines against it, since cold
-small steps cost more per token for every case, the bare clip included.
+the scaling table every timed step follows an untimed step of the same case, and the steps are taken in
+rounds that each visit every size and every column, so that a burst of load on a shared machine lands on
+all of them rather than on one size; the flatness goal is read in that warm state.  The `cache state` line
+times the clip and FiberPO at the smallest size warm and after a large write, the cold state a step meets
+after, say, a model's backward: read the flatness lines against it, since cold small steps cost more per
+token for every case, the bare clip included.
+
+The page-fault table counts the minor page faults of each timed step.  With glibc's default settings,
+malloc hands large blocks out as fresh mappings and gives the top of its heap back to the OS on free, with
+thresholds that adapt to the sizes freed before; a step whose buffers come back as new pages pays for
+mapping and zeroing them, a cost per token that depends on the process's history, not on the code timed
+(the bare clip pays it too).  So on CPU the scaling is measured a second time, last, with freed memory kept
+(`keep_freed_memory`: no mappings, no trimming, as a caching allocator such as CUDA's keeps its blocks), and
+the flatness goal is printed for both states.  `--no-kept-memory-pass` skips that pass.
 
 `saved MB` is what autograd keeps for backward; `% copy BW` divides a floor on the bytes a step moves
 (saved tensors written and read back, plus the leaf's value and gradient) by the step time and by the copy
@@ -617,6 +714,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="*", default=None, choices=method_names(), metavar="METHOD",
                         help="subset of methods, from: " + ", ".join(method_names())
                         + " (the clip, GRPO and verl baselines always run)")
+    parser.add_argument("--no-kept-memory-pass", dest="kept_memory_pass", action="store_false",
+                        help="skip the second scaling pass with freed memory kept by glibc's malloc (CPU only; "
+                             "it runs last, since it changes malloc's settings for the rest of the process)")
     parser.add_argument("--json", type=str, default=None, metavar="PATH", help="write all rows as JSON")
     parser.add_argument("--markdown", type=str, default=None, metavar="PATH",
                         help="write the printed report as a markdown page (docs/benchmarks.md is made this way)")
@@ -640,29 +740,47 @@ def run(args) -> int:
     console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {args.dtype}, "
                   f"{verl}; measured copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     console.print(f"compiled token loops (CPU): {_native.status()}")
+    on_cpu = torch.device(device).type == "cpu"
+    scaling_base = max(args.repeats // 2, 1)
+    per_size = scaling_repeats(args.scaling, scaling_base) if args.scaling else {}
+    kept, cache = [], None
     with Progress(console=console, transient=True) as progress:
         rows = run_table(batch, args.repeats, args.methods, progress)
-        scaling_base = max(args.repeats // 2, 1)
         scaling = run_scaling(args.scaling, scaling_base, device, dtype, progress) if args.scaling else []
+        if scaling and on_cpu:
+            smallest = min(args.scaling)
+            cache = cache_state(smallest, min(per_size[smallest], 100), dtype=dtype)
+            # last: glibc's adaptive thresholds cannot be restored once set
+            if args.kept_memory_pass and keep_freed_memory():
+                kept = run_scaling(args.scaling, scaling_base, device, dtype, progress)
     console.print(_ratio_table(rows, device, bandwidth))
     if scaling:
         console.print(_scaling_table(scaling, bandwidth))
-        per_size = scaling_repeats(args.scaling, scaling_base)
-        console.print("scaling medians over " + ", ".join(f"{per_size[n]} steps at {n:,}" for n in args.scaling)
-                      + " tokens (interleaved across the columns, each timed step after an untimed one of its own)")
-        if torch.device(device).type == "cpu":
-            smallest = min(args.scaling)
-            console.print(cache_state_line(smallest, cache_state(smallest, min(per_size[smallest], 100), dtype=dtype)))
+        rounds = min(per_size.values())
+        steps = {n: rounds * -(-per_size[n] // rounds) for n in args.scaling}
+        console.print("scaling medians over " + ", ".join(f"{steps[n]} steps at {n:,}" for n in args.scaling)
+                      + f" tokens, taken in {rounds} rounds that each visit every size and column (so a burst of "
+                      "load lands on all of them), each timed step after an untimed one of its own")
+        if on_cpu:
+            console.print(_faults_table(scaling, "minor page faults per timed step (median), malloc's defaults"))
+        if cache is not None:
+            console.print(cache_state_line(min(args.scaling), cache))
+    if kept:
+        console.print(_scaling_table(kept, bandwidth, "scaling again, freed memory kept by malloc (no mappings, no "
+                                                      "trimming): ms per million tokens"))
+        console.print("the same steps measured last, after keep_freed_memory(); minor page faults per timed step "
+                      f"(median, largest over cases and sizes): {max(row.faults for row in kept):.0f}")
     console.print("% copy BW: (2 × bytes saved for backward + value and gradient of the leaf) / time, "
                   "over the measured copy bandwidth; a floor on the traffic, so a floor on the fraction.")
     console.print("goals, ratios from this run:")
-    for line in goal_lines(rows, scaling, args.tokens):
+    for line in goal_lines(rows, scaling, args.tokens, kept):
         console.print(f"  {line}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": device, "copy_bandwidth": bandwidth, "native": _native.status(),
                        "main": [_json_row(r, bandwidth) for r in rows],
-                       "scaling": [_json_row(r, bandwidth) for r in scaling]}, handle, indent=1)
+                       "scaling": [_json_row(r, bandwidth) for r in scaling],
+                       "scaling_freed_memory_kept": [_json_row(r, bandwidth) for r in kept]}, handle, indent=1)
     if args.markdown:
         command = "fiberpo-theory bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "fiberpo-theory bench"
         with open(args.markdown, "w") as handle:
