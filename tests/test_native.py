@@ -400,7 +400,8 @@ def test_an_index_changed_in_place_after_its_test_is_tested_again(compiled, monk
 
 
 @needs_loops
-@pytest.mark.parametrize("shape, density", [((7, 9), 0.6), ((5, 1), 0.5), ((3, 4), 1.0), ((4, 6), 0.0), ((0, 3), 0.5)])
+@pytest.mark.parametrize("shape, density", [((7, 9), 0.6), ((5, 1), 0.5), ((3, 4), 1.0), ((4, 6), 0.0), ((0, 3), 0.5),
+                                            ((9, 2), 0.3)])
 @pytest.mark.parametrize("padding", ["holes", "right", "left"])
 def test_compiled_mask_positions_equal_nonzero_and_sum(shape, density, padding):
     """The one-pass C loop over a (B, L) mask gives torch's nonzero positions (as int32) and row sums, and the
@@ -412,8 +413,10 @@ def test_compiled_mask_positions_equal_nonzero_and_sum(shape, density, padding):
     if padding != "holes":  # each row's tokens moved together to one end
         mask = torch.arange(shape[1]) < mask.sum(1, keepdim=True)
         mask = mask.flip(1) if padding == "left" else mask
-    positions, lengths, starts = _native_positions(mask)
+    positions, lengths, starts, empty = _native_positions(mask)
     assert positions.dtype == torch.int32 and lengths.dtype == torch.long
+    empty_rows = (lengths == 0).nonzero().squeeze(1).tolist()
+    assert empty == (empty_rows[0] if empty_rows else -1)  # the first row without a token, read off the same pass
     assert torch.equal(positions.long(), mask.reshape(-1).nonzero().squeeze(1))
     assert torch.equal(lengths, mask.sum(1))
     blocks = all(bool(row[row.nonzero().min():row.nonzero().max() + 1].all()) for row in mask if row.any())
