@@ -768,8 +768,10 @@ def run(args) -> int:
     if kept:
         console.print(_scaling_table(kept, bandwidth, "scaling again, freed memory kept by malloc (no mappings, no "
                                                       "trimming): ms per million tokens"))
+        worst = max(kept, key=lambda row: row.faults)
         console.print("the same steps measured last, after keep_freed_memory(); minor page faults per timed step "
-                      f"(median, largest over cases and sizes): {max(row.faults for row in kept):.0f}")
+                      f"(median), largest over cases and sizes: {worst.faults:.0f} ({worst.method} at "
+                      f"{worst.tokens:,} tokens: a heap growing past its peak still faults its new pages in)")
     console.print("% copy BW: (2 × bytes saved for backward + value and gradient of the leaf) / time, "
                   "over the measured copy bandwidth; a floor on the traffic, so a floor on the fraction.")
     console.print("goals, ratios from this run:")
