@@ -28,7 +28,7 @@ def test_every_case_computes_the_same_fiberpo_loss_in_every_layout():
                            "fiberpo_loss/padded")}
     assert max(losses.values()) - min(losses.values()) < 1e-10, losses
     domain = [float(cases[n].loss(cases[n].start.clone())) for n in
-              ("fiberpo_domain/sorted", "fiberpo_domain/shuffled", "fiberpo_domain/padded")]
+              ("fiberpo_domain/sorted", "fiberpo_domain/shuffled", "fiberpo_domain/padded", "fiberpo_domain/indexed")]
     assert max(domain) - min(domain) < 1e-10
 
 

@@ -324,8 +324,11 @@ def fiberpo_domain_loss_metrics(log_ratio, traj_id, group_id, domain_id, *, eps,
     with torch.no_grad():
         x = log_ratio.detach()
         if process_group is None:  # across ranks the base weight makes collectives: computed once, by the parts
-            traj_id = segments_for("traj_id", traj_id, x)  # indexed once, for the counts or the levels
-            counts, traj = _counted_counts(counted, traj_id, x), traj_id
+            if isinstance(traj_id, objectives.DomainLevels):  # checked against x; its trajectories
+                traj = objectives._domain_levels(x, traj_id, group_id, domain_id).traj
+            else:  # indexed once, for the counts or the levels
+                traj_id = traj = segments_for("traj_id", traj_id, x)
+            counts = _counted_counts(counted, traj, x)
             if counts is None:
                 x, levels, eps_, log_base_fn = objectives._domain_inputs(x, traj_id, group_id, domain_id, eps, c_pos,
                                                                         c_neg, None)

@@ -30,6 +30,8 @@ __all__ = [
     "fiberpo_gated_ratio",
     "fiberpo_domain_parts",
     "fiberpo_domain_gated_ratio",
+    "DomainLevels",
+    "domain_levels",
     "fiberpo_objective",
     "fiberpo_domain_objective",
     "fiberpo_gated_residual_eq11",
@@ -228,7 +230,15 @@ def fiberpo_gated_residual_eq11(log_ratio, traj_id, *, eps) -> torch.Tensor:
     return logclip(same.pow(-sign) * ratio, eps) / logclip(opposite.pow(-sign), eps)
 
 
-class _Levels(NamedTuple):
+class DomainLevels(NamedTuple):
+    """FiberPO-Domain's trajectory → prompt group → domain structure of one batch, indexed once.
+
+    Made by :func:`domain_levels`; pass it as ``traj_id`` (with ``group_id``
+    and ``domain_id`` left ``None``) to the FiberPO-Domain functions to skip
+    indexing the three id columns on every call, as a ready ``Segments``
+    does for FiberPO.  Read-only: the tensors are the indexing's own.
+    """
+
     traj: Segments
     traj_group: torch.Tensor  # (M_traj,) dense group index
     group_ids: torch.Tensor  # (M_group,) original group ids
@@ -241,13 +251,40 @@ class _Levels(NamedTuple):
     traj_domain: torch.Tensor  # (M_traj,) dense domain index
 
 
-def _domain_levels(x, traj_id, group_id, domain_id) -> _Levels:
+_Levels = DomainLevels
+
+
+def domain_levels(traj_id, group_id, domain_id, like: torch.Tensor) -> DomainLevels:
+    """Index FiberPO-Domain's levels once per batch (Eq. 30-33: trajectory, prompt group, domain).
+
+    ``traj_id``, ``group_id``, ``domain_id``: ``(N,)`` integer ids per token
+    of the log-ratios ``like`` (or a ready ``Segments`` for the trajectories).
+    Trajectories must nest in groups and groups in domains (``ValueError``
+    otherwise).  The result stands in for the three ids in
+    :func:`fiberpo_domain_gated_ratio`, :func:`fiberpo_domain_objective`,
+    :func:`fiberpo_domain_parts` and the FiberPO-Domain metrics, for any
+    log-ratios of the same length and device::
+
+        levels = domain_levels(traj_id, group_id, domain_id, like=log_ratio)
+        for epoch in range(ppo_epochs):
+            gated = fiberpo_domain_gated_ratio(log_ratio, levels, None, None, eps=..., c_pos=..., c_neg=...)
+    """
+    x = _validate.as_float("like", like)
+    if isinstance(traj_id, DomainLevels):
+        raise ValueError("traj_id is already DomainLevels: pass it to the FiberPO-Domain functions as it is")
+    return _domain_levels(x, traj_id, group_id, domain_id)
+
+
+def _domain_levels(x, traj_id, group_id, domain_id) -> DomainLevels:
     """The local trajectory → group → domain structure and its counts (this rank's tokens only).
 
     Only the trajectory ids are indexed per token; group and domain are
     indexed over the trajectories (:func:`~fiberpo_theory.core.segments.nested_segments`,
-    the same indexing the FGH operator's chain hierarchies use).
+    the same indexing the FGH operator's chain hierarchies use).  Ready
+    :class:`DomainLevels` are checked against ``x`` and returned as they are.
     """
+    if isinstance(traj_id, DomainLevels):
+        return _ready_levels(traj_id, group_id, domain_id, x)
     traj = segments_for("traj_id", traj_id, x)
     names = ["domain_id", "group_id"]  # their signs are read off the carried ids (nested_segments)
     coarser = [_validate.ids(name, ids, x, sign=False) for name, ids in zip(names, (domain_id, group_id))]
@@ -257,6 +294,13 @@ def _domain_levels(x, traj_id, group_id, domain_id) -> _Levels:
         traj, group.index, group.ids, group.count, group.sum(traj.count), group_domain,
         domain.ids, domain.count, domain.sum(traj.count), group_domain[group.index],
     )
+
+
+def _ready_levels(levels: DomainLevels, group_id, domain_id, x) -> DomainLevels:
+    if group_id is not None or domain_id is not None:
+        raise ValueError("group_id and domain_id must be None when traj_id is DomainLevels (they are indexed in it)")
+    segments_for("traj_id", levels.traj, x)  # covers these log-ratios, on their device
+    return levels
 
 
 def fiberpo_domain_parts(

@@ -193,6 +193,7 @@ def _flat_cases(b: Batch) -> list[Case]:
     sx, sadv, straj = x[b.perm], adv[b.perm], b.names[b.traj_id][b.perm]
     sgroup, sdomain = b.group_id[b.perm], b.domain_id[b.perm]
     traj_once = Segments.from_ids(b.traj_id)  # what a PPO epoch loop reuses across its steps over one batch
+    levels_once = obj.domain_levels(b.traj_id, b.group_id, b.domain_id, like=x)
 
     def clip(z):
         return -(torch.clamp(torch.exp(z), 1 - EPS, 1 + EPS) * adv).sum()
@@ -214,7 +215,11 @@ def _flat_cases(b: Batch) -> list[Case]:
              lambda z: _fiber_objective(z, traj_once, adv)),
         Case("fiberpo_domain/sorted", "fused gate, group/domain carried per trajectory", x,
              lambda z: _domain_objective(z, b.traj_id, b.group_id, b.domain_id, adv)),
-        Case("fiberpo_domain/shuffled", "as above on shuffled tokens", sx,
+        Case("fiberpo_domain/indexed", "trajectory, group and domain levels indexed once per batch (not timed), "
+             "fused gate, μ", x,
+             lambda z: _objective("fiberpo_domain", obj.fiberpo_domain_gated_ratio(z, levels_once, None, None, **FIBER),
+                                  adv, levels_once.traj)),
+        Case("fiberpo_domain/shuffled", "as fiberpo_domain/sorted on shuffled tokens", sx,
              lambda z: _domain_objective(z, straj, sgroup, sdomain, sadv)),
         Case("apc_obj/shuffled", "random state ids (T/4 states), token-mean", x,
              lambda z: _objective("apc_obj", obj.apc_obj_gated_ratio(torch.exp(z), b.state_id, delta=DELTA), adv, None)),
@@ -641,6 +646,8 @@ What each baseline includes:
   printed beside it.
 * `fiberpo/indexed`: as `fiberpo/sorted`, with the trajectory `Segments` built once per batch outside the
   timed step (what several optimizer steps over one batch reuse); reported next to the goal, not in its place.
+  `fiberpo_domain/indexed` does the same for FiberPO-Domain with `domain_levels` (the trajectory, group and
+  domain ids indexed once).
 * `apc_obj/shuffled`: APC-Obj's fused gate on random state ids (a quarter as many states as tokens),
   token-mean weights.
 * `fgh_4level/sorted`: FiberPO on a four-level hierarchy (domain → group → trajectory → token) through
