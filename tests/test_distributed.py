@@ -101,6 +101,8 @@ def _domain_on_shard(shard, pg):
     ids = (shard["x"], shard["traj"], shard["group"], shard["domain"])
     return dict(gated=parts.gated_ratio.detach(), log_base=parts.log_base_weight.detach(), grad=x.grad,
                 same_api=obj.fiberpo_domain_gated_ratio(*ids, process_group=pg, **HYPER),
+                ready_levels=obj.fiberpo_domain_gated_ratio(
+                    shard["x"], obj.domain_levels(*ids[1:], like=shard["x"]), None, None, process_group=pg, **HYPER),
                 local_only=obj.fiberpo_domain_gated_ratio(*ids, **HYPER))
 
 
@@ -166,6 +168,7 @@ def test_distributed_domain_matches_single_process(world, tmp_path):
         assert torch.allclose(res["log_base"], log_base[mine], rtol=0, atol=ATOL), f"rank {r}"
         assert torch.allclose(res["grad"], grad[mine], rtol=0, atol=ATOL), f"rank {r}"
         assert torch.allclose(res["same_api"], res["gated"], rtol=0, atol=ATOL)  # the fused fast path vs the reference
+        assert torch.equal(res["ready_levels"], res["same_api"])  # levels indexed once: the same collectives
     for res in results:
         assert torch.allclose(res["registry_loss"], res["registry_expected"], rtol=0, atol=ATOL)
     assert max(abs(float(res["registry_loss"] - res["registry_local"])) for res in results) > 1e-6
