@@ -93,11 +93,10 @@ def _report_non_finite(padded: dict[str, torch.Tensor], mask: torch.Tensor) -> N
                                            f"{value[row, col].item()}")
 
 
-def _flat_inputs(old_log_prob, log_prob, advantages, response_mask, *, finite=True):
-    """The padded inputs checked, the flat batch, x and Â; ``finite=False`` leaves their finiteness to
-    :func:`_checked_by_the_objective` around an objective that checks its own result."""
+def _flat_inputs(old_log_prob, log_prob, advantages, response_mask):
+    """The padded inputs checked (finite response tokens included), the flat batch, x and Â."""
     batch, log_ratio, adv, padded = _flat_parts(old_log_prob, log_prob, advantages, response_mask)
-    if finite and not (_validate._all_finite(log_ratio) and _validate._all_finite(adv)):
+    if not (_validate._all_finite(log_ratio) and _validate._all_finite(adv)):
         _report_non_finite(padded, batch.mask)
     return batch, log_ratio, adv
 
