@@ -236,7 +236,7 @@ def _metrics_of_counts(counts: _Counts, traj, x, *, c_pos, c_neg, k=None) -> dic
     """``metrics_of_tally(_tally(...))`` in one C call (``summarize_counts``) where the loops take the counts."""
     channels, log_base, tallies, gated_sum = counts
     length = traj.count
-    usable = (k is None or float(k) > 0) and channels.dim() == 2 and channels.dtype == log_base.dtype == x.dtype
+    usable = channels.dim() == 2 and channels.dtype == log_base.dtype == x.dtype  # k: validated positive or None
     if not usable or length.dtype != torch.long or _native.kernels_for(log_base, length, tallies) is None \
             or not _native.plain_cpu(channels):
         return metrics_of_tally(_tally(*counts, traj, x), c_pos=c_pos, c_neg=c_neg, k=k)

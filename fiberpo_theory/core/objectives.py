@@ -251,9 +251,6 @@ class DomainLevels(NamedTuple):
     traj_domain: torch.Tensor  # (M_traj,) dense domain index
 
 
-_Levels = DomainLevels
-
-
 def domain_levels(traj_id, group_id, domain_id, like: torch.Tensor) -> DomainLevels:
     """Index FiberPO-Domain's levels once per batch (Eq. 30-33: trajectory, prompt group, domain).
 
@@ -290,7 +287,7 @@ def _domain_levels(x, traj_id, group_id, domain_id) -> DomainLevels:
     coarser = [_validate.ids(name, ids, x, sign=False) for name, ids in zip(names, (domain_id, group_id))]
     (domain, group, _), (group_domain, _) = nested_segments(coarser, traj, ["domain", "prompt group", "trajectory"],
                                                            id_names=names)
-    return _Levels(
+    return DomainLevels(
         traj, group.index, group.ids, group.count, group.sum(traj.count), group_domain,
         domain.ids, domain.count, domain.sum(traj.count), group_domain[group.index],
     )
@@ -352,7 +349,7 @@ class _DomainLogBase:
     gate calls instead of differentiating an M-sized graph.
     """
 
-    def __init__(self, lv: _Levels, c_pos, c_neg):
+    def __init__(self, lv: DomainLevels, c_pos, c_neg):
         self.lv, self.c_pos, self.c_neg = lv, c_pos, c_neg
 
     def packed_levels(self) -> tuple[torch.Tensor, int, int]:
@@ -396,7 +393,7 @@ class _DomainLogBase:
                 + domain_mean.index_select(-2, domain_of_traj))
 
 
-def _domain_terms(channels, lv: _Levels, c_pos, c_neg, process_group):
+def _domain_terms(channels, lv: DomainLevels, c_pos, c_neg, process_group):
     """The three g_agg arguments of Eq. 31 (domain mean, group deviation, trajectory deviation), their k, the budgets."""
     group_sum = channels.new_zeros((lv.group_count.numel(), 2)).index_add(0, lv.traj_group, channels)
     domain_sum = channels.new_zeros((lv.domain_count.numel(), 2)).index_add(0, lv.group_domain, group_sum)
@@ -426,7 +423,7 @@ def _domain_terms(channels, lv: _Levels, c_pos, c_neg, process_group):
     return args, budget, (t_domain, t_group, t_traj), sign_of_channel
 
 
-def _domain_log_base(channels, lv: _Levels, c_pos, c_neg, process_group):
+def _domain_log_base(channels, lv: DomainLevels, c_pos, c_neg, process_group):
     """log w_τ of Eq. 31 from the ``(M_traj, 2)`` channel means, with the aggregates of Eq. 33."""
     return _weighted_g_agg(*_domain_terms(channels, lv, c_pos, c_neg, process_group))
 
